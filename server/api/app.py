@@ -1,0 +1,38 @@
+"""The app factory. The lifespan owns the backbone: loaded once, shared by every request."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from server import __version__
+from server.api.errors import install_error_handlers
+from server.api.routes import router
+from server.api.state import ServerState
+from server.model import Backbone
+from server.packs import PackStore
+from server.settings import Settings
+
+
+def create_app(settings: Settings, *, backbone: Backbone | None = None) -> FastAPI:
+    """Build the app; pass `backbone` to serve an already-loaded model (tests, embedding)."""
+    state = ServerState(settings=settings, store=PackStore(settings.packs_dir))
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        if backbone is not None:
+            state.attach(backbone)
+        else:
+            await state.load_in_background()
+        try:
+            yield
+        finally:
+            await state.close()
+
+    app = FastAPI(title="lks-server", version=__version__, lifespan=lifespan)
+    app.state.lks = state
+    install_error_handlers(app)
+    app.include_router(router)
+    return app

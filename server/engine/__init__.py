@@ -1,0 +1,1 @@
+"""Turning prompts into tokens on the resident backbone."""

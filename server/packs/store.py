@@ -1,0 +1,74 @@
+"""The pack store on disk: `<root>/<name>/<version>/`. Names and versions are validated before
+any path is built, and only whole, renamed-into-place versions are ever listed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from server.packs.errors import PackNotFoundError
+from server.packs.format import BackboneInfo, Manifest, Pack, PackContent, read_manifest, read_pack
+from server.packs.format import write_pack as _write_pack
+from server.packs.names import NAME_PATTERN, PackRef, validate_name
+
+_MAX_PUBLISH_ATTEMPTS = 8
+
+
+class PackStore:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def names(self) -> list[str]:
+        if not self.root.is_dir():
+            return []
+        return sorted(
+            p.name for p in self.root.iterdir() if p.is_dir() and NAME_PATTERN.fullmatch(p.name)
+        )
+
+    def versions(self, name: str) -> list[int]:
+        pack_dir = self.root / validate_name(name)
+        if not pack_dir.is_dir():
+            return []
+        return sorted(int(p.name) for p in pack_dir.iterdir() if p.is_dir() and p.name.isdigit())
+
+    def resolve(self, ref: PackRef) -> PackRef:
+        """Pin a reference to a concrete version (the latest when none is given)."""
+        versions = self.versions(ref.name)
+        if not versions:
+            raise PackNotFoundError(f"no pack named {ref.name!r} in {self.root}")
+        if ref.version is None:
+            return PackRef(ref.name, versions[-1])
+        if ref.version not in versions:
+            raise PackNotFoundError(
+                f"pack {ref.name!r} has no version {ref.version} "
+                f"(versions: {', '.join(map(str, versions))})"
+            )
+        return ref
+
+    def path(self, ref: PackRef) -> Path:
+        resolved = self.resolve(ref)
+        return self.root / resolved.name / str(resolved.version)
+
+    def manifest(self, ref: PackRef) -> Manifest:
+        return read_manifest(self.path(ref))
+
+    def load(self, ref: PackRef) -> Pack:
+        return read_pack(self.path(ref))
+
+    def publish(self, name: str, content: PackContent, backbone: BackboneInfo) -> Manifest:
+        """Write `content` as the next version of `name`; racing publishers get distinct ones."""
+        pack_dir = self.root / validate_name(name)
+        pack_dir.mkdir(parents=True, exist_ok=True)
+        for _ in range(_MAX_PUBLISH_ATTEMPTS):
+            version = (self.versions(name) or [0])[-1] + 1
+            try:
+                return _write_pack(
+                    content,
+                    name=name,
+                    version=version,
+                    backbone=backbone,
+                    destination=pack_dir / str(version),
+                )
+            except OSError:
+                if not (pack_dir / str(version)).exists():
+                    raise  # a real write error, not a lost race for the version number
+        raise RuntimeError(f"could not claim a new version of pack {name!r}; too much contention")

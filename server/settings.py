@@ -1,0 +1,56 @@
+"""One settings object for the whole server, read from ``LKS_*`` environment variables.
+
+Built once in an entry point (CLI command, app factory) and passed down; nothing else reads the
+environment.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+
+DeviceChoice = Literal["auto", "cpu", "cuda"]
+DtypeChoice = Literal["auto", "float32", "bfloat16", "float16"]
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="LKS_", extra="ignore")
+
+    model: Path | None = Field(
+        default=None,
+        description="Local Hugging Face causal-LM directory; unset serves the embedded default.",
+    )
+    cache_dir: Path = Field(
+        default=Path.home() / ".cache" / "lks-server",
+        description="Where the default model is converted once and cached as safetensors.",
+    )
+    device: DeviceChoice = "auto"
+    dtype: DtypeChoice = "auto"
+    packs_dir: Path = Field(default=Path("packs"), description="The pack store.")
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=1, le=65535)
+    max_tokens_limit: int = Field(default=2048, ge=1, description="Upper bound on max_tokens.")
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    @field_validator("model", "cache_dir", "packs_dir", mode="after")
+    @classmethod
+    def _expand_user(cls, value: Path | None) -> Path | None:
+        return value.expanduser() if value is not None else None
+
+    @field_validator("model", mode="after")
+    @classmethod
+    def _model_dir_exists(cls, value: Path | None) -> Path | None:
+        if value is not None and not (value / "config.json").is_file():
+            raise ValueError(
+                f"LKS_MODEL={value} is not a Hugging Face model directory (no config.json there)"
+            )
+        return value
+
+    @property
+    def model_name(self) -> str:
+        return self.model.name if self.model is not None else DEFAULT_MODEL_NAME

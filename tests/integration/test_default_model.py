@@ -1,0 +1,51 @@
+"""The real default backbone: SmolLM2-135M-Instruct from the GGUF package, via the cache."""
+
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from server.engine.generate import Generator, SamplingParams
+from server.model import Backbone
+from server.model.loading import default_model_dir
+from server.settings import Settings
+
+pytestmark = pytest.mark.integration
+LKS = (sys.executable, "-m", "server.cli")
+
+
+def test_default_backbone_shape(default_backbone: Backbone) -> None:
+    assert default_backbone.name == "SmolLM2-135M-Instruct"
+    assert default_backbone.model_type == "llama"
+    assert (default_backbone.num_layers, default_backbone.hidden_size) == (30, 576)
+    assert default_backbone.has_chat_template
+    cache = default_model_dir(Settings().cache_dir)
+    assert (cache / "model.safetensors").is_file()
+    assert "quantization_config" not in (cache / "config.json").read_text()
+
+
+def test_knows_the_capital_of_france(default_backbone: Backbone) -> None:
+    generator = Generator(default_backbone)
+    result = generator.generate("The capital of France is", SamplingParams(max_tokens=5))
+    assert "Paris" in result.text
+    chat = generator.prompt_text("What is the capital of France?", chat=True)
+    assert "<|im_start|>" in chat
+    answer = generator.generate(chat, SamplingParams(max_tokens=16), templated=True)
+    assert "Paris" in answer.text
+
+
+def test_cli_generate_on_a_warm_cache(default_backbone: Backbone) -> None:
+    started = time.monotonic()
+    result = subprocess.run(
+        [*LKS, "generate", "--prompt", "The capital of France is", "--max-new-tokens", "5"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "LKS_LOG_LEVEL": "warning"},
+    )
+    elapsed = time.monotonic() - started
+    assert result.returncode == 0, result.stderr
+    assert "Paris" in result.stdout
+    assert elapsed < 15, f"lks generate took {elapsed:.1f} s on a warm cache"

@@ -1,0 +1,83 @@
+from pathlib import Path
+
+import pytest
+import torch
+from tiny_models import FAMILIES, HIDDEN, LAYERS, build_tiny_model
+
+from server.model import Backbone, load_backbone
+from server.model.backbone import compute_fingerprint
+from server.settings import Settings
+
+
+def _load(model_dir: Path, **settings: object) -> Backbone:
+    return load_backbone(Settings(model=model_dir, device="cpu", **settings))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_adapter_exposes_layers_and_sizes(family: str, tiny_model_dirs: dict[str, Path]) -> None:
+    backbone = _load(tiny_model_dirs[family])
+    assert backbone.model_type == family
+    assert backbone.num_layers == LAYERS
+    assert backbone.hidden_size == HIDDEN
+    # the layers found are the ones the model runs: a hook on the last one sees its output
+    seen: list[torch.Size] = []
+    handle = backbone.decoder_layers[-1].register_forward_hook(
+        lambda _m, _i, out: seen.append((out[0] if isinstance(out, tuple) else out).shape)
+    )
+    try:
+        backbone.model(input_ids=torch.tensor([[3, 4, 5]]))
+    finally:
+        handle.remove()
+    assert seen == [torch.Size([1, 3, HIDDEN])]
+    assert backbone.tokenizer.pad_token_id is not None
+    assert backbone.eos_token_ids == [2]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_fingerprint_is_stable_and_dtype_independent(
+    family: str, tiny_model_dirs: dict[str, Path]
+) -> None:
+    first = _load(tiny_model_dirs[family])
+    again = _load(tiny_model_dirs[family])
+    in_bf16 = _load(tiny_model_dirs[family], dtype="bfloat16")
+    assert first.fingerprint.startswith("sha256:")
+    assert first.fingerprint == again.fingerprint == in_bf16.fingerprint
+
+
+def test_fingerprint_tells_models_apart(tiny_model_dirs: dict[str, Path], tmp_path: Path) -> None:
+    fingerprints = {_load(d).fingerprint for d in tiny_model_dirs.values()}
+    assert len(fingerprints) == len(FAMILIES)
+    reseeded = _load(build_tiny_model("llama", tmp_path / "llama", seed=1))
+    assert reseeded.fingerprint != _load(tiny_model_dirs["llama"]).fingerprint
+
+
+def test_fingerprint_without_checkpoint_files_uses_loaded_weights(
+    tiny_model_dirs: dict[str, Path],
+) -> None:
+    backbone = _load(tiny_model_dirs["qwen2"])
+    in_memory = compute_fingerprint(backbone.model, None)
+    assert in_memory.startswith("sha256:")
+    with torch.no_grad():
+        for parameter in backbone.model.parameters():
+            parameter.add_(1e-3)
+    assert compute_fingerprint(backbone.model, None) != in_memory
+
+
+def test_render_chat_uses_the_template_or_a_plain_transcript(
+    tiny_model_dirs: dict[str, Path],
+) -> None:
+    messages = [{"role": "user", "content": "who was born in paris ?"}]
+    with_template = _load(tiny_model_dirs["llama"])
+    assert with_template.has_chat_template
+    assert (
+        with_template.render_chat(messages) == "user : who was born in paris ? <eos> assistant : "
+    )
+    without = _load(tiny_model_dirs["gpt2"])
+    assert not without.has_chat_template
+    assert without.render_chat(messages) == "User: who was born in paris ?\nAssistant:"
+
+
+def test_unknown_directory_fails_with_a_clear_message(tmp_path: Path) -> None:
+    (tmp_path / "config.json").write_text('{"model_type": "no-such-family"}')
+    with pytest.raises(Exception, match=r"no-such-family|cannot load"):
+        _load(tmp_path)

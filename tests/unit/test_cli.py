@@ -1,0 +1,79 @@
+"""The `lks` command as a user runs it: a real subprocess, exit codes and one-line errors."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from factories import make_backbone_info, make_content
+
+from server.packs import PackStore
+
+
+def run_lks(*args: str, packs_dir: Path, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "LKS_PACKS_DIR": str(packs_dir)}
+    return subprocess.run(
+        [sys.executable, "-m", "server.cli", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=timeout,
+    )
+
+
+@pytest.fixture
+def packs_dir(tmp_path: Path) -> Path:
+    store = PackStore(tmp_path / "packs")
+    store.publish("demo", make_content(subjects=2), make_backbone_info())
+    store.publish("demo", make_content(subjects=5), make_backbone_info())
+    return store.root
+
+
+def test_help_lists_every_command(packs_dir: Path) -> None:
+    result = run_lks("--help", packs_dir=packs_dir)
+    assert result.returncode == 0
+    for command in ("generate", "serve", "pack"):
+        assert command in result.stdout
+
+
+def test_pack_list_and_show(packs_dir: Path) -> None:
+    listed = run_lks("pack", "list", "--json", packs_dir=packs_dir)
+    assert listed.returncode == 0, listed.stderr
+    assert json.loads(listed.stdout)[0]["versions"] == "1,2"
+    shown = run_lks("pack", "show", "demo@1", packs_dir=packs_dir)
+    assert shown.returncode == 0, shown.stderr
+    info = json.loads(shown.stdout)
+    assert (info["name"], info["version"], info["subject_count"], info["facts"]) == (
+        "demo",
+        1,
+        2,
+        2,
+    )
+    latest = json.loads(run_lks("pack", "show", "demo", packs_dir=packs_dir).stdout)
+    assert latest["version"] == 2
+
+
+def test_corrupt_pack_fails_naming_the_file(packs_dir: Path) -> None:
+    table = packs_dir / "demo" / "2" / "table.safetensors"
+    table.write_bytes(table.read_bytes()[:-10])
+    result = run_lks("pack", "show", "demo", packs_dir=packs_dir)
+    assert result.returncode != 0
+    assert "table.safetensors" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert result.stderr.count("\n") == 1
+
+
+@pytest.mark.parametrize("ref", ["../etc", "demo@../../x", "/etc/passwd"])
+def test_generate_refuses_invalid_pack_names_before_loading(packs_dir: Path, ref: str) -> None:
+    result = run_lks("generate", "--pack", ref, "--prompt", "hi", packs_dir=packs_dir, timeout=20)
+    assert result.returncode == 2
+    assert "invalid pack" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_unknown_pack_is_a_clear_error(packs_dir: Path) -> None:
+    result = run_lks("pack", "show", "nope", packs_dir=packs_dir)
+    assert result.returncode == 2
+    assert "no pack named 'nope'" in result.stderr
