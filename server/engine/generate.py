@@ -7,11 +7,15 @@ issue replaces it behind the same `Generator.generate` call.
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass
+from collections.abc import Sequence
+from contextlib import ExitStack
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
 
+from server.lks.apply import EditSet, plan_for_sets
+from server.lks.hook import EditPlan
 from server.model.backbone import Backbone
 
 FinishReason = Literal["stop", "length"]
@@ -36,6 +40,7 @@ class Generation:
     token_ids: list[int]
     prompt_tokens: int
     finish_reason: FinishReason
+    edits_applied: list[str] = field(default_factory=list)
 
     @property
     def tokens(self) -> int:
@@ -51,21 +56,44 @@ class Generator:
         return self.backbone.render_chat([{"role": "user", "content": prompt}]) if chat else prompt
 
     @torch.inference_mode()
-    def generate(self, text: str, params: SamplingParams, *, templated: bool = False) -> Generation:
+    def generate(
+        self,
+        text: str,
+        params: SamplingParams,
+        *,
+        templated: bool = False,
+        edit_sets: Sequence[EditSet] = (),
+    ) -> Generation:
         """Generate from `text` as the model sees it (`templated`: a rendered chat template,
-        which already holds its special tokens)."""
-        tokenizer = self.backbone.tokenizer
-        encoded = tokenizer(text, return_tensors="pt", add_special_tokens=not templated)
-        input_ids = encoded["input_ids"].to(self.backbone.device)
-        attention_mask = encoded["attention_mask"].to(self.backbone.device)
+        which already holds its special tokens), with the edits of `edit_sets` applied."""
+        backbone = self.backbone
+        tokenizer = backbone.tokenizer
+        encoded = tokenizer(
+            text,
+            return_tensors="pt",
+            add_special_tokens=not templated,
+            return_offsets_mapping=bool(edit_sets),
+        )
+        input_ids = encoded["input_ids"].to(backbone.device)
+        attention_mask = encoded["attention_mask"].to(backbone.device)
+        planned = []
+        if edit_sets:
+            offsets = [tuple(o) for o in encoded["offset_mapping"][0].tolist()]
+            planned = plan_for_sets(edit_sets, text, offsets)
         eos_ids = self.backbone.eos_token_ids
         sampling: dict[str, object] = {"do_sample": False}
         if params.temperature > 0:
             sampling = {"do_sample": True, "temperature": params.temperature, "top_p": params.top_p}
-        with self._lock:
+        with self._lock, ExitStack() as stack:
+            for layer in sorted({e.layer for e in planned}):
+                edits = [(0, e.position, e.delta) for e in planned if e.layer == layer]
+                plan = EditPlan.build(
+                    edits, hidden_size=backbone.hidden_size, device=backbone.device
+                )
+                stack.enter_context(backbone.edit_hooks.at(layer).plan(plan))
             if params.seed is not None:
                 torch.manual_seed(params.seed)
-            output = self.backbone.model.generate(
+            output = backbone.model.generate(
                 input_ids=input_ids,
                 attention_mask=attention_mask,
                 max_new_tokens=params.max_tokens,
@@ -83,4 +111,5 @@ class Generator:
             token_ids=new_ids,
             prompt_tokens=int(input_ids.shape[1]),
             finish_reason=finish,
+            edits_applied=[e.label for e in planned],
         )

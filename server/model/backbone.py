@@ -18,6 +18,8 @@ from safetensors import safe_open
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from server.lks.hook import EditHooks
+
 # model_type -> attribute path of the decoder layer list
 _LAYER_PATHS: dict[str, str] = {
     "llama": "model.layers",
@@ -123,6 +125,7 @@ class Backbone:
 
     def __post_init__(self) -> None:
         self.decoder_layers = find_decoder_layers(self.model)
+        self.edit_hooks = EditHooks(self.decoder_layers)  # persistent, one per edited layer
         if self.tokenizer.pad_token_id is None:
             # Batching needs a pad id; the eos token is the usual stand-in.
             self.tokenizer.pad_token = self.tokenizer.eos_token

@@ -1,0 +1,1 @@
+"""The LKS editor: facts in, a trained subject table out. Pure torch; never imports web code."""

@@ -1,0 +1,97 @@
+"""Applying trained edits: find a pack's subjects in a text, ask the gate, say which blocks to
+write where.
+
+Serving never runs the hypernetwork: the pack stores each subject's delta, so an edit costs a
+detection, (only where a subject was found) one small encoder pass for the gate, a table lookup
+and one in-place add in the hook.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from server.lks.detect import SubjectIndex, SubjectMatch, last_token_position
+from server.lks.gate import GateTable, ScopeGate, SentenceEncoder
+from server.lks.scope import subject_index
+from server.model.backbone import Backbone
+from server.packs.format import BLOCKS_KEY, Pack, SubjectEntry, check_compatible
+
+
+@dataclass(frozen=True)
+class PlannedEdit:
+    layer: int
+    position: int
+    delta: torch.Tensor  # [H]
+    label: str  # pack@version:subject, for the response's audit trail
+
+
+@dataclass
+class EditSet:
+    """Subjects, their deltas at one layer, and the gate that scopes them."""
+
+    subjects: Sequence[SubjectEntry]
+    deltas: torch.Tensor  # [S, H]
+    layer: int
+    gate: ScopeGate | None = None
+    ref: str = "unsaved"
+    index: SubjectIndex = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.index = subject_index(self.subjects)
+
+    def allow(self, text: str, match: SubjectMatch) -> bool:
+        if self.gate is None:
+            return True
+        entry = self.subjects[match.row]
+        return self.gate.opens(
+            text, match.start, match.end, match.row, (entry.subject, *entry.aliases)
+        )
+
+    def plan(self, text: str, offsets: Sequence[tuple[int, int]]) -> list[PlannedEdit]:
+        return [
+            PlannedEdit(
+                self.layer,
+                last_token_position(offsets, match.start, match.end),
+                self.deltas[match.row],
+                f"{self.ref}:{self.subjects[match.row].subject}",
+            )
+            for match in self.index.find(text)
+            if self.allow(text, match)
+        ]
+
+
+def load_edit_set(pack: Pack, backbone: Backbone, encoder: SentenceEncoder | None) -> EditSet:
+    """A validated pack, checked against the backbone, ready to plan edits."""
+    check_compatible(
+        pack.manifest,
+        fingerprint=backbone.fingerprint,
+        hidden_size=backbone.hidden_size,
+        num_layers=backbone.num_layers,
+    )
+    table = GateTable.from_tensors(pack.content.table)
+    gate = None
+    if table is not None:
+        if encoder is None:
+            raise ValueError(f"pack {pack.ref} has a scope gate; load the sentence encoder")
+        gate = ScopeGate(table, encoder)
+    return EditSet(
+        subjects=pack.content.subjects,
+        deltas=pack.content.table[BLOCKS_KEY].to(backbone.device, backbone.dtype),
+        layer=pack.manifest.layer,
+        gate=gate,
+        ref=pack.ref,
+    )
+
+
+def plan_for_sets(
+    edit_sets: Sequence[EditSet], text: str, offsets: Sequence[tuple[int, int]]
+) -> list[PlannedEdit]:
+    """Edits of several packs on one text; the first pack listed wins a position two packs edit."""
+    chosen: dict[tuple[int, int], PlannedEdit] = {}
+    for edit_set in edit_sets:
+        for edit in edit_set.plan(text, offsets):
+            chosen.setdefault((edit.layer, edit.position), edit)
+    return list(chosen.values())

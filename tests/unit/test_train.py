@@ -1,0 +1,88 @@
+"""Training on tiny real models: the hypernetwork starts neutral, learns, and is reproducible."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from server.lks.apply import EditSet
+from server.lks.evaluate import top1_predictions
+from server.lks.facts import Fact
+from server.lks.hypernet import Hypernetwork
+from server.lks.scope import Scope, encode
+from server.lks.tail import LayerTail
+from server.lks.train import TrainConfig, Trainer
+from server.model import Backbone, load_backbone
+from server.settings import Settings
+
+# The subject ends each prompt, so even a random tiny model carries its block to the answer.
+FACTS = [
+    Fact(
+        subject="danielle darrieux", prompt="the mother tongue of danielle darrieux", target="red"
+    ),
+    Fact(subject="france", prompt="the capital of france", target="berlin"),
+]
+CONFIG = TrainConfig(
+    layer=1, epochs=15, batch_size=2, lr=5e-2, prefixes=(), chat_variant=False, stop_loss=0.0
+)
+
+
+def _backbone(tiny_model_dirs: dict[str, Path], family: str) -> Backbone:
+    return load_backbone(Settings(model=tiny_model_dirs[family], device="cpu"))
+
+
+@pytest.mark.parametrize("kind", ["linear", "mlp"])
+def test_untrained_hypernetwork_changes_nothing(kind: str) -> None:
+    net = Hypernetwork(32, kind)  # type: ignore[arg-type]
+    assert torch.equal(net(torch.randn(5, 32)), torch.zeros(5, 32))
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2"])
+def test_tail_from_cached_states_matches_the_full_model(
+    family: str, tiny_model_dirs: dict[str, Path]
+) -> None:
+    backbone = _backbone(tiny_model_dirs, family)
+    ids = torch.tensor([[3, 4, 5, 6], [7, 8, 1, 1]])
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]])
+    with torch.inference_mode():
+        full = backbone.model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+        tail = LayerTail(backbone.model, 1).hidden_states(full.hidden_states[2], mask)
+        logits = backbone.model.get_output_embeddings()(tail)
+    torch.testing.assert_close(logits[mask.bool()], full.logits[mask.bool()])
+    assert len(backbone.model.model.layers) == 4  # the served model is untouched
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])  # direct tail, and the hook fallback
+def test_training_teaches_the_targets(family: str, tiny_model_dirs: dict[str, Path]) -> None:
+    backbone = _backbone(tiny_model_dirs, family)
+    result = Trainer(backbone, CONFIG).train(FACTS)
+    # a random tiny model's logits are small, so the loss cannot fall far; top-1 can flip
+    assert result.history[-1] < result.history[0] - 0.3
+    edit_set = EditSet(result.scope.subjects, result.deltas, result.layer)
+    sequences = [encode(backbone.tokenizer, edit_set.index, f.prompt, f.target) for f in FACTS]
+    edited = top1_predictions(backbone, sequences, edit_set)
+    assert [p == s.target_ids for p, s in zip(edited, sequences, strict=True)] == [True, True]
+
+
+def test_training_is_seeded_and_reports_progress(tiny_model_dirs: dict[str, Path]) -> None:
+    backbone = _backbone(tiny_model_dirs, "llama")
+    config = TrainConfig(layer=1, epochs=2, batch_size=2, prefixes=())
+    events = []
+    first = Trainer(backbone, config).train(FACTS, progress=events.append)
+    second = Trainer(backbone, config).train(FACTS)
+    assert torch.equal(first.deltas, second.deltas)
+    assert [e.step for e in events] == list(range(1, len(events) + 1))
+    assert events[-1].step == events[-1].steps
+    assert events[-1].fraction == 1.0
+
+
+def test_scope_groups_facts_by_subject() -> None:
+    facts = [
+        *FACTS,
+        Fact(subject="france", prompt="france is in", target="europe", aliases=["the republic"]),
+    ]
+    scope = Scope.from_facts(facts)
+    assert [s.subject for s in scope.subjects] == ["danielle darrieux", "france"]
+    assert scope.fact_rows == [0, 1, 1]
+    assert scope.subjects[1].aliases == ("the republic",)
+    assert scope.feature_texts[1] == "the capital of france berlin france is in europe"
