@@ -14,7 +14,7 @@ export PIP_FIND_LINKS ?= /opt/wheels
 endif
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: install serve test test-unit lint format clean
+.PHONY: install serve test test-unit lint format clean bench-quality
 
 $(STAMP): pyproject.toml Makefile
 	@echo ">> installing lks-server into $(VENV)"
@@ -43,6 +43,10 @@ test-unit: install
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+
+bench-quality: install
+	@echo ">> training and evaluating fresh packs on the test split (heldout protocol)"
+	bench/quality.sh $(N) | tee bench/quality.jsonl | $(BIN)/python bench/quality_table.py
 
 format: install
 	$(BIN)/ruff check --fix .

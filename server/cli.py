@@ -313,10 +313,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
-    except Exception as exc:  # the model loader and others: one line, not a traceback
+    except Exception as exc:  # model files missing or unloadable: one line, not a traceback
+        from server.lks.gate import EncoderMissingError
         from server.model import ModelLoadError
 
-        if isinstance(exc, ModelLoadError):
+        if isinstance(exc, ModelLoadError | EncoderMissingError):
             print(f"lks: error: {exc}", file=sys.stderr)
             return 1
         raise

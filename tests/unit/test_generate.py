@@ -40,3 +40,24 @@ def test_chat_prompt_uses_the_template(generator: Generator) -> None:
 def test_sampling_params_reject_nonsense(params: dict[str, float]) -> None:
     with pytest.raises(AssertionError):
         SamplingParams(**params)  # type: ignore[arg-type]
+
+
+def test_edit_sets_change_only_prompts_that_name_their_subjects(generator: Generator) -> None:
+    import torch
+
+    from server.lks.apply import EditSet
+    from server.packs.format import SubjectEntry
+
+    hidden = generator.backbone.hidden_size
+    delta = torch.randn(1, hidden, generator=torch.Generator().manual_seed(3)) * 50
+    edits = EditSet([SubjectEntry("france")], delta, layer=1, ref="demo@1")
+    params = SamplingParams(max_tokens=4)
+    named = "the capital of france is"
+    plain = generator.generate(named, params)
+    edited = generator.generate(named, params, edit_sets=[edits])
+    assert edited.edits_applied == ["demo@1:france"]
+    assert edited.token_ids != plain.token_ids
+    other = "who was born in rome"
+    untouched = generator.generate(other, params, edit_sets=[edits])
+    assert untouched.edits_applied == []
+    assert untouched == generator.generate(other, params)

@@ -10,7 +10,7 @@ from server.lks.evaluate import top1_predictions
 from server.lks.facts import Fact
 from server.lks.hypernet import Hypernetwork
 from server.lks.scope import Scope, encode
-from server.lks.tail import LayerTail
+from server.lks.split import LayerSplit
 from server.lks.train import TrainConfig, Trainer
 from server.model import Backbone, load_backbone
 from server.settings import Settings
@@ -38,17 +38,15 @@ def test_untrained_hypernetwork_changes_nothing(kind: str) -> None:
 
 
 @pytest.mark.parametrize("family", ["llama", "mistral", "qwen2"])
-def test_tail_from_cached_states_matches_the_full_model(
-    family: str, tiny_model_dirs: dict[str, Path]
-) -> None:
+def test_head_gives_the_edit_layer_states(family: str, tiny_model_dirs: dict[str, Path]) -> None:
     backbone = _backbone(tiny_model_dirs, family)
     ids = torch.tensor([[3, 4, 5, 6], [7, 8, 1, 1]])
     mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]])
     with torch.inference_mode():
         full = backbone.model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
-        tail = LayerTail(backbone.model, 1).hidden_states(full.hidden_states[2], mask)
-        logits = backbone.model.get_output_embeddings()(tail)
-    torch.testing.assert_close(logits[mask.bool()], full.logits[mask.bool()])
+        at_layer = LayerSplit(backbone.model, 1).states_at_layer(ids, mask)
+    real = mask.bool()
+    torch.testing.assert_close(at_layer[real], full.hidden_states[2][real])
     assert len(backbone.model.model.layers) == 4  # the served model is untouched
 
 
@@ -86,3 +84,28 @@ def test_scope_groups_facts_by_subject() -> None:
     assert scope.fact_rows == [0, 1, 1]
     assert scope.subjects[1].aliases == ("the republic",)
     assert scope.feature_texts[1] == "the capital of france berlin france is in europe"
+
+
+def test_prefix_skipping_split_matches_the_full_model(tiny_model_dirs: dict[str, Path]) -> None:
+    """Steps that attend to cached prefix keys/values give the full model's outputs."""
+    from server.lks.split import PrefixSkippingSplit
+
+    backbone = _backbone(tiny_model_dirs, "llama")
+    assert PrefixSkippingSplit.supports(backbone.model)
+    ids = torch.tensor([[3, 4, 5, 6, 7, 8], [9, 10, 11, 12, 1, 1], [13, 14, 15, 16, 17, 1]])
+    mask = (ids != 1).long()
+    cuts = [2, 3, 0]
+    split = PrefixSkippingSplit(backbone.model, 1)
+    with torch.inference_mode():
+        full = backbone.model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+        sequences = split.precompute(ids, mask, cuts)
+        width = max(s.suffix_states.shape[0] for s in sequences)
+        suffix = torch.zeros(3, width, backbone.hidden_size)
+        for row, seq in enumerate(sequences):
+            suffix[row, : seq.suffix_states.shape[0]] = seq.suffix_states
+        final = split.suffix_final_states(sequences, suffix)
+        logits = backbone.model.get_output_embeddings()(final)
+    for row, seq in enumerate(sequences):
+        size = seq.suffix_states.shape[0]
+        expected = full.logits[row, cuts[row] : cuts[row] + size]
+        torch.testing.assert_close(logits[row, :size], expected, atol=1e-5, rtol=1e-4)
