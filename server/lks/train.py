@@ -36,6 +36,7 @@ class TrainConfig:
     hypernet: HypernetKind = "linear"
     lr: float = 2e-2  # the reference's 1e-4 does not move a zero-initialised hypernetwork here
     epochs: int = 5
+    min_steps: int = 80  # small fact sets get more epochs: Adam needs steps, not epochs
     batch_size: int = 8
     seed: int = 0
     chat_variant: bool = True
@@ -176,14 +177,15 @@ class Trainer:
         hypernet = Hypernetwork(backbone.hidden_size, config.hypernet).to(backbone.device)
         optimizer = torch.optim.AdamW(hypernet.parameters(), lr=config.lr, weight_decay=0.0)
         steps_per_epoch = math.ceil(len(sequences) / config.batch_size)
-        total_steps = steps_per_epoch * config.epochs
+        epochs = max(config.epochs, math.ceil(config.min_steps / steps_per_epoch))
+        total_steps = steps_per_epoch * epochs
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: max(0.0, 1.0 - step / total_steps)
         )
         order = list(range(len(sequences)))
         history: list[float] = []
         best, stale, step = math.inf, 0, 0
-        for epoch in range(1, config.epochs + 1):
+        for epoch in range(1, epochs + 1):
             rng.shuffle(order)
             losses = []
             for start in range(0, len(order), config.batch_size):
@@ -199,7 +201,7 @@ class Trainer:
                     progress(
                         Progress(
                             epoch,
-                            config.epochs,
+                            epochs,
                             step,
                             total_steps,
                             losses[-1],
