@@ -7,6 +7,7 @@ import math
 import time
 from collections import Counter
 from collections.abc import Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -30,6 +31,17 @@ def _mean(values: Sequence[float]) -> float:
     return sum(values) / len(values) if values else math.nan
 
 
+def _applied(
+    backbone: Backbone, table: EditSet | None, edits: list[tuple[int, int, int]]
+) -> AbstractContextManager[None]:
+    """The next forward pass with `edits` (batch row, position, subject row) of `table`."""
+    if table is None:
+        return nullcontext()
+    planned = [(row, position, table.deltas[subject]) for row, position, subject in edits]
+    plan = EditPlan.build(planned, hidden_size=backbone.hidden_size, device=backbone.device)
+    return backbone.edit_hooks.at(table.layer).plan(plan)
+
+
 @torch.inference_mode()
 def top1_predictions(
     backbone: Backbone,
@@ -43,12 +55,8 @@ def top1_predictions(
     for start in range(0, len(sequences), batch_size):
         chunk = sequences[start : start + batch_size]
         ids, mask = pad_batch(chunk, pad_id, backbone.device)
-        plan = None
-        if table is not None:
-            edits = [(r, p, table.deltas[s]) for r, seq in enumerate(chunk) for s, p in seq.edits]
-            plan = EditPlan.build(edits, hidden_size=backbone.hidden_size, device=backbone.device)
-        hook = backbone.edit_hooks.at(table.layer if table else 0)
-        with hook.plan(plan):
+        edits = [(r, p, s) for r, seq in enumerate(chunk) for s, p in seq.edits]
+        with _applied(backbone, table, edits):
             logits = backbone.model(input_ids=ids, attention_mask=mask).logits
         for row, seq in enumerate(chunk):
             results.append(logits[row, seq.predict_at].argmax(-1).tolist())
@@ -99,11 +107,8 @@ def greedy_generations(
             pad = width - len(enc.ids)
             ids[row, pad:] = torch.tensor(enc.ids)
             mask[row, pad:] = 1
-            if table is not None:
-                edits += [(row, pad + pos, table.deltas[s]) for s, pos in enc.edits]
-        plan = EditPlan.build(edits, hidden_size=backbone.hidden_size, device=backbone.device)
-        hook = backbone.edit_hooks.at(table.layer if table else 0)
-        with hook.plan(plan if table is not None else None):
+            edits += [(row, pad + pos, s) for s, pos in enc.edits]
+        with _applied(backbone, table, edits):
             out = backbone.model.generate(
                 input_ids=ids.to(backbone.device),
                 attention_mask=mask.to(backbone.device),

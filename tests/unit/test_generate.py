@@ -61,3 +61,23 @@ def test_edit_sets_change_only_prompts_that_name_their_subjects(generator: Gener
     untouched = generator.generate(other, params, edit_sets=[edits])
     assert untouched.edits_applied == []
     assert untouched == generator.generate(other, params)
+
+
+def test_batched_evaluation_generations_keep_rows_apart(generator: Generator) -> None:
+    """Left-padded batch generation: the edit reaches its row only, the other row is unchanged."""
+    import torch
+
+    from server.lks.apply import EditSet
+    from server.lks.evaluate import greedy_generations
+    from server.packs.format import SubjectEntry
+
+    backbone = generator.backbone
+    delta = torch.randn(1, backbone.hidden_size, generator=torch.Generator().manual_seed(5)) * 50
+    edits = EditSet([SubjectEntry("france")], delta, layer=1)
+    prompts = ["the capital of france", "who was born in the city of rome"]
+    edited = greedy_generations(backbone, prompts, edits, max_new_tokens=4)
+    plain = greedy_generations(backbone, prompts, None, max_new_tokens=4)
+    alone = greedy_generations(backbone, prompts[:1], edits, max_new_tokens=4)
+    assert edited[1] == plain[1]
+    assert edited[0] == alone[0]
+    assert edited[0] != plain[0]
