@@ -1,17 +1,26 @@
 """The benchmark sets (zsRE, CounterFact) as published with the LKS paper, with our splits:
-dev = items 0-7,999 (tune on these), test = 8,000-9,999 (report only)."""
+dev = items 0-7,999 (tune on these), test = 8,000-9,999 (report only).
+
+Two protocols say what training may read of an item:
+- heldout: subject, prompt and target only; generality and locality prompts are evaluation only.
+- reference: also the item's locality prompt, as preservation supervision (the LKS reference
+  code's loss_loc), so its locality figure is measured on prompts training has seen.
+"""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
 
 from server.lks.evaluate import EvalItem
-from server.lks.facts import Fact
+from server.lks.facts import Fact, LocalityPrompt
 
 DatasetName = Literal["zsre", "counterfact"]
 Split = Literal["dev", "test"]
+EvalProtocol = Literal["heldout", "reference"]
+PROTOCOLS: tuple[EvalProtocol, ...] = ("heldout", "reference")
 SPLITS: dict[str, tuple[int, int]] = {"dev": (0, 8000), "test": (8000, 10000)}
 
 
@@ -26,8 +35,8 @@ def dataset_path(data_dir: Path, dataset: str) -> Path:
 
 
 def load_items(path: Path, split: Split, n: int, offset: int = 0) -> list[EvalItem]:
-    """Items offset..offset+n of the split, as facts (subject, prompt, target) plus the held-out
-    generality and locality prompts used for evaluation only."""
+    """Items offset..offset+n of the split, as facts (subject, prompt, target) plus the
+    generality and locality prompts for evaluation; `training_facts` decides what training sees."""
     first, end = SPLITS[split]
     start = first + offset
     if n < 1 or offset < 0 or start + n > end:
@@ -42,3 +51,29 @@ def load_items(path: Path, split: Split, n: int, offset: int = 0) -> list[EvalIt
         )
         for r in raw
     ]
+
+
+def training_facts(items: Sequence[EvalItem], protocol: EvalProtocol) -> list[Fact]:
+    """What training may read of each item under `protocol` (the items themselves keep every
+    prompt for evaluation)."""
+    if protocol == "heldout":
+        return [item.fact for item in items]
+    if protocol == "reference":
+        return [
+            item.fact.model_copy(
+                update={
+                    "locality": [*item.fact.locality, LocalityPrompt(prompt=item.locality_prompt)]
+                }
+            )
+            if item.locality_prompt
+            else item.fact
+            for item in items
+        ]
+    raise ValueError(f"unknown protocol {protocol!r}; choose one of {', '.join(PROTOCOLS)}")
+
+
+def describe_protocol(protocol: EvalProtocol) -> str:
+    """One line for a human reader: what training saw."""
+    if protocol == "reference":
+        return "reference (training also saw each item's locality prompt)"
+    return "heldout (training saw subject, prompt and target only)"

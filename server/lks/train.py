@@ -1,8 +1,9 @@
 """Training an edit pack from facts alone.
 
 Every backbone computation that training does not change is done once: the feature states of
-the subjects and the layer-L states of every training sequence. Each step then runs the
-hypernetwork, writes the deltas into the cached states and runs layers L+1.. only.
+the subjects, the layer-L states of every training sequence and the unedited answers to the
+facts' locality prompts. Each step then runs the hypernetwork, writes the deltas into the cached
+states and runs layers L+1.. only.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 import torch.nn.functional as F
 
+from server.lks.detect import SubjectIndex
 from server.lks.facts import Fact
 from server.lks.hook import EditPlan
 from server.lks.hypernet import HypernetKind, Hypernetwork
@@ -44,6 +46,10 @@ class TrainConfig:
     delta_l2: float = 0.0  # penalty on the blocks' mean square: keeps them just large enough
     stop_loss: float = 0.02  # stop once an epoch's mean loss falls under this
     patience: int = 3  # ... or after this many epochs without improvement
+    # KL(unedited || edited) on the facts' locality prompts (as the LKS reference's loss_loc),
+    # over the positions that predict the unedited model's first tokens after the prompt.
+    locality_weight: float = 1.0
+    locality_positions: int = 3
 
     def resolve_layer(self, num_layers: int) -> int:
         layer = self.layer if self.layer is not None else round(0.6 * num_layers)
@@ -83,10 +89,12 @@ class TrainResult:
     final_loss: float
     seconds: float
     history: list[float] = field(default_factory=list)
+    locality_prompts: int = 0  # locality prompts that supervised training (they name a subject)
 
     def training_record(self) -> dict[str, object]:
         record: dict[str, object] = asdict(self.config)
         record.update(layer=self.layer, epochs_run=self.epochs_run, final_loss=self.final_loss)
+        record["locality_prompts"] = self.locality_prompts
         record["train_seconds"] = round(self.seconds, 2)
         return record
 
@@ -126,6 +134,59 @@ def feature_states(
         for row, index in enumerate(batch):
             features[index] = hidden[row, len(texts[index].ids) - 1].float()
     return torch.stack(features)  # type: ignore[arg-type]
+
+
+@torch.inference_mode()
+def locality_sequences(
+    backbone: Backbone,
+    index: SubjectIndex,
+    facts: Sequence[Fact],
+    positions: int,
+    batch_size: int = 32,
+) -> tuple[list[EncodedText], list[torch.Tensor]]:
+    """The facts' locality prompts that name an edited subject (only those can change), each
+    extended by the unedited model's own greedy continuation, with the unedited final states
+    [P, H] at the positions that predict it: what the KL term holds the edited model to.
+
+    A continuation stops at an end-of-sequence token. Labels are never needed, so a user's
+    locality prompt is enough.
+    """
+    tokenizer = backbone.tokenizer
+    prompts = dict.fromkeys(p.prompt for fact in facts for p in fact.locality)
+    encoded = [e for e in (encode(tokenizer, index, p) for p in prompts) if e.edits]
+    if not encoded or positions < 1:
+        return [], []
+    pad_id, eos = int(tokenizer.pad_token_id), set(backbone.eos_token_ids)
+    head, base = backbone.model.get_output_embeddings(), backbone.model.base_model
+    sequences: list[EncodedText | None] = [None] * len(encoded)
+    references: list[torch.Tensor | None] = [None] * len(encoded)
+    for batch in _length_batches([len(e.ids) for e in encoded], batch_size):
+        grown = [list(encoded[i].ids) for i in batch]
+        states: list[list[torch.Tensor]] = [[] for _ in batch]
+        done = [False] * len(batch)
+        for _ in range(positions):
+            chunk = [EncodedText(ids, [], [], []) for ids in grown]
+            ids, mask = pad_batch(chunk, pad_id, backbone.device)
+            final = base(input_ids=ids, attention_mask=mask).last_hidden_state
+            last = final[torch.arange(len(batch)), torch.tensor([len(g) - 1 for g in grown])]
+            tokens = head(last).argmax(-1).tolist()
+            for row, token in enumerate(tokens):
+                if not done[row]:
+                    states[row].append(last[row].float())
+                    grown[row].append(token)
+                    done[row] = token in eos
+        for row, item in enumerate(batch):
+            prompt = encoded[item]
+            continuation = grown[row][len(prompt.ids) :]
+            first = len(prompt.ids) - 1
+            sequences[item] = EncodedText(
+                ids=prompt.ids + continuation[:-1],
+                edits=prompt.edits,
+                target_ids=continuation,
+                predict_at=list(range(first, first + len(continuation))),
+            )
+            references[item] = torch.stack(states[row])
+    return sequences, references  # type: ignore[return-value]
 
 
 @torch.inference_mode()
@@ -174,13 +235,22 @@ class Trainer:
         rng = random.Random(config.seed)
         scope = Scope.from_facts(facts)
         sequences = self._sequences(facts, scope)
+        local, unedited = (
+            locality_sequences(backbone, scope.index(), facts, config.locality_positions)
+            if config.locality_weight > 0
+            else ([], [])
+        )
+        references: list[torch.Tensor | None] = [None] * len(sequences) + list(unedited)
+        sequences += local
         features = feature_states(backbone, self.split, scope)
         cached = split_sequences(backbone, self.split, sequences) if self.skip_prefixes else None
         log.info(
-            "training %d subjects from %d facts on %d sequences at layer %d (precompute %.1f s)",
+            "training %d subjects from %d facts on %d sequences (%d locality) at layer %d "
+            "(precompute %.1f s)",
             len(scope.subjects),
             len(facts),
             len(sequences),
+            len(local),
             self.layer,
             time.perf_counter() - started,
         )
@@ -200,7 +270,7 @@ class Trainer:
             losses = []
             for start in range(0, len(order), config.batch_size):
                 batch = order[start : start + config.batch_size]
-                loss = self._loss(hypernet, features, sequences, cached, batch)
+                loss = self._loss(hypernet, features, sequences, references, cached, batch)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
@@ -239,6 +309,7 @@ class Trainer:
             final_loss=history[-1],
             seconds=time.perf_counter() - started,
             history=history,
+            locality_prompts=len(local),
         )
 
     def _loss(
@@ -246,14 +317,19 @@ class Trainer:
         hypernet: Hypernetwork,
         features: torch.Tensor,
         sequences: Sequence[EncodedText],
+        references: Sequence[torch.Tensor | None],
         cached: list[SplitSequence] | None,
         batch: Sequence[int],
     ) -> torch.Tensor:
+        """Cross-entropy on the edits' targets plus the weighted KL(unedited || edited) on the
+        locality sequences (those with a reference) of the batch."""
         backbone = self.backbone
         chunk = [sequences[i] for i in batch]
         deltas = hypernet(features)
         rows, positions, subject_rows = [], [], []
         predict_rows, predict_at, targets = [], [], []
+        is_edit: list[bool] = []
+        kept: list[torch.Tensor] = []  # unedited final states of the locality positions
         for row, seq in enumerate(chunk):
             for subject_row, position in seq.edits:
                 rows.append(row)
@@ -262,6 +338,10 @@ class Trainer:
             predict_rows += [row] * len(seq.predict_at)
             predict_at += seq.predict_at
             targets += seq.target_ids
+            reference = references[batch[row]]
+            is_edit += [reference is None] * len(seq.predict_at)
+            if reference is not None:
+                kept.append(reference)
         device = backbone.device
         plan = EditPlan(
             torch.tensor(rows, device=device),
@@ -287,8 +367,18 @@ class Trainer:
                 base = backbone.model.base_model
                 final = base(input_ids=ids, attention_mask=mask).last_hidden_state
             selected = final[rows_t, torch.tensor(predict_at, device=device)]
-        logits = backbone.model.get_output_embeddings()(selected).float()
-        loss = F.cross_entropy(logits, torch.tensor(targets, device=device))
+        head = backbone.model.get_output_embeddings()
+        logits = head(selected).float()
+        edit = torch.tensor(is_edit, device=device)
+        loss = logits.new_zeros(())
+        if any(is_edit):  # a python test: no device sync
+            loss = F.cross_entropy(logits[edit], torch.tensor(targets, device=device)[edit])
+        if kept:
+            with torch.no_grad():
+                unedited = head(torch.cat(kept).to(selected.dtype)).float().log_softmax(-1)
+            edited = logits[~edit].log_softmax(-1)
+            kl = F.kl_div(edited, unedited, log_target=True, reduction="batchmean")
+            loss = loss + self.config.locality_weight * kl
         if self.config.delta_l2 > 0:
             loss = loss + self.config.delta_l2 * plan.deltas.pow(2).mean()
         return loss

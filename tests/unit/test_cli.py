@@ -2,9 +2,11 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 from factories import make_backbone_info, make_content
@@ -77,3 +79,51 @@ def test_unknown_pack_is_a_clear_error(packs_dir: Path) -> None:
     result = run_lks("pack", "show", "nope", packs_dir=packs_dir)
     assert result.returncode == 2
     assert "no pack named 'nope'" in result.stderr
+
+
+@pytest.mark.parametrize("protocol", ["heldout", "reference"])
+def test_eval_trains_and_reports_under_the_chosen_protocol(
+    protocol: str,
+    tiny_model_dirs: dict[str, Path],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """In process on a tiny model: what training received, and the protocol the JSON names."""
+    import server.lks.editor
+    from server.cli import main
+
+    items = [
+        {
+            "subject": subject,
+            "prompt": f"the capital of {subject}",
+            "target": "berlin",
+            "locality": {"prompt": f"who was born in {subject}", "target": "paris"},
+            "generality": f"what is the capital of {subject}",
+        }
+        for subject in ("france", "italy")
+    ]
+    (tmp_path / "tiny.json").write_text(json.dumps(items))
+    for name, value in {
+        "MODEL": tiny_model_dirs["llama"],
+        "DEVICE": "cpu",
+        "DATA_DIR": tmp_path,
+        "LOG_LEVEL": "warning",
+    }.items():
+        monkeypatch.setenv(f"LKS_{name}", str(value))
+    trained_on: list[list[str]] = []
+    real_train_edits = server.lks.editor.train_edits
+
+    def spy(backbone: Any, facts: Any, *args: Any, **kwargs: Any) -> Any:
+        trained_on.extend([p.prompt for p in f.locality] for f in facts)
+        return real_train_edits(backbone, facts, *args, **kwargs)
+
+    monkeypatch.setattr(server.lks.editor, "train_edits", spy)
+    argv = ["eval", "--dataset", "tiny", "--n", "2", "--epochs", "1", "--layer", "1"]
+    assert main([*argv, "--protocol", protocol, "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["protocol"] == protocol
+    expected = [[i["locality"]["prompt"]] for i in items] if protocol == "reference" else [[], []]
+    assert trained_on == expected
+    assert main([*argv, "--protocol", protocol]) == 0
+    assert re.search(rf"^ +protocol  {protocol} \(training ", capsys.readouterr().out, re.M)

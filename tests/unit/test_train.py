@@ -1,17 +1,26 @@
 """Training on tiny real models: the hypernetwork starts neutral, learns, and is reproducible."""
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from server.lks.apply import EditSet
 from server.lks.evaluate import top1_predictions
-from server.lks.facts import Fact
+from server.lks.facts import Fact, LocalityPrompt
+from server.lks.hook import EditPlan
 from server.lks.hypernet import Hypernetwork
 from server.lks.scope import Scope, encode
 from server.lks.split import LayerSplit
-from server.lks.train import TrainConfig, Trainer
+from server.lks.train import (
+    TrainConfig,
+    Trainer,
+    feature_states,
+    locality_sequences,
+    split_sequences,
+)
 from server.model import Backbone, load_backbone
 from server.settings import Settings
 
@@ -25,6 +34,7 @@ FACTS = [
 CONFIG = TrainConfig(
     layer=1, epochs=15, batch_size=2, lr=5e-2, prefixes=(), chat_variant=False, stop_loss=0.0
 )
+LOCALITY = LocalityPrompt(prompt="who was born in france")  # names FACTS[1]'s subject
 
 
 def _backbone(tiny_model_dirs: dict[str, Path], family: str) -> Backbone:
@@ -109,3 +119,73 @@ def test_prefix_skipping_split_matches_the_full_model(tiny_model_dirs: dict[str,
         size = seq.suffix_states.shape[0]
         expected = full.logits[row, cuts[row] : cuts[row] + size]
         torch.testing.assert_close(logits[row, :size], expected, atol=1e-5, rtol=1e-4)
+
+
+def test_locality_prompts_become_kl_sequences(tiny_model_dirs: dict[str, Path]) -> None:
+    """Only prompts that name an edited subject can change, so only they are kept; each predicts
+    the unedited model's own continuation from the prompt's last token on."""
+    backbone = _backbone(tiny_model_dirs, "llama")
+    fact = FACTS[1].model_copy(
+        update={
+            "locality": [
+                LocalityPrompt(prompt="the river of france"),
+                LocalityPrompt(prompt="the color of the river"),  # names no edited subject
+            ]
+        }
+    )
+    scope = Scope.from_facts([FACTS[0], fact])
+    sequences, references = locality_sequences(backbone, scope.index(), [FACTS[0], fact], 3)
+    assert len(sequences) == len(references) == 1
+    prompt_ids = backbone.tokenizer("the river of france")["input_ids"]
+    (seq,) = sequences
+    assert seq.ids[: len(prompt_ids)] == prompt_ids
+    assert seq.edits == [(1, len(prompt_ids) - 1)]
+    assert seq.predict_at[0] == len(prompt_ids) - 1
+    assert len(seq.target_ids) == len(seq.predict_at) == references[0].shape[0] <= 3
+    assert references[0].shape[1] == backbone.hidden_size
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])  # cached tail, and the hook fallback
+def test_locality_loss_is_kl_from_the_unedited_model(
+    family: str, tiny_model_dirs: dict[str, Path]
+) -> None:
+    """A batch of locality sequences costs KL(unedited || edited) at the continuation positions,
+    as the full model with the edit hook computes it."""
+    backbone = _backbone(tiny_model_dirs, family)
+    trainer = Trainer(backbone, CONFIG)
+    facts = [FACTS[0], FACTS[1].model_copy(update={"locality": [LOCALITY]})]
+    scope = Scope.from_facts(facts)
+    sequences, references = locality_sequences(backbone, scope.index(), facts, 3)
+    torch.manual_seed(0)
+    hypernet = Hypernetwork(backbone.hidden_size)
+    torch.nn.init.normal_(hypernet.net.weight, std=0.5)  # an edit that changes the answer
+    features = feature_states(backbone, trainer.split, scope)
+    cached = split_sequences(backbone, trainer.split, sequences) if trainer.skip_prefixes else None
+    with torch.no_grad():
+        loss = trainer._loss(hypernet, features, sequences, references, cached, [0])
+        (seq,) = sequences
+        deltas = hypernet(features)
+        plan = EditPlan.build(
+            [(0, position, deltas[row]) for row, position in seq.edits],
+            hidden_size=backbone.hidden_size,
+            device=backbone.device,
+        )
+        ids = torch.tensor([seq.ids])
+        unedited = backbone.model(input_ids=ids).logits[0, seq.predict_at].log_softmax(-1)
+        with backbone.edit_hooks.at(trainer.layer).plan(plan):
+            edited = backbone.model(input_ids=ids).logits[0, seq.predict_at].log_softmax(-1)
+    expected = F.kl_div(edited, unedited, log_target=True, reduction="batchmean")
+    assert expected > 1e-3  # the edit does move this prompt's answer
+    torch.testing.assert_close(loss, expected, atol=1e-5, rtol=1e-4)
+
+
+def test_training_counts_the_locality_prompts_it_used(tiny_model_dirs: dict[str, Path]) -> None:
+    backbone = _backbone(tiny_model_dirs, "llama")
+    config = replace(CONFIG, epochs=1, min_steps=1)
+    facts = [FACTS[0], FACTS[1].model_copy(update={"locality": [LOCALITY]})]
+    assert Trainer(backbone, config).train(FACTS).locality_prompts == 0
+    result = Trainer(backbone, config).train(facts)
+    assert result.locality_prompts == 1
+    assert result.training_record()["locality_prompts"] == 1
+    off = Trainer(backbone, replace(config, locality_weight=0.0)).train(facts)
+    assert off.locality_prompts == 0
