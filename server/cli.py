@@ -47,7 +47,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     _configure_logging(settings)
     from transformers.utils import logging as hf_logging
 
-    from server.engine.generate import Generator, SamplingParams
+    from server.engine.engine import BatchEngine, EngineRequest
+    from server.engine.sampling import SamplingParams
     from server.model import load_backbone
 
     hf_logging.disable_progress_bar()
@@ -60,12 +61,16 @@ def cmd_generate(args: argparse.Namespace) -> int:
         from server.lks.gate import SentenceEncoder
 
         edit_sets.append(load_edit_set(pack, backbone, SentenceEncoder()))
-    generator = Generator(backbone)
     params = SamplingParams(
         max_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed
     )
-    text = generator.prompt_text(args.prompt, chat=args.chat)
-    result = generator.generate(text, params, templated=args.chat, edit_sets=edit_sets)
+    text = (
+        backbone.render_chat([{"role": "user", "content": args.prompt}])
+        if args.chat
+        else args.prompt
+    )
+    request = EngineRequest(text, params, templated=args.chat, edit_sets=edit_sets)
+    (result,) = BatchEngine(backbone, max_batch_size=1).generate([request])
     print(result.text)
     if result.edits_applied:
         log.info("edits applied: %s", ", ".join(result.edits_applied))
@@ -153,7 +158,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     _configure_logging(settings)
     from transformers.utils import logging as hf_logging
 
-    from server.lks.datasets import dataset_path, load_items
+    from server.lks.datasets import dataset_path, describe_protocol, load_items, training_facts
     from server.lks.editor import train_edits
     from server.lks.evaluate import evaluate
     from server.lks.gate import SentenceEncoder
@@ -169,7 +174,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     backbone = load_backbone(settings)
     result, _gate, edit_set = train_edits(
         backbone,
-        [item.fact for item in items],
+        training_facts(items, args.protocol),
         SentenceEncoder(),
         _train_config(args),
         progress=_progress_bar("training") if sys.stderr.isatty() else None,
@@ -180,7 +185,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         "split": args.split,
         "n": args.n,
         "offset": args.offset,
-        "protocol": "heldout",
+        "protocol": args.protocol,
         **{k: round(v, 4) for k, v in metrics.items()},
         "train_seconds": round(result.seconds, 1),
         "epochs_run": result.epochs_run,
@@ -189,7 +194,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         print(json.dumps(report))
     else:
         for key, value in report.items():
-            print(f"{key:>22}  {value}")
+            shown = describe_protocol(value) if key == "protocol" else value
+            print(f"{key:>22}  {shown}")
     return 0
 
 
@@ -277,12 +283,20 @@ def build_parser() -> argparse.ArgumentParser:
     train.set_defaults(handler=cmd_train)
 
     evaluate = commands.add_parser(
-        "eval", help="train a fresh pack on benchmark items and measure it (heldout protocol)"
+        "eval", help="train a fresh pack on benchmark items and measure it"
     )
     evaluate.add_argument("--dataset", required=True, help="zsre, counterfact, or a .json path")
     evaluate.add_argument("--split", choices=["dev", "test"], default="dev")
     evaluate.add_argument("--n", type=int, default=100)
     evaluate.add_argument("--offset", type=int, default=0, help="first item within the split")
+    evaluate.add_argument(
+        "--protocol",
+        choices=["heldout", "reference"],
+        default="heldout",
+        help="heldout: training reads only subject, prompt and target; reference: training also "
+        "holds each item's locality prompt to the unedited answer (as the LKS reference code), "
+        "so locality is measured on prompts training saw",
+    )
     evaluate.add_argument("--json", action="store_true", help="print one JSON object")
     add_train_options(evaluate)
     evaluate.set_defaults(handler=cmd_eval)

@@ -40,6 +40,22 @@ class Settings(BaseSettings):
     max_tokens_limit: int = Field(default=2048, ge=1, description="Upper bound on max_tokens.")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
+    # serving: the batching engine and the live packs
+    max_batch_size: int = Field(default=32, ge=1, description="Rows in one forward pass.")
+    max_queued_requests: int = Field(
+        default=256, ge=1, description="Queued + running requests before new ones get 503."
+    )
+    max_packs_per_request: int = Field(default=4, ge=1, le=16)
+    pack_memory_mb: int = Field(
+        default=1024, ge=1, description="Budget for loaded pack versions; LRU beyond it."
+    )
+    pinned_packs: list[str] = Field(
+        default_factory=list, description="Pack names never evicted (JSON list in the env)."
+    )
+    pack_poll_seconds: float = Field(
+        default=0.25, gt=0, description="How often the store is checked for new versions."
+    )
+
     @field_validator("model", "cache_dir", "packs_dir", "data_dir", mode="after")
     @classmethod
     def _expand_user(cls, value: Path | None) -> Path | None:

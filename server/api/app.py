@@ -1,4 +1,4 @@
-"""The app factory. The lifespan owns the backbone: loaded once, shared by every request."""
+"""The app factory. The lifespan owns the backbone, the engine thread and the pack watcher."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from server import __version__
+from server.api import openai_routes, pack_routes, routes
 from server.api.errors import install_error_handlers
-from server.api.routes import router
 from server.api.state import ServerState
 from server.model import Backbone
 from server.packs import PackStore
@@ -34,5 +34,7 @@ def create_app(settings: Settings, *, backbone: Backbone | None = None) -> FastA
     app = FastAPI(title="lks-server", version=__version__, lifespan=lifespan)
     app.state.lks = state
     install_error_handlers(app)
-    app.include_router(router)
+    app.include_router(routes.router)
+    app.include_router(openai_routes.router)
+    app.include_router(pack_routes.router)
     return app

@@ -23,13 +23,20 @@ log = logging.getLogger(__name__)
 
 class APIError(Exception):
     def __init__(
-        self, status: int, message: str, *, type_: str | None = None, param: str | None = None
+        self,
+        status: int,
+        message: str,
+        *,
+        type_: str | None = None,
+        param: str | None = None,
+        retry_after: int | None = None,
     ) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
         self.type = type_ or _default_type(status)
         self.param = param
+        self.retry_after = retry_after
 
 
 def _default_type(status: int) -> str:
@@ -44,18 +51,37 @@ def _default_type(status: int) -> str:
     return "server_error"
 
 
-def error_response(
+def _status_code_name(status: int) -> str:
+    try:
+        return HTTPStatus(status).phrase.lower().replace(" ", "_")
+    except ValueError:  # 499, nginx's "client closed request", is not in HTTPStatus
+        return "client_closed_request" if status == 499 else f"status_{status}"
+
+
+def error_body(
     status: int, message: str, *, type_: str | None = None, param: str | None = None
-) -> JSONResponse:
-    body = {
+) -> dict[str, object]:
+    return {
         "error": {
             "message": message,
             "type": type_ or _default_type(status),
             "param": param,
-            "code": HTTPStatus(status).phrase.lower().replace(" ", "_"),
+            "code": _status_code_name(status),
         }
     }
-    return JSONResponse(body, status_code=status)
+
+
+def error_response(
+    status: int,
+    message: str,
+    *,
+    type_: str | None = None,
+    param: str | None = None,
+    retry_after: int | None = None,
+) -> JSONResponse:
+    headers = {"Retry-After": str(retry_after)} if retry_after is not None else None
+    body = error_body(status, message, type_=type_, param=param)
+    return JSONResponse(body, status_code=status, headers=headers)
 
 
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
@@ -71,7 +97,9 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def _api_error(_: Request, exc: APIError) -> JSONResponse:
-        return error_response(exc.status, exc.message, type_=exc.type, param=exc.param)
+        return error_response(
+            exc.status, exc.message, type_=exc.type, param=exc.param, retry_after=exc.retry_after
+        )
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:

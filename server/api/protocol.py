@@ -4,29 +4,85 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from server.engine.sampling import SamplingParams
+
+MAX_STOP_STRINGS = 8
 
 
-class GenerateRequest(BaseModel):
+class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    prompt: str = Field(min_length=1, description="The text to continue, or the user's message.")
+    role: Literal["system", "user", "assistant"]
+    content: str = Field(max_length=100_000)
+
+
+def stop_list(stop: str | list[str] | None) -> tuple[str, ...]:
+    if stop is None:
+        return ()
+    stops = [stop] if isinstance(stop, str) else stop
+    if len(stops) > MAX_STOP_STRINGS or not all(stops):
+        raise ValueError(f"stop: up to {MAX_STOP_STRINGS} non-empty strings")
+    return tuple(stops)
+
+
+class SamplingFields(BaseModel):
+    """What every generation request shares (native and OpenAI)."""
+
     max_tokens: int = Field(default=16, ge=1)
     temperature: float = Field(default=0.0, ge=0.0, le=2.0, description="0 is greedy.")
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    seed: int | None = None
-    chat: bool = Field(default=False, description="Wrap the prompt in the model's chat template.")
+    seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
+    stop: str | list[str] | None = Field(default=None, description="End before these strings.")
+    stream: bool = False
+
+    @model_validator(mode="after")
+    def _check_stop(self) -> SamplingFields:
+        stop_list(self.stop)
+        return self
+
+
+class GenerateRequest(SamplingFields):
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str | None = Field(
+        default=None, min_length=1, max_length=100_000, description="The text to continue."
+    )
+    messages: list[ChatMessage] | None = Field(
+        default=None, min_length=1, description="A chat, rendered with the model's template."
+    )
+    chat: bool = Field(default=False, description="Wrap `prompt` in the chat template.")
+
+    @model_validator(mode="after")
+    def _one_input(self) -> GenerateRequest:
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("give exactly one of prompt or messages")
+        return self
 
 
 class GenerateResponse(BaseModel):
     text: str
     tokens: int
     prompt_tokens: int
-    finish_reason: Literal["stop", "length"]
+    finish_reason: Literal["stop", "length", "abort"]
     model: str
+    edits_applied: list[str] = Field(
+        default_factory=list, description="pack@version:subject for each edit used."
+    )
 
 
 class HealthResponse(BaseModel):
     status: Literal["ok", "loading", "failed"]
     model: str
     detail: str | None = None
+
+
+def sampling_params(fields: SamplingFields) -> SamplingParams:
+    return SamplingParams(
+        max_tokens=fields.max_tokens,
+        temperature=fields.temperature,
+        top_p=fields.top_p,
+        seed=fields.seed,
+        stop=stop_list(fields.stop),
+    )

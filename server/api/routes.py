@@ -1,16 +1,24 @@
-"""Native API routes."""
+"""Native API routes: health and generation."""
 
 from __future__ import annotations
 
-import asyncio
+import json
+from collections.abc import AsyncIterator
+from typing import Annotated
 
-from fastapi import APIRouter
-from fastapi.responses import JSONResponse
+from fastapi import APIRouter, Header, Request
+from fastapi.responses import JSONResponse, StreamingResponse
 
-from server.api.errors import APIError
-from server.api.protocol import GenerateRequest, GenerateResponse, HealthResponse
-from server.api.state import GeneratorDep, StateDep
-from server.engine.generate import SamplingParams
+from server.api.protocol import (
+    GenerateRequest,
+    GenerateResponse,
+    HealthResponse,
+    sampling_params,
+)
+from server.api.selection import PACK_HEADER, choose_packs, edits_header
+from server.api.serving import ServiceDep, Started, sse
+from server.api.state import StateDep
+from server.engine.engine import Finished
 
 router = APIRouter()
 
@@ -37,23 +45,56 @@ async def readyz(state: StateDep) -> HealthResponse | JSONResponse:
 
 @router.post("/v1/generate", response_model=GenerateResponse)
 async def generate(
-    request: GenerateRequest, state: StateDep, generator: GeneratorDep
-) -> GenerateResponse:
-    limit = state.settings.max_tokens_limit
-    if request.max_tokens > limit:
-        raise APIError(422, f"max_tokens must be <= {limit}", param="max_tokens")
-    params = SamplingParams(
-        max_tokens=request.max_tokens,
-        temperature=request.temperature,
-        top_p=request.top_p,
-        seed=request.seed,
+    body: GenerateRequest,
+    raw: Request,
+    service: ServiceDep,
+    state: StateDep,
+    x_edit_pack: Annotated[str | None, Header(alias=PACK_HEADER)] = None,
+) -> GenerateResponse | JSONResponse | StreamingResponse:
+    """Generate, with the edits of the packs named in `X-Edit-Pack` (none: the plain model)."""
+    packs = choose_packs(
+        x_edit_pack, None, service.model_name, limit=state.settings.max_packs_per_request
     )
-    text = generator.prompt_text(request.prompt, chat=request.chat)
-    result = await asyncio.to_thread(generator.generate, text, params, templated=request.chat)
-    return GenerateResponse(
+    if body.messages is not None:
+        text, templated = service.render([m.model_dump() for m in body.messages]), True
+    elif body.chat:
+        text, templated = service.render([{"role": "user", "content": body.prompt or ""}]), True
+    else:
+        text, templated = body.prompt or "", False
+    started = await service.start(text, sampling_params(body), templated=templated, packs=packs)
+    headers = edits_header(started.admitted.edits_applied)
+    if body.stream:
+        return StreamingResponse(
+            _native_events(service, started), media_type="text/event-stream", headers=headers
+        )
+    result = await service.complete(started, raw)
+    response = GenerateResponse(
         text=result.text,
         tokens=result.tokens,
         prompt_tokens=result.prompt_tokens,
         finish_reason=result.finish_reason,
-        model=generator.backbone.name,
+        model=service.model_name,
+        edits_applied=result.edits_applied,
     )
+    return JSONResponse(response.model_dump(), headers=headers)
+
+
+async def _native_events(service: ServiceDep, started: Started) -> AsyncIterator[str]:
+    """`data: {"text": ...}` per delta, then one with the result fields, then `[DONE]`."""
+    async for event in service.deltas(started):
+        if isinstance(event, Finished):
+            result = event.generation
+            yield sse(
+                json.dumps(
+                    {
+                        "text": "",
+                        "finish_reason": result.finish_reason,
+                        "tokens": result.tokens,
+                        "prompt_tokens": result.prompt_tokens,
+                        "edits_applied": result.edits_applied,
+                    }
+                )
+            )
+        else:
+            yield sse(json.dumps({"text": event.text}))
+    yield sse("[DONE]")

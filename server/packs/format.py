@@ -69,6 +69,7 @@ class Manifest(BaseModel):
     hidden_size: int = Field(ge=1)
     dtype: str
     subject_count: int = Field(ge=0)
+    fact_count: int = Field(default=0, ge=0)  # absent in packs written before it existed
     training: dict[str, Any] = Field(default_factory=dict)
     metrics: dict[str, float] = Field(default_factory=dict)
     files: dict[str, FileEntry]
@@ -181,6 +182,7 @@ def write_pack(
             hidden_size=int(blocks.shape[1]),
             dtype=str(blocks.dtype).removeprefix("torch."),
             subject_count=len(content.subjects),
+            fact_count=len(content.facts),
             training=content.training,
             metrics=content.metrics,
             files={

@@ -7,7 +7,8 @@ import time
 
 import pytest
 
-from server.engine.generate import Generator, SamplingParams
+from server.engine.engine import BatchEngine, EngineRequest
+from server.engine.sampling import SamplingParams
 from server.model import Backbone
 from server.model.loading import default_model_dir
 from server.settings import Settings
@@ -27,12 +28,14 @@ def test_default_backbone_shape(default_backbone: Backbone) -> None:
 
 
 def test_knows_the_capital_of_france(default_backbone: Backbone) -> None:
-    generator = Generator(default_backbone)
-    result = generator.generate("The capital of France is", SamplingParams(max_tokens=5))
+    engine = BatchEngine(default_backbone)
+    (result,) = engine.generate([EngineRequest("The capital of France is", SamplingParams(5))])
     assert "Paris" in result.text
-    chat = generator.prompt_text("What is the capital of France?", chat=True)
+    chat = default_backbone.render_chat(
+        [{"role": "user", "content": "What is the capital of France?"}]
+    )
     assert "<|im_start|>" in chat
-    answer = generator.generate(chat, SamplingParams(max_tokens=16), templated=True)
+    (answer,) = engine.generate([EngineRequest(chat, SamplingParams(16), templated=True)])
     assert "Paris" in answer.text
 
 

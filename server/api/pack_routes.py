@@ -1,0 +1,109 @@
+"""Pack administration: what is in the store, what is live and loaded, roll forward or back."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import datetime
+
+from fastapi import APIRouter
+from pydantic import BaseModel
+
+from server.api.state import ServingDep, StateDep
+from server.packs.errors import PackNotFoundError
+from server.packs.names import PackRef, validate_name, validate_version
+
+router = APIRouter(prefix="/v1/packs", tags=["packs"])
+
+
+class PackSummary(BaseModel):
+    name: str
+    versions: list[int]
+    live_version: int | None
+    loaded_versions: list[int]
+
+
+class PackVersion(BaseModel):
+    version: int
+    created: datetime
+    subject_count: int
+    fact_count: int
+    metrics: dict[str, float]
+    live: bool
+    loaded: bool
+
+
+class PackDetail(BaseModel):
+    name: str
+    live_version: int | None
+    versions: list[PackVersion]
+
+
+class Unloaded(BaseModel):
+    name: str
+    unloaded_versions: list[int]
+
+
+def _loaded_versions(serving: ServingDep, name: str) -> list[int]:
+    return sorted(int(p.ref.version or 0) for p in serving.registry.loaded() if p.ref.name == name)
+
+
+@router.get("", response_model=list[PackSummary])
+async def list_packs(serving: ServingDep, state: StateDep) -> list[PackSummary]:
+    live = serving.registry.live()
+    return [
+        PackSummary(
+            name=name,
+            versions=state.store.versions(name),
+            live_version=live.get(name) or (state.store.versions(name) or [None])[-1],
+            loaded_versions=_loaded_versions(serving, name),
+        )
+        for name in state.store.names()
+    ]
+
+
+@router.get("/{name}", response_model=PackDetail)
+async def show_pack(name: str, serving: ServingDep, state: StateDep) -> PackDetail:
+    versions = state.store.versions(validate_name(name))
+    if not versions:
+        raise PackNotFoundError(f"no pack named {name!r}")
+    live = serving.registry.live().get(name, versions[-1])
+    loaded = set(_loaded_versions(serving, name))
+    manifests = [state.store.manifest(PackRef(name, v)) for v in versions]
+    return PackDetail(
+        name=name,
+        live_version=live,
+        versions=[
+            PackVersion(
+                version=m.version,
+                created=m.created,
+                subject_count=m.subject_count,
+                fact_count=m.fact_count,
+                metrics=m.metrics,
+                live=m.version == live,
+                loaded=m.version in loaded,
+            )
+            for m in manifests
+        ],
+    )
+
+
+@router.post("/{name}/versions/{version}:activate", response_model=PackSummary)
+async def activate_version(
+    name: str, version: str, serving: ServingDep, state: StateDep
+) -> PackSummary:
+    """Make a version live for new requests (roll forward or back); requests in flight keep
+    the version they started with."""
+    ref = state.store.resolve(PackRef(validate_name(name), validate_version(version)))
+    await asyncio.to_thread(serving.registry.activate, ref)
+    return PackSummary(
+        name=name,
+        versions=state.store.versions(name),
+        live_version=ref.version,
+        loaded_versions=_loaded_versions(serving, name),
+    )
+
+
+@router.delete("/{name}", response_model=Unloaded)
+async def unload_pack(name: str, serving: ServingDep) -> Unloaded:
+    """Free a pack's memory; it stays in the store and loads again when asked for."""
+    return Unloaded(name=name, unloaded_versions=serving.registry.unload(name))

@@ -1,0 +1,163 @@
+"""The serving class behind every generation route (native and OpenAI): resolve the packs,
+render the prompt, queue the request, and follow it to its end or its client's departure."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from typing import Annotated
+
+from fastapi import Depends
+from starlette.requests import Request
+
+from server.api.errors import APIError
+from server.api.state import Serving, ServingDep, StateDep
+from server.engine.engine import Admitted, EngineRequest, Finished, Generation, TextDelta
+from server.engine.sampling import SamplingParams
+from server.engine.scheduler import EngineOverloaded, EngineStopped, RequestStream
+from server.model.backbone import Backbone
+from server.packs.names import PackRef
+from server.packs.registry import LoadedPack
+from server.settings import Settings
+
+
+@dataclass
+class Started:
+    """A request that the engine admitted: what it applied, and its remaining events."""
+
+    admitted: Admitted
+    stream: RequestStream
+    packs: list[LoadedPack]
+
+
+class GenerationService:
+    def __init__(self, serving: Serving, settings: Settings) -> None:
+        self.serving = serving
+        self.settings = settings
+
+    @property
+    def model_name(self) -> str:
+        return self.serving.backbone.name
+
+    def render(self, messages: Sequence[dict[str, str]]) -> str:
+        return self.serving.backbone.render_chat(messages)
+
+    async def resolve(self, refs: Sequence[PackRef]) -> list[LoadedPack]:
+        """Pin each reference to a loaded version (loading it off the event loop)."""
+        registry = self.serving.registry
+        return [await asyncio.to_thread(registry.get, ref) for ref in refs]
+
+    def check_length(self, text: str, params: SamplingParams, *, templated: bool) -> None:
+        backbone = self.serving.backbone
+        prompt_tokens = len(backbone.tokenizer(text, add_special_tokens=not templated).input_ids)
+        if prompt_tokens == 0:
+            raise APIError(422, "the prompt is empty once tokenized", param="prompt")
+        context = context_length(backbone)
+        if context is not None and prompt_tokens + params.max_tokens > context:
+            raise APIError(
+                422,
+                f"the prompt ({prompt_tokens} tokens) plus max_tokens ({params.max_tokens}) "
+                f"exceeds the model's context of {context} tokens",
+                param="max_tokens",
+            )
+
+    async def start(
+        self,
+        text: str,
+        params: SamplingParams,
+        *,
+        templated: bool,
+        packs: Sequence[PackRef],
+    ) -> Started:
+        if params.max_tokens > self.settings.max_tokens_limit:
+            raise APIError(
+                422, f"max_tokens must be <= {self.settings.max_tokens_limit}", param="max_tokens"
+            )
+        self.check_length(text, params, templated=templated)
+        loaded = await self.resolve(packs)
+        request = EngineRequest(
+            text, params, templated=templated, edit_sets=[p.edit_set for p in loaded]
+        )
+        try:
+            stream = self.serving.scheduler.submit(request)
+        except EngineOverloaded as exc:
+            raise APIError(503, f"server busy: {exc}; retry shortly", retry_after=1) from exc
+        except EngineStopped as exc:
+            raise APIError(503, f"server unavailable: {exc}") from exc
+        try:
+            first = await stream.next()
+        except BaseException:
+            stream.abort()
+            raise
+        assert isinstance(first, Admitted), f"first event must be Admitted, got {first}"
+        return Started(first, stream, loaded)
+
+    async def complete(self, started: Started, request: Request) -> Generation:
+        """The whole generation; aborted if the client disconnects first."""
+
+        async def finish() -> Generation:
+            async for event in started.stream:
+                if isinstance(event, Finished):
+                    return event.generation
+            raise APIError(500, "generation ended without a result")
+
+        result = asyncio.ensure_future(finish())
+        gone = asyncio.ensure_future(_disconnected(request))
+        try:
+            await asyncio.wait({result, gone}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            gone.cancel()
+        if not result.done():
+            started.stream.abort()
+            result.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await result
+            raise APIError(499, "client closed the request")
+        try:
+            return result.result()
+        except EngineStopped as exc:
+            raise APIError(503, str(exc)) from exc
+
+    async def deltas(self, started: Started) -> AsyncIterator[TextDelta | Finished]:
+        """Text as it is generated, then the result; aborts the request if abandoned."""
+        finished = False
+        try:
+            async for event in started.stream:
+                if isinstance(event, TextDelta | Finished):
+                    finished = isinstance(event, Finished)
+                    yield event
+        finally:
+            if not finished:
+                started.stream.abort()
+
+
+def context_length(backbone: Backbone) -> int | None:
+    """Tokens a request may span: the position table, or a sliding window if smaller (the
+    engine re-batches caches only while the window has dropped nothing)."""
+    config = backbone.model.config
+    limits = [getattr(config, "max_position_embeddings", None)]
+    if getattr(config, "use_sliding_window", True):
+        limits.append(getattr(config, "sliding_window", None))
+    known = [int(v) for v in limits if isinstance(v, int) and v > 0]
+    return min(known) if known else None
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns when the client hangs up (the ASGI server sends `http.disconnect`)."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+def get_service(serving: ServingDep, state: StateDep) -> GenerationService:
+    return GenerationService(serving, state.settings)
+
+
+ServiceDep = Annotated[GenerationService, Depends(get_service)]
+
+
+def sse(payload: str) -> str:
+    return f"data: {payload}\n\n"

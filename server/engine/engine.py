@@ -1,0 +1,348 @@
+"""The batching engine: one resident backbone, many requests, one forward pass per step.
+
+Each `step` admits waiting requests (one batched, left-padded prefill that carries their edit
+plans), then runs one decode step for every running request, whatever pack it uses. Requests
+join and leave between steps (continuous batching); an edit touches only the prefill of its own
+row, and the KV cache carries it into decoding. The engine is single-threaded by design: the
+scheduler owns the thread that calls `step`.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from transformers import DynamicCache
+
+from server.engine import kv_cache
+from server.engine.sampling import SamplingParams, make_rng, sample_rows
+from server.lks.apply import EditSet, PlannedEdit, plan_for_sets
+from server.lks.hook import EditPlan
+from server.model.backbone import Backbone
+
+log = logging.getLogger(__name__)
+
+FinishReason = Literal["stop", "length", "abort"]
+_REPLACEMENT = "\ufffd"  # a multi-byte character cut between tokens: wait for its next token
+
+
+@dataclass(frozen=True)
+class Generation:
+    """What one request produced."""
+
+    text: str
+    token_ids: list[int]
+    prompt_tokens: int
+    finish_reason: FinishReason
+    edits_applied: list[str] = field(default_factory=list)
+
+    @property
+    def tokens(self) -> int:
+        return len(self.token_ids)
+
+
+@dataclass(frozen=True)
+class Admitted:
+    """First event of every request: its prompt was prefilled with these edits."""
+
+    prompt_tokens: int
+    edits_applied: list[str]
+
+
+@dataclass(frozen=True)
+class TextDelta:
+    text: str
+
+
+@dataclass(frozen=True)
+class Finished:
+    generation: Generation
+
+
+@dataclass(frozen=True)
+class Failed:
+    """The engine broke; the request cannot complete."""
+
+    error: str
+
+
+EngineEvent = Admitted | TextDelta | Finished | Failed
+EventSink = Callable[[EngineEvent], None]
+
+
+@dataclass
+class EngineRequest:
+    """A request as the engine sees it: text exactly as the model reads it, and resolved packs.
+
+    The packs are passed with the request (not looked up by name at run time), so a pack
+    swapped while the request waits or runs never changes what it gets.
+    """
+
+    text: str
+    params: SamplingParams
+    templated: bool = False  # a rendered chat template: it already holds its special tokens
+    edit_sets: Sequence[EditSet] = ()
+    sink: EventSink | None = None
+    request_id: int = field(default_factory=itertools.count().__next__)
+
+
+@dataclass
+class _Running:
+    request: EngineRequest
+    prompt_ids: list[int]
+    edits: list[PlannedEdit]
+    rng: torch.Generator | None
+    output_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    emitted: str = ""
+    finish: FinishReason | None = None
+    admitted_at: float = field(default_factory=time.perf_counter)
+
+    def emit(self, event: EngineEvent) -> None:
+        if self.request.sink is not None:
+            self.request.sink(event)
+
+
+@dataclass
+class _Batch:
+    """The running rows: their KV cache, mask, and the sampled tokens not yet fed back."""
+
+    rows: list[_Running]
+    cache: DynamicCache
+    mask: torch.Tensor  # [B, T] 1 where a cache column is a real token of that row
+    next_tokens: torch.Tensor  # [B]
+    positions: torch.Tensor  # [B] position id of next_tokens
+
+
+class BatchEngine:
+    def __init__(self, backbone: Backbone, *, max_batch_size: int = 32) -> None:
+        assert max_batch_size >= 1
+        self.backbone = backbone
+        self.max_batch_size = max_batch_size
+        self.waiting: deque[EngineRequest] = deque()
+        self._batch: _Batch | None = None
+        self._eos = set(backbone.eos_token_ids)
+
+    # -- queue -------------------------------------------------------------------------------
+
+    def add(self, request: EngineRequest) -> None:
+        self.waiting.append(request)
+
+    def abort(self, request_id: int) -> bool:
+        """Stop a request (a client went away); True if it was still queued or running."""
+        for request in self.waiting:
+            if request.request_id == request_id:
+                self.waiting.remove(request)
+                if request.sink is not None:
+                    request.sink(Finished(Generation("", [], 0, "abort")))
+                return True
+        if self._batch is not None:
+            for row in self._batch.rows:
+                if row.request.request_id == request_id and row.finish is None:
+                    row.finish = "abort"
+                    return True
+        return False
+
+    def fail_all(self, error: BaseException) -> None:
+        """Tell every queued and running request that the engine broke, then forget them."""
+        sinks = [r.sink for r in self.waiting]
+        sinks += [row.request.sink for row in self._batch.rows] if self._batch else []
+        self.waiting.clear()
+        self._batch = None
+        for sink in sinks:
+            if sink is not None:
+                sink(Failed(f"{type(error).__name__}: {error}"))
+
+    @property
+    def running(self) -> int:
+        return len(self._batch.rows) if self._batch is not None else 0
+
+    def has_work(self) -> bool:
+        return bool(self.waiting) or self._batch is not None
+
+    # -- stepping ----------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def step(self) -> None:
+        """Admit what fits, then one decode step for every running row."""
+        self._drop_finished()
+        room = self.max_batch_size - self.running
+        if self.waiting and room > 0:
+            admitted = [self.waiting.popleft() for _ in range(min(room, len(self.waiting)))]
+            self._join(self._prefill([self._admit(r) for r in admitted]))
+            self._drop_finished()
+        if self._batch is not None:
+            self._decode()
+            self._drop_finished()
+
+    def run_until_done(self) -> None:
+        while self.has_work():
+            self.step()
+
+    def generate(self, requests: Sequence[EngineRequest]) -> list[Generation]:
+        """Run `requests` to completion on the calling thread (CLI, tests, evaluation)."""
+        results: dict[int, Generation] = {}
+        for request in requests:
+            outer = request.sink
+
+            def sink(event: EngineEvent, rid: int = request.request_id, outer=outer) -> None:
+                if isinstance(event, Finished):
+                    results[rid] = event.generation
+                if outer is not None:
+                    outer(event)
+
+            request.sink = sink
+            self.add(request)
+        self.run_until_done()
+        return [results[r.request_id] for r in requests]
+
+    # -- internals ---------------------------------------------------------------------------
+
+    def _admit(self, request: EngineRequest) -> _Running:
+        tokenizer = self.backbone.tokenizer
+        encoded = tokenizer(
+            request.text,
+            add_special_tokens=not request.templated,
+            return_offsets_mapping=bool(request.edit_sets),
+        )
+        prompt_ids = list(encoded["input_ids"])
+        assert prompt_ids, "the prompt encodes to no tokens"
+        edits: list[PlannedEdit] = []
+        if request.edit_sets:
+            offsets = [tuple(o) for o in encoded["offset_mapping"]]
+            edits = plan_for_sets(request.edit_sets, request.text, offsets)
+        row = _Running(request, prompt_ids, edits, make_rng(request.params))
+        row.emit(Admitted(len(prompt_ids), [e.label for e in edits]))
+        return row
+
+    def _prefill(self, rows: list[_Running]) -> _Batch:
+        backbone = self.backbone
+        device = backbone.device
+        width = max(len(r.prompt_ids) for r in rows)
+        pad_id = backbone.tokenizer.pad_token_id
+        input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        plan: dict[int, list[tuple[int, int, torch.Tensor]]] = {}
+        for i, row in enumerate(rows):
+            pad = width - len(row.prompt_ids)
+            input_ids[i, pad:] = torch.tensor(row.prompt_ids)
+            mask[i, pad:] = 1
+            for edit in row.edits:
+                plan.setdefault(edit.layer, []).append((i, pad + edit.position, edit.delta))
+        positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
+        input_ids, mask, positions = input_ids.to(device), mask.to(device), positions.to(device)
+        cache = DynamicCache(config=backbone.model.config)
+        with ExitStack() as stack:
+            for layer, edits in plan.items():
+                built = EditPlan.build(edits, hidden_size=backbone.hidden_size, device=device)
+                stack.enter_context(backbone.edit_hooks.at(layer).plan(built))
+            out = backbone.model(
+                input_ids=input_ids,
+                attention_mask=mask,
+                position_ids=positions,
+                cache=cache,
+                use_cache=True,
+                logits_to_keep=1,
+            )
+        tokens = self._sample(rows, out.logits[:, -1])
+        lengths = torch.tensor([len(r.prompt_ids) for r in rows], device=device)
+        return _Batch(rows, out.cache, mask, tokens, lengths)
+
+    def _decode(self) -> None:
+        batch = self._batch
+        assert batch is not None
+        mask = torch.cat([batch.mask, batch.mask.new_ones(batch.mask.shape[0], 1)], dim=1)
+        out = self.backbone.model(
+            input_ids=batch.next_tokens[:, None],
+            attention_mask=mask,
+            position_ids=batch.positions[:, None],
+            cache=batch.cache,
+            use_cache=True,
+        )
+        batch.mask = mask
+        batch.positions = batch.positions + 1
+        batch.next_tokens = self._sample(batch.rows, out.logits[:, -1])
+
+    def _sample(self, rows: list[_Running], logits: torch.Tensor) -> torch.Tensor:
+        tokens = sample_rows(logits, [r.request.params for r in rows], [r.rng for r in rows])
+        for row, token in zip(rows, tokens, strict=True):
+            self._append(row, token)
+        return torch.tensor(tokens, dtype=torch.long, device=logits.device)
+
+    def _append(self, row: _Running, token: int) -> None:
+        if row.finish is not None:
+            return  # aborted between steps
+        params = row.request.params
+        if token in self._eos:
+            row.finish = "stop"
+        else:
+            row.output_ids.append(token)
+            row.text = self.backbone.tokenizer.decode(row.output_ids, skip_special_tokens=True)
+            cut = min((i for i in (row.text.find(s) for s in params.stop) if i >= 0), default=-1)
+            if cut >= 0:
+                row.text, row.finish = row.text[:cut], "stop"
+            elif len(row.output_ids) >= params.max_tokens:
+                row.finish = "length"
+        self._stream(row)
+
+    def _stream(self, row: _Running) -> None:
+        """Send the text that can no longer change: hold back a cut character and any tail
+        that may yet become a stop string."""
+        ready = row.text
+        if row.finish is None:
+            ready = ready.rstrip(_REPLACEMENT)
+            for stop in row.request.params.stop:
+                for size in range(min(len(stop) - 1, len(ready)), 0, -1):
+                    if ready.endswith(stop[:size]):
+                        ready = ready[:-size]
+                        break
+        if ready.startswith(row.emitted) and len(ready) > len(row.emitted):
+            row.emit(TextDelta(ready[len(row.emitted) :]))
+            row.emitted = ready
+        if row.finish is not None:
+            row.emit(Finished(self._generation(row)))
+
+    def _generation(self, row: _Running) -> Generation:
+        return Generation(
+            text=row.text,
+            token_ids=list(row.output_ids),
+            prompt_tokens=len(row.prompt_ids),
+            finish_reason=row.finish or "abort",
+            edits_applied=[e.label for e in row.edits],
+        )
+
+    def _join(self, incoming: _Batch) -> None:
+        batch = self._batch
+        if batch is None:
+            self._batch = incoming
+            return
+        batch.mask = kv_cache.concat_rows(batch.cache, batch.mask, incoming.cache, incoming.mask)
+        batch.rows += incoming.rows
+        batch.next_tokens = torch.cat([batch.next_tokens, incoming.next_tokens])
+        batch.positions = torch.cat([batch.positions, incoming.positions])
+
+    def _drop_finished(self) -> None:
+        batch = self._batch
+        if batch is None:
+            return
+        for row in batch.rows:
+            if row.finish == "abort":
+                row.emit(Finished(self._generation(row)))
+        keep = [i for i, row in enumerate(batch.rows) if row.finish is None]
+        if not keep:
+            self._batch = None
+            return
+        if len(keep) == len(batch.rows):
+            return
+        index = torch.tensor(keep, device=batch.mask.device)
+        batch.mask = kv_cache.keep_rows(batch.cache, batch.mask, index)
+        batch.rows = [batch.rows[i] for i in keep]
+        batch.next_tokens = batch.next_tokens[index]
+        batch.positions = batch.positions[index]

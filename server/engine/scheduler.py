@@ -1,0 +1,132 @@
+"""The async front of the engine: requests from the event loop, steps on one engine thread.
+
+Requests are admitted into a bounded queue (full: `EngineOverloaded`, which the API turns into
+503 with Retry-After instead of letting latency grow without limit); the engine thread runs
+`BatchEngine.step` while there is work and sleeps otherwise; each request's events come back
+to its own asyncio queue. A request whose client went away is aborted between two steps.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from server.engine.engine import BatchEngine, EngineEvent, EngineRequest, Failed, Finished
+
+log = logging.getLogger(__name__)
+
+
+class EngineOverloaded(Exception):
+    """The queue is full; the client should retry after a moment."""
+
+
+class EngineStopped(Exception):
+    """The engine is shutting down or died; no more requests are taken."""
+
+
+@dataclass
+class RequestStream:
+    """The events of one request, in order; iterate to consume, `abort` to give up."""
+
+    request_id: int
+    _queue: asyncio.Queue[EngineEvent]
+    _scheduler: Scheduler
+
+    async def next(self) -> EngineEvent:
+        event = await self._queue.get()
+        if isinstance(event, Failed):
+            raise EngineStopped(f"the engine failed: {event.error}")
+        return event
+
+    async def __aiter__(self) -> AsyncIterator[EngineEvent]:
+        while True:
+            event = await self.next()
+            yield event
+            if isinstance(event, Finished):
+                return
+
+    def abort(self) -> None:
+        self._scheduler.abort(self.request_id)
+
+
+class Scheduler:
+    def __init__(self, engine: BatchEngine, *, max_queued: int = 256) -> None:
+        self.engine = engine
+        self.max_queued = max_queued
+        self._cond = threading.Condition()
+        self._incoming: list[EngineRequest] = []
+        self._aborts: set[int] = set()
+        self._in_flight = 0
+        self._stopping = False
+        self._failure: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="lks-engine", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    @property
+    def in_flight(self) -> int:
+        """Requests queued or running."""
+        return self._in_flight
+
+    def submit(self, request: EngineRequest) -> RequestStream:
+        """Queue `request`; its events arrive on the returned stream (call from the loop)."""
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[EngineEvent] = asyncio.Queue()
+
+        def sink(event: EngineEvent) -> None:
+            if isinstance(event, Finished | Failed):
+                with self._cond:
+                    self._in_flight -= 1
+            loop.call_soon_threadsafe(queue.put_nowait, event)
+
+        request.sink = sink
+        with self._cond:
+            if self._stopping or self._failure is not None:
+                raise EngineStopped(str(self._failure or "the server is shutting down"))
+            if self._in_flight >= self.max_queued:
+                raise EngineOverloaded(f"{self._in_flight} requests are already queued or running")
+            self._in_flight += 1
+            self._incoming.append(request)
+            self._cond.notify()
+        return RequestStream(request.request_id, queue, self)
+
+    def abort(self, request_id: int) -> None:
+        with self._cond:
+            self._aborts.add(request_id)
+            self._cond.notify()
+
+    def _run(self) -> None:
+        engine = self.engine
+        try:
+            while True:
+                with self._cond:
+                    while not (self._stopping or self._incoming or self._aborts):
+                        if engine.has_work():
+                            break
+                        self._cond.wait()
+                    if self._stopping:
+                        return
+                    incoming, self._incoming = self._incoming, []
+                    aborts, self._aborts = self._aborts, set()
+                for request in incoming:
+                    engine.add(request)
+                for request_id in aborts:
+                    if engine.abort(request_id):
+                        log.info("request %d aborted: its client went away", request_id)
+                engine.step()
+        except BaseException as exc:  # the engine is broken: fail every waiter loudly
+            log.exception("the engine thread failed")
+            with self._cond:
+                self._failure = exc
+            engine.fail_all(exc)

@@ -1,0 +1,195 @@
+"""The live packs of a running server: which version of each name is live, which versions are
+loaded in memory, and swapping in newly published versions.
+
+Loading is idempotent (one load per version, however many requests ask at once) and bounded by
+a memory budget with least-recently-used eviction; pinned names are never evicted. A request
+holds the `LoadedPack` it resolved, so a swap or an eviction never changes a request in flight.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from server.lks.apply import EditSet, load_edit_set
+from server.lks.gate import GateTable, SentenceEncoder
+from server.model.backbone import Backbone
+from server.packs.errors import PackNotFoundError
+from server.packs.format import Manifest
+from server.packs.names import PackRef, validate_name
+from server.packs.store import PackStore
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LoadedPack:
+    ref: PackRef  # always with a version
+    manifest: Manifest
+    edit_set: EditSet
+    nbytes: int
+    load_seconds: float
+
+
+@dataclass(frozen=True)
+class Swap:
+    name: str
+    old: int | None
+    new: int
+
+
+@dataclass
+class PackRegistry:
+    store: PackStore
+    backbone: Backbone
+    memory_budget_bytes: int = 1 << 30
+    pinned: frozenset[str] = frozenset()
+    encoder_factory: Callable[[], SentenceEncoder] = SentenceEncoder
+    _loaded: OrderedDict[PackRef, LoadedPack] = field(default_factory=OrderedDict)
+    _live: dict[str, int] = field(default_factory=dict)  # name -> the version new requests get
+    _seen_latest: dict[str, int] = field(default_factory=dict)  # what the last refresh saw
+    _loading: dict[PackRef, threading.Lock] = field(default_factory=dict)
+    _lock: threading.RLock = field(default_factory=threading.RLock)
+    _encoder: SentenceEncoder | None = None
+
+    # -- resolving ---------------------------------------------------------------------------
+
+    def live_version(self, name: str) -> int:
+        with self._lock:
+            version = self._live.get(validate_name(name))
+        if version is not None:
+            return version
+        latest = self.store.resolve(PackRef(name)).version
+        assert latest is not None
+        with self._lock:
+            return self._live.setdefault(name, latest)
+
+    def get(self, ref: PackRef) -> LoadedPack:
+        """The loaded pack for `ref` (the live version when it names none), loading it once."""
+        resolved = PackRef(ref.name, ref.version or self.live_version(ref.name))
+        with self._lock:
+            loaded = self._loaded.get(resolved)
+            if loaded is not None:
+                self._loaded.move_to_end(resolved)
+                return loaded
+            gate = self._loading.setdefault(resolved, threading.Lock())
+        with gate:  # one thread loads; the others wait for it and find it loaded
+            with self._lock:
+                loaded = self._loaded.get(resolved)
+            if loaded is None:
+                loaded = self._load(resolved)
+                with self._lock:
+                    self._loaded[resolved] = loaded
+                    self._evict()
+        with self._lock:
+            self._loading.pop(resolved, None)
+        return loaded
+
+    def _load(self, ref: PackRef) -> LoadedPack:
+        started = time.perf_counter()
+        pack = self.store.load(ref)
+        gated = GateTable.from_tensors(pack.content.table) is not None
+        edit_set = load_edit_set(pack, self.backbone, self._gate_encoder() if gated else None)
+        nbytes = sum(t.numel() * t.element_size() for t in pack.content.table.values())
+        seconds = time.perf_counter() - started
+        log.info(
+            "loaded pack %s: %d subjects, %.1f MiB, %.2f s",
+            ref,
+            len(pack.content.subjects),
+            nbytes / 2**20,
+            seconds,
+        )
+        return LoadedPack(ref, pack.manifest, edit_set, nbytes, seconds)
+
+    def _gate_encoder(self) -> SentenceEncoder:
+        with self._lock:
+            if self._encoder is None:
+                self._encoder = self.encoder_factory()
+            return self._encoder
+
+    def _evict(self) -> None:
+        """Drop least recently used versions over budget; pinned names and live versions that
+        were used last stay."""
+        total = sum(p.nbytes for p in self._loaded.values())
+        for ref in list(self._loaded):
+            if total <= self.memory_budget_bytes or len(self._loaded) == 1:
+                return
+            if ref.name in self.pinned:
+                continue
+            total -= self._loaded.pop(ref).nbytes
+            log.info(
+                "evicted pack %s from memory (over the %d MiB budget)",
+                ref,
+                self.memory_budget_bytes // 2**20,
+            )
+
+    # -- administration ----------------------------------------------------------------------
+
+    def activate(self, ref: PackRef) -> LoadedPack:
+        """Make `ref` the live version of its name (roll forward or back); loads it first."""
+        assert ref.version is not None, "activate a concrete version"
+        loaded = self.get(ref)
+        with self._lock:
+            old = self._live.get(ref.name)
+            self._live[ref.name] = ref.version
+        log.info("pack %s: live version %s -> %d", ref.name, old, ref.version)
+        return loaded
+
+    def unload(self, name: str) -> list[int]:
+        """Free every loaded version of `name`; it is loaded again if a request asks for it."""
+        validate_name(name)
+        with self._lock:
+            dropped = [ref for ref in self._loaded if ref.name == name]
+            for ref in dropped:
+                del self._loaded[ref]
+            self._live.pop(name, None)
+        if not dropped and not self.store.versions(name):
+            raise PackNotFoundError(f"no pack named {name!r}")
+        return sorted(int(ref.version or 0) for ref in dropped)
+
+    def loaded(self) -> list[LoadedPack]:
+        with self._lock:
+            return list(self._loaded.values())
+
+    def live(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self._live)
+
+    @property
+    def loaded_bytes(self) -> int:
+        with self._lock:
+            return sum(p.nbytes for p in self._loaded.values())
+
+    def refresh(self) -> list[Swap]:
+        """Look at the store: a newly published version is loaded, then made live. Called by
+        the watcher (blocking: run it off the event loop)."""
+        swaps = []
+        for name in self.store.names():
+            versions = self.store.versions(name)
+            if not versions:
+                continue
+            latest = versions[-1]
+            with self._lock:
+                seen = self._seen_latest.get(name)
+                self._seen_latest[name] = latest
+                in_use = name in self._live  # names nobody asked for yet load on first use
+            if seen == latest or not in_use:
+                continue
+            try:
+                self.get(PackRef(name, latest))  # load before the swap: no request waits on it
+            except Exception as exc:  # a bad pack never goes live; keep serving the old one
+                log.error("new version %s@%d not swapped in: %s", name, latest, exc)
+                continue
+            with self._lock:
+                old = self._live.get(name)
+                if old is None or latest > old:
+                    self._live[name] = latest
+                    if old is not None:
+                        swaps.append(Swap(name, old, latest))
+        for swap in swaps:
+            log.info("pack %s: swapped in version %d (was %s)", swap.name, swap.new, swap.old)
+        return swaps

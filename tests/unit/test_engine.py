@@ -1,0 +1,160 @@
+"""The batching engine on tiny random models of every family: a row's answer never depends on
+its batch (padding, companions with other packs or none, joining mid-flight)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from tiny_models import FAMILIES
+
+from server.engine.engine import (
+    Admitted,
+    BatchEngine,
+    EngineEvent,
+    EngineRequest,
+    Finished,
+    Generation,
+    TextDelta,
+)
+from server.engine.sampling import SamplingParams
+from server.lks.apply import EditSet
+from server.model import Backbone, load_backbone
+from server.packs.format import SubjectEntry
+from server.settings import Settings
+
+PROMPTS = [
+    "the capital of france is",
+    "who was born in the city of rome and speaks",
+    "berlin",
+    "the mother tongue of danielle darrieux is",
+    "what river is in the city of paris",
+]
+
+
+# transformers swaps the tiny word-level tokenizer of the qwen2 fixture for Qwen2Tokenizer, which
+# cannot encode its words: subjects are not found there. Its attention is llama's plus biases.
+ENGINE_FAMILIES = [f for f in FAMILIES if f != "qwen2"]
+
+
+@pytest.fixture(scope="module", params=ENGINE_FAMILIES)
+def backbone(request: pytest.FixtureRequest, tiny_model_dirs: dict[str, Path]) -> Backbone:
+    return load_backbone(Settings(model=tiny_model_dirs[request.param], device="cpu"))
+
+
+def edit_set(backbone: Backbone, subject: str, seed: int, ref: str) -> EditSet:
+    delta = torch.randn(1, backbone.hidden_size, generator=torch.Generator().manual_seed(seed))
+    return EditSet([SubjectEntry(subject)], delta * 300, layer=1, ref=ref)
+
+
+def alone(backbone: Backbone, request: EngineRequest) -> Generation:
+    fresh = EngineRequest(request.text, request.params, edit_sets=request.edit_sets)
+    return BatchEngine(backbone, max_batch_size=1).generate([fresh])[0]
+
+
+def test_greedy_is_deterministic_and_respects_max_tokens(backbone: Backbone) -> None:
+    engine = BatchEngine(backbone)
+    params = SamplingParams(max_tokens=6)
+    (first,) = engine.generate([EngineRequest(PROMPTS[0], params)])
+    (second,) = engine.generate([EngineRequest(PROMPTS[0], params)])
+    assert first == second
+    assert first.prompt_tokens == len(backbone.tokenizer(PROMPTS[0]).input_ids)
+    assert 1 <= first.tokens <= 6
+    assert first.finish_reason == ("length" if first.tokens == 6 else "stop")
+
+
+def test_rows_of_a_mixed_batch_equal_each_row_alone(backbone: Backbone) -> None:
+    """Different lengths (left padding), two packs, no pack, greedy and seeded sampling."""
+    france = edit_set(backbone, "france", 1, "a@1")
+    rome = edit_set(backbone, "rome", 2, "b@1")
+    requests = [
+        EngineRequest(PROMPTS[0], SamplingParams(max_tokens=8), edit_sets=[france]),
+        EngineRequest(PROMPTS[1], SamplingParams(max_tokens=5), edit_sets=[rome]),
+        EngineRequest(PROMPTS[2], SamplingParams(max_tokens=9)),
+        EngineRequest(PROMPTS[0], SamplingParams(max_tokens=8)),
+        EngineRequest(PROMPTS[4], SamplingParams(max_tokens=7, temperature=1.3, seed=11)),
+        EngineRequest(PROMPTS[1], SamplingParams(max_tokens=6), edit_sets=[france, rome]),
+        EngineRequest("who speaks french in france", SamplingParams(max_tokens=4)),
+        EngineRequest(
+            "who speaks french in france", SamplingParams(max_tokens=4), edit_sets=[france]
+        ),
+    ]
+    batched = BatchEngine(backbone).generate(requests)
+    for request, result in zip(requests, batched, strict=True):
+        assert result == alone(backbone, request), request.text
+    assert batched[0].edits_applied == ["a@1:france"]
+    assert batched[3].edits_applied == []
+    assert batched[7].token_ids != batched[6].token_ids, "the edit must change its own row"
+    assert batched[5].edits_applied == ["b@1:rome"]
+
+
+def test_requests_joining_and_leaving_mid_flight_are_unaffected(backbone: Backbone) -> None:
+    engine = BatchEngine(backbone, max_batch_size=3)
+    france = edit_set(backbone, "france", 3, "a@1")
+    requests = [
+        EngineRequest(p, SamplingParams(max_tokens=3 + 2 * i), edit_sets=[france] if i % 2 else [])
+        for i, p in enumerate(PROMPTS * 2)
+    ]
+    results: dict[int, Generation] = {}
+
+    def collect(event: EngineEvent, index: int) -> None:
+        if isinstance(event, Finished):
+            results[index] = event.generation
+
+    for index, request in enumerate(requests):
+        request.sink = lambda event, index=index: collect(event, index)
+    pending = list(requests)
+    engine.add(pending.pop(0))
+    while engine.has_work() or pending:
+        engine.step()
+        if pending:
+            engine.add(pending.pop(0))  # one joins after every step: continuous batching
+        assert engine.running <= 3
+    for index, request in enumerate(requests):
+        assert results[index] == alone(backbone, request), request.text
+
+
+def test_stream_events_add_up_to_the_result_and_stop_strings_cut(backbone: Backbone) -> None:
+    engine = BatchEngine(backbone)
+    (plain,) = engine.generate([EngineRequest(PROMPTS[1], SamplingParams(max_tokens=12))])
+    words = plain.text.split()
+    assert len(words) >= 3, plain.text
+    stop = words[2]
+    events: list[EngineEvent] = []
+    request = EngineRequest(PROMPTS[1], SamplingParams(max_tokens=12, stop=(stop,)))
+    request.sink = events.append
+    (cut,) = engine.generate([request])
+    assert isinstance(events[0], Admitted) and isinstance(events[-1], Finished)
+    assert cut.text == plain.text[: plain.text.index(stop)]
+    assert cut.finish_reason == "stop"
+    streamed = "".join(e.text for e in events if isinstance(e, TextDelta))
+    assert streamed == cut.text
+    assert stop not in streamed
+
+
+def test_aborting_one_row_leaves_the_others_intact(backbone: Backbone) -> None:
+    engine = BatchEngine(backbone)
+    requests = [EngineRequest(p, SamplingParams(max_tokens=10)) for p in PROMPTS[:3]]
+    finished: list[Generation] = []
+    for request in requests:
+        request.sink = lambda e: finished.append(e.generation) if isinstance(e, Finished) else None
+        engine.add(request)
+    engine.step()
+    assert engine.abort(requests[1].request_id)
+    engine.run_until_done()
+    by_text = {g.finish_reason for g in finished}
+    assert "abort" in by_text
+    survivors = [g for g in finished if g.finish_reason != "abort"]
+    assert len(survivors) == 2
+    assert survivors[0] == alone(backbone, requests[0]) or survivors[1] == alone(
+        backbone, requests[0]
+    )
+
+
+@pytest.mark.parametrize(
+    "params", [{"max_tokens": 0}, {"temperature": -1.0}, {"top_p": 0.0}, {"top_p": 1.5}]
+)
+def test_sampling_params_reject_nonsense(params: dict[str, float]) -> None:
+    with pytest.raises(AssertionError):
+        SamplingParams(**params)  # type: ignore[arg-type]
