@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import torch
 
-from server.packs.format import BackboneInfo, PackContent, SubjectEntry
+from server.lks.editor import backbone_info
+from server.model import Backbone
+from server.packs import PackStore
+from server.packs.format import BackboneInfo, Manifest, PackContent, SubjectEntry
 
 
 def make_content(subjects: int = 3, hidden: int = 32, *, layer: int = 2) -> PackContent:
@@ -23,3 +26,27 @@ def make_content(subjects: int = 3, hidden: int = 32, *, layer: int = 2) -> Pack
 
 def make_backbone_info(fingerprint: str = "sha256:test") -> BackboneInfo:
     return BackboneInfo(name="tiny", fingerprint=fingerprint, model_type="llama")
+
+
+def publish_subject_pack(
+    store: PackStore,
+    name: str,
+    backbone: Backbone,
+    subjects: list[str],
+    *,
+    seed: int,
+    scale: float = 20.0,
+) -> Manifest:
+    """A pack of random but strong edits for `subjects` on `backbone` (no training, no gate):
+    enough to prove which requests an edit reaches."""
+    generator = torch.Generator().manual_seed(seed)
+    hidden = backbone.hidden_size
+    blocks = torch.randn(len(subjects), hidden, generator=generator) * scale
+    content = PackContent(
+        layer=backbone.num_layers // 2,
+        subjects=[SubjectEntry(s) for s in subjects],
+        table={"blocks": blocks},
+        hypernet={"weight": torch.eye(hidden)},
+        facts=[{"subject": s, "prompt": f"{s} is", "target": "x"} for s in subjects],
+    )
+    return store.publish(name, content, backbone_info(backbone))

@@ -50,7 +50,7 @@ def _finish(reason: str) -> str:
     return "length" if reason == "length" else "stop"
 
 
-@router.post("/completions")
+@router.post("/completions", response_model=None)
 async def completions(
     body: CompletionRequest,
     raw: Request,
@@ -87,7 +87,7 @@ async def completions(
     return JSONResponse(content, headers=headers)
 
 
-@router.post("/chat/completions")
+@router.post("/chat/completions", response_model=None)
 async def chat_completions(
     body: ChatCompletionRequest,
     raw: Request,

@@ -56,8 +56,8 @@ class GenerateRequest(SamplingFields):
 
     @model_validator(mode="after")
     def _one_input(self) -> GenerateRequest:
-        if (self.prompt is None) == (self.messages is None):
-            raise ValueError("give exactly one of prompt or messages")
+        if self.prompt is not None and self.messages is not None:
+            raise ValueError("give prompt or messages, not both")
         return self
 
 

@@ -9,6 +9,7 @@ from typing import Annotated
 from fastapi import APIRouter, Header, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from server.api.errors import APIError
 from server.api.protocol import (
     GenerateRequest,
     GenerateResponse,
@@ -55,6 +56,8 @@ async def generate(
     packs = choose_packs(
         x_edit_pack, None, service.model_name, limit=state.settings.max_packs_per_request
     )
+    if body.prompt is None and body.messages is None:
+        raise APIError(422, "give a prompt (text to continue) or messages (a chat)", param="prompt")
     if body.messages is not None:
         text, templated = service.render([m.model_dump() for m in body.messages]), True
     elif body.chat:

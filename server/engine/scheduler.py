@@ -60,6 +60,7 @@ class Scheduler:
         self._incoming: list[EngineRequest] = []
         self._aborts: set[int] = set()
         self._in_flight = 0
+        self.aborted = 0  # requests cancelled because their client went away
         self._stopping = False
         self._failure: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="lks-engine", daemon=True)
@@ -123,6 +124,7 @@ class Scheduler:
                     engine.add(request)
                 for request_id in aborts:
                     if engine.abort(request_id):
+                        self.aborted += 1
                         log.info("request %d aborted: its client went away", request_id)
                 engine.step()
         except BaseException as exc:  # the engine is broken: fail every waiter loudly
