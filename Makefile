@@ -14,7 +14,7 @@ export PIP_FIND_LINKS ?= /opt/wheels
 endif
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: install serve test test-unit lint format clean bench-quality
+.PHONY: install serve test test-unit lint format clean bench-quality bench-serve
 
 $(STAMP): pyproject.toml Makefile
 	@echo ">> installing lks-server into $(VENV)"
@@ -47,6 +47,10 @@ lint: install
 bench-quality: install
 	@echo ">> training and evaluating fresh packs on the test split (heldout protocol)"
 	bench/quality.sh $(N) | tee bench/quality.jsonl | $(BIN)/python bench/quality_table.py
+
+bench-serve: install
+	@echo ">> lks serve on loopback vs Hugging Face generate (about 7 minutes on 2 CPU cores)"
+	$(BIN)/python bench/serve.py --json bench/serve.jsonl | tee bench/serve.md
 
 format: install
 	$(BIN)/ruff check --fix .

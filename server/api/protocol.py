@@ -36,6 +36,7 @@ class SamplingFields(BaseModel):
     seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
     stop: str | list[str] | None = Field(default=None, description="End before these strings.")
     stream: bool = False
+    ignore_eos: bool = Field(default=False, description="Generate max_tokens even past EOS.")
 
     @model_validator(mode="after")
     def _check_stop(self) -> SamplingFields:
@@ -85,4 +86,5 @@ def sampling_params(fields: SamplingFields) -> SamplingParams:
         top_p=fields.top_p,
         seed=fields.seed,
         stop=stop_list(fields.stop),
+        ignore_eos=fields.ignore_eos,
     )

@@ -23,7 +23,7 @@ from transformers import DynamicCache
 
 from server.engine import kv_cache
 from server.engine.sampling import SamplingParams, make_rng, sample_rows
-from server.lks.apply import EditSet, PlannedEdit, plan_for_sets
+from server.lks.apply import EditSet, PlannedEdit, plan_for_sets, prime_gates
 from server.lks.hook import EditPlan
 from server.model.backbone import Backbone
 
@@ -176,6 +176,7 @@ class BatchEngine:
         room = self.max_batch_size - self.running
         if self.waiting and room > 0:
             admitted = [self.waiting.popleft() for _ in range(min(room, len(self.waiting)))]
+            prime_gates([(r.text, r.edit_sets) for r in admitted if r.edit_sets])
             self._join(self._prefill([self._admit(r) for r in admitted]))
             self._drop_finished()
         if self._batch is not None:
@@ -280,7 +281,7 @@ class BatchEngine:
         if row.finish is not None:
             return  # aborted between steps
         params = row.request.params
-        if token in self._eos:
+        if token in self._eos and not params.ignore_eos:
             row.finish = "stop"
         else:
             row.output_ids.append(token)

@@ -15,6 +15,7 @@ class SamplingParams:
     top_p: float = 1.0
     seed: int | None = None
     stop: tuple[str, ...] = field(default_factory=tuple)  # generation ends before any of these
+    ignore_eos: bool = False  # always generate max_tokens (benchmarks)
 
     def __post_init__(self) -> None:
         assert self.max_tokens >= 1, f"max_tokens must be >= 1, got {self.max_tokens}"

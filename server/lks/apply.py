@@ -50,6 +50,17 @@ class EditSet:
             text, match.start, match.end, match.row, (entry.subject, *entry.aliases)
         )
 
+    def gate_queries(self, text: str) -> list[str]:
+        """The encoder inputs planning `text` will need (only where a subject is found)."""
+        if self.gate is None:
+            return []
+        queries = []
+        for match in self.index.find(text):
+            entry = self.subjects[match.row]
+            names = (entry.subject, *entry.aliases)
+            queries.append(self.gate.query(text, match.start, match.end, names))
+        return queries
+
     def plan(self, text: str, offsets: Sequence[tuple[int, int]]) -> list[PlannedEdit]:
         return [
             PlannedEdit(
@@ -84,6 +95,20 @@ def load_edit_set(pack: Pack, backbone: Backbone, encoder: SentenceEncoder | Non
         gate=gate,
         ref=pack.ref,
     )
+
+
+def prime_gates(requests: Sequence[tuple[str, Sequence[EditSet]]]) -> None:
+    """One batched encoder pass for the gate queries of several texts about to be planned."""
+    by_encoder: dict[int, tuple[SentenceEncoder, list[str]]] = {}
+    for text, edit_sets in requests:
+        for edit_set in edit_sets:
+            if edit_set.gate is not None:
+                encoder = edit_set.gate.encoder
+                by_encoder.setdefault(id(encoder), (encoder, []))[1].extend(
+                    edit_set.gate_queries(text)
+                )
+    for encoder, queries in by_encoder.values():
+        encoder.prime(queries)
 
 
 def plan_for_sets(

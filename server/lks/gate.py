@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import importlib.util
 import re
+import threading
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 
 import torch
@@ -83,7 +84,9 @@ class SentenceEncoder:
         self.model = AutoModel.from_pretrained(directory).eval().requires_grad_(False)
         self.device = device or torch.device("cpu")
         self.model.to(self.device)
-        self._cached = lru_cache(maxsize=4096)(self._encode_one)
+        self._memo: OrderedDict[str, torch.Tensor] = OrderedDict()  # LRU of recent queries
+        self._memo_size = 4096
+        self._memo_lock = threading.Lock()
 
     @torch.inference_mode()
     def encode(self, texts: Sequence[str], batch_size: int = 64) -> torch.Tensor:
@@ -103,12 +106,31 @@ class SentenceEncoder:
             chunks.append(F.normalize(pooled, dim=-1).float().cpu())
         return torch.cat(chunks) if chunks else torch.zeros(0, 384)
 
-    def _encode_one(self, text: str) -> torch.Tensor:
-        return self.encode([text])[0]
+    def prime(self, texts: Sequence[str]) -> None:
+        """Encode the texts not memoised yet in one batch: the server admits several requests
+        at once, and one batched pass costs little more than one text."""
+        with self._memo_lock:
+            missing = list(dict.fromkeys(t for t in texts if t not in self._memo))
+        if missing:
+            self._remember(missing, self.encode(missing))
 
     def encode_one(self, text: str) -> torch.Tensor:
         """One text, memoised: serving asks about the same prompts again and again."""
-        return self._cached(text)
+        with self._memo_lock:
+            embedding = self._memo.get(text)
+            if embedding is not None:
+                self._memo.move_to_end(text)
+                return embedding
+        embedding = self.encode([text])[0]
+        self._remember([text], embedding[None])
+        return embedding
+
+    def _remember(self, texts: Sequence[str], embeddings: torch.Tensor) -> None:
+        with self._memo_lock:
+            for text, embedding in zip(texts, embeddings, strict=True):
+                self._memo[text] = embedding
+            while len(self._memo) > self._memo_size:
+                self._memo.popitem(last=False)
 
 
 def mask_subject(text: str, names: Sequence[str]) -> str:
@@ -201,12 +223,17 @@ class ScopeGate:
         for row in table.fact_rows.unique().tolist():
             self._facts_of[row] = (table.fact_rows == row).nonzero().flatten()
 
+    @staticmethod
+    def query(text: str, start: int, end: int, names: Sequence[str]) -> str:
+        """What the encoder reads for a match: its sentence, the subject masked."""
+        return mask_subject(sentence_around(text, start, end), names)
+
     def score(self, text: str, start: int, end: int, row: int, names: Sequence[str]) -> float:
         """The best score over the subject's facts; the edit applies when >= THRESHOLD."""
         facts = self._facts_of.get(row)
         if facts is None:
             return float("-inf")
-        query = mask_subject(sentence_around(text, start, end), names)
+        query = self.query(text, start, end, names)
         embedding = self.encoder.encode_one(query)
         probes = self.table.question_probes if is_question(query) else self.table.statement_probes
         query_hubness = _top_k_mean(probes @ embedding)

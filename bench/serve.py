@@ -1,0 +1,302 @@
+"""Serving benchmark: `lks serve` on loopback against plain Hugging Face `generate`.
+
+All figures are measured in one run on the same machine and model:
+- baseline: `model.generate` one request at a time, no server (greedy, exactly T new tokens);
+- the server (a real `lks serve` process) at concurrency 1, 4 and 16 with no pack, one
+  1,000-subject pack, and 4 packs of 250 subjects mixed request by request.
+Every prompt names an edited subject (zsRE test items), so the packs' detection, gate and edits
+are on the measured path. Packs are synthetic (random blocks, real gate tables from the items'
+prompts): throughput does not depend on what an edit says. Outputs a Markdown table and the
+checks of the serving issue; `--json` writes one JSON object per row.
+
+    .venv/bin/python bench/serve.py [--tokens 32] [--requests 16] [--json bench/serve.jsonl]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import httpx
+import torch
+
+from server.lks.datasets import dataset_path, load_items
+from server.lks.editor import backbone_info
+from server.lks.gate import GateTable, SentenceEncoder
+from server.model import Backbone, load_backbone
+from server.packs import PackContent, PackStore, SubjectEntry
+from server.settings import Settings
+
+log = logging.getLogger("bench.serve")
+CONCURRENCY = (1, 4, 16)
+
+
+@dataclass
+class Row:
+    config: str
+    concurrency: int
+    requests: int
+    tokens_per_s: float
+    p50_latency_s: float
+    p99_latency_s: float
+    p50_ttft_s: float
+    ratio_to_hf: float = 0.0
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def build_pack(
+    store: PackStore,
+    name: str,
+    backbone: Backbone,
+    encoder: SentenceEncoder,
+    items: list,
+    seed: int,
+) -> None:
+    subjects = list(dict.fromkeys(it.subject for it in items))
+    row_of = {s: i for i, s in enumerate(subjects)}
+    gate = GateTable.build(
+        encoder,
+        [it.prompt for it in items],
+        [[it.subject] for it in items],
+        [row_of[it.subject] for it in items],
+    )
+    blocks = (
+        torch.randn(
+            len(subjects), backbone.hidden_size, generator=torch.Generator().manual_seed(seed)
+        )
+        * 2.0
+    )
+    content = PackContent(
+        layer=round(0.6 * backbone.num_layers),
+        subjects=[SubjectEntry(s) for s in subjects],
+        table={"blocks": blocks, **gate.to_tensors()},
+        hypernet={"weight": torch.eye(4)},
+        facts=[{"subject": it.subject, "prompt": it.prompt, "target": it.target} for it in items],
+    )
+    store.publish(name, content, backbone_info(backbone))
+
+
+def hf_baseline(backbone: Backbone, prompts: list[str], tokens: int) -> Row:
+    tokenizer, model = backbone.tokenizer, backbone.model
+    latencies = []
+    for prompt in prompts:
+        ids = tokenizer(prompt, return_tensors="pt").to(backbone.device)
+        started = time.perf_counter()
+        with torch.inference_mode():
+            out = model.generate(
+                **ids,
+                max_new_tokens=tokens,
+                min_new_tokens=tokens,
+                do_sample=False,
+                pad_token_id=tokenizer.pad_token_id,
+            )
+        latencies.append(time.perf_counter() - started)
+        assert out.shape[1] - ids["input_ids"].shape[1] == tokens
+    total = sum(latencies)
+    return Row(
+        "HF generate (no server)",
+        1,
+        len(prompts),
+        len(prompts) * tokens / total,
+        percentile(latencies, 0.5),
+        percentile(latencies, 0.99),
+        float("nan"),
+        1.0,
+    )
+
+
+async def one_request(
+    client: httpx.AsyncClient, prompt: str, pack: str | None, tokens: int
+) -> tuple[float, float, int]:
+    body = {"prompt": prompt, "max_tokens": tokens, "ignore_eos": True, "stream": True}
+    headers = {"X-Edit-Pack": pack} if pack else {}
+    started = time.perf_counter()
+    ttft, generated = float("nan"), 0
+    async with client.stream("POST", "/v1/generate", json=body, headers=headers) as response:
+        assert response.status_code == 200, await response.aread()
+        async for line in response.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            event = json.loads(line[6:])
+            if event["text"] and ttft != ttft:
+                ttft = time.perf_counter() - started
+            if "finish_reason" in event:
+                generated = event["tokens"]
+    return time.perf_counter() - started, ttft, generated
+
+
+@dataclass
+class Done:
+    label: str
+    latency: float
+    ttft: float
+    tokens: int
+
+
+async def load_run(
+    url: str, work: list[tuple[str, str, str | None]], concurrency: int, tokens: int
+) -> tuple[float, list[Done]]:
+    """Run (label, prompt, pack) requests with `concurrency` clients; wall time and records."""
+    queue: asyncio.Queue[tuple[str, str, str | None]] = asyncio.Queue()
+    for item in work:
+        queue.put_nowait(item)
+    done: list[Done] = []
+
+    async def worker(client: httpx.AsyncClient) -> None:
+        while not queue.empty():
+            label, prompt, pack = queue.get_nowait()
+            done.append(Done(label, *await one_request(client, prompt, pack, tokens)))
+
+    async with httpx.AsyncClient(base_url=url, timeout=600) as client:
+        started = time.perf_counter()
+        await asyncio.gather(*(worker(client) for _ in range(concurrency)))
+        return time.perf_counter() - started, done
+
+
+def start_server(packs_dir: Path, port: int) -> subprocess.Popen[bytes]:
+    env = {**os.environ, "LKS_PACKS_DIR": str(packs_dir), "LKS_LOG_LEVEL": "warning"}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "server.cli", "serve", "--port", str(port)], env=env
+    )
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200:
+                return process
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    process.kill()
+    raise RuntimeError("lks serve did not become ready")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--tokens", type=int, default=32, help="new tokens per request")
+    parser.add_argument("--requests", type=int, default=16, help="requests per concurrency unit")
+    parser.add_argument("--port", type=int, default=8765)
+    parser.add_argument("--json", type=Path, help="also write the rows as JSON lines here")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+
+    settings = Settings()
+    backbone = load_backbone(settings)
+    items = [it.fact for it in load_items(dataset_path(settings.data_dir, "zsre"), "test", 1000)]
+    packs_dir = Path(tempfile.mkdtemp(prefix="lks-bench-packs-"))
+    store = PackStore(packs_dir)
+    encoder = SentenceEncoder()
+    log.info("building packs: one of 1,000 subjects, four of 250")
+    build_pack(store, "bench-1k", backbone, encoder, items, seed=0)
+    for i in range(4):
+        build_pack(store, f"bench-mix{i}", backbone, encoder, items[i * 250 : (i + 1) * 250], i + 1)
+
+    prompts = [it.prompt for it in items]
+    log.info("baseline: Hugging Face generate, one at a time")
+    baseline = hf_baseline(backbone, prompts[: args.requests], args.tokens)
+    del backbone
+    rows = [baseline]
+
+    process = start_server(packs_dir, args.port)
+    url = f"http://127.0.0.1:{args.port}"
+    try:
+        asyncio.run(load_run(url, [("warm-up", prompts[0], "bench-1k")] * 4, 2, 4))
+        mixed = sorted(range(1000), key=lambda i: (i % 250, i // 250))  # the 4 packs take turns
+        configs: dict[str, list[tuple[str, str, str | None]]] = {
+            "no pack": [("no pack", p, None) for p in prompts],
+            "1,000-subject pack": [("1,000-subject pack", p, "bench-1k") for p in prompts],
+            "4 packs mixed": [("4 packs mixed", prompts[i], f"bench-mix{i // 250}") for i in mixed],
+        }
+
+        def record(label: str, concurrency: int, rate: float, done: list[Done]) -> None:
+            mine = [d for d in done if d.label == label]
+            assert sum(d.tokens for d in mine) == len(mine) * args.tokens
+            latencies = [d.latency for d in mine]
+            rows.append(
+                Row(
+                    label,
+                    concurrency,
+                    len(mine),
+                    rate,
+                    percentile(latencies, 0.5),
+                    percentile(latencies, 0.99),
+                    statistics.median(d.ttft for d in mine),
+                    rate / baseline.tokens_per_s,
+                )
+            )
+
+        # concurrency 1: no pack and the pack alternate request by request, so that drift of
+        # the machine falls on both alike; a rate is tokens over the time its requests took
+        count = args.requests
+        pairs = [
+            r
+            for pair in zip(configs["no pack"], configs["1,000-subject pack"], strict=True)
+            for r in pair
+        ]
+        log.info("concurrency 1: %d requests, no pack and 1,000-subject pack alternating", count)
+        _, done = asyncio.run(load_run(url, pairs[: 2 * count], 1, args.tokens))
+        for label in ("no pack", "1,000-subject pack"):
+            mine = [d for d in done if d.label == label]
+            record(label, 1, sum(d.tokens for d in mine) / sum(d.latency for d in mine), done)
+        for concurrency in CONCURRENCY[1:]:
+            count = args.requests * concurrency // 2
+            for name, work in configs.items():
+                log.info("%s at concurrency %d: %d requests", name, concurrency, count)
+                elapsed, done = asyncio.run(load_run(url, work[:count], concurrency, args.tokens))
+                record(name, concurrency, sum(d.tokens for d in done) / elapsed, done)
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+    print(
+        f"\nmodel {settings.model_name}, {args.tokens} new tokens per request, "
+        f"{torch.get_num_threads()} CPU threads\n"
+    )
+    print(
+        "| config | concurrency | requests | tokens/s | x HF generate | p50 latency s | "
+        "p99 latency s | p50 TTFT s |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(
+            f"| {r.config} | {r.concurrency} | {r.requests} | {r.tokens_per_s:.1f} | "
+            f"{r.ratio_to_hf:.2f} | {r.p50_latency_s:.2f} | {r.p99_latency_s:.2f} | "
+            f"{r.p50_ttft_s:.3f} |"
+        )
+    by = {(r.config, r.concurrency): r.tokens_per_s for r in rows}
+    checks = {
+        "c=1: 1,000-subject pack / no pack >= 0.97": by[("1,000-subject pack", 1)]
+        / by[("no pack", 1)],
+        "c=16: no pack / HF generate >= 4": by[("no pack", 16)] / baseline.tokens_per_s,
+        "c=16: 1,000-subject pack / HF generate >= 4": by[("1,000-subject pack", 16)]
+        / baseline.tokens_per_s,
+        "c=16: 4 packs mixed / one pack >= 0.9": by[("4 packs mixed", 16)]
+        / by[("1,000-subject pack", 16)],
+    }
+    print()
+    for label, value in checks.items():
+        bound = float(label.rsplit(">=", 1)[1])
+        print(f"- {label}: {value:.2f} {'PASS' if value >= bound else 'FAIL'}")
+    if args.json:
+        with args.json.open("w") as out:
+            for r in rows:
+                out.write(json.dumps(asdict(r)) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

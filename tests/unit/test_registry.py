@@ -1,0 +1,91 @@
+"""The live pack registry: one load per version, LRU eviction within a budget, pinning, swaps
+of newly published versions (and never of broken ones)."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import pytest
+from factories import publish_subject_pack
+
+from server.model import Backbone, load_backbone
+from server.packs import PackNotFoundError, PackRef, PackStore
+from server.packs.registry import PackRegistry
+from server.settings import Settings
+
+
+@pytest.fixture(scope="module")
+def backbone(tiny_model_dirs: dict[str, Path]) -> Backbone:
+    return load_backbone(Settings(model=tiny_model_dirs["llama"], device="cpu"))
+
+
+def test_concurrent_gets_load_a_version_once(backbone: Backbone, tmp_path: Path) -> None:
+    store = PackStore(tmp_path)
+    publish_subject_pack(store, "a", backbone, ["france"], seed=1)
+    registry = PackRegistry(store, backbone)
+    loads: list[PackRef] = []
+    original = registry._load
+
+    def counting_load(ref: PackRef):  # type: ignore[no-untyped-def]
+        loads.append(ref)
+        return original(ref)
+
+    registry._load = counting_load  # type: ignore[method-assign]
+    results = []
+    threads = [
+        threading.Thread(target=lambda: results.append(registry.get(PackRef("a"))))
+        for _ in range(8)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert loads == [PackRef("a", 1)]
+    assert len({id(r) for r in results}) == 1
+    assert results[0].edit_set.ref == "a@1"
+
+
+def test_lru_eviction_within_budget_spares_pinned(backbone: Backbone, tmp_path: Path) -> None:
+    store = PackStore(tmp_path)
+    for seed, name in enumerate(["a", "b", "c"]):
+        publish_subject_pack(store, name, backbone, ["france", "rome"], seed=seed)
+    one_pack = 2 * backbone.hidden_size * 4  # two float32 blocks
+    registry = PackRegistry(
+        store, backbone, memory_budget_bytes=2 * one_pack, pinned=frozenset({"a"})
+    )
+    registry.get(PackRef("a"))
+    registry.get(PackRef("b"))
+    registry.get(PackRef("c"))  # over budget: b is the least recently used unpinned
+    assert sorted(str(p.ref) for p in registry.loaded()) == ["a@1", "c@1"]
+    registry.get(PackRef("b"))
+    assert sorted(str(p.ref) for p in registry.loaded()) == ["a@1", "b@1"]
+    assert registry.loaded_bytes <= 2 * one_pack
+
+
+def test_refresh_swaps_in_new_versions_and_skips_broken_ones(
+    backbone: Backbone, tmp_path: Path
+) -> None:
+    store = PackStore(tmp_path)
+    publish_subject_pack(store, "a", backbone, ["france"], seed=1)
+    registry = PackRegistry(store, backbone)
+    assert registry.get(PackRef("a")).ref == PackRef("a", 1)
+    assert registry.refresh() == []
+    publish_subject_pack(store, "a", backbone, ["france"], seed=2)
+    assert registry.get(PackRef("a")).ref == PackRef("a", 1), "no swap before a refresh"
+    swaps = registry.refresh()
+    assert [(s.name, s.old, s.new) for s in swaps] == [("a", 1, 2)]
+    assert registry.get(PackRef("a")).ref == PackRef("a", 2)
+    assert PackRef("a", 2) in [p.ref for p in registry.loaded()], "loaded before going live"
+
+    manifest = publish_subject_pack(store, "a", backbone, ["france"], seed=3)
+    (tmp_path / "a" / str(manifest.version) / "table.safetensors").write_bytes(b"broken")
+    assert registry.refresh() == []
+    assert registry.get(PackRef("a")).ref == PackRef("a", 2), "a broken version never goes live"
+
+    registry.activate(PackRef("a", 1))
+    assert registry.get(PackRef("a")).ref == PackRef("a", 1)
+    assert registry.unload("a") == [1, 2]
+    assert registry.loaded() == []
+    with pytest.raises(PackNotFoundError):
+        registry.unload("nothing")
