@@ -16,6 +16,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from server.model.backbone import Backbone
+from server.model.cpu_layout import use_column_major_linears
 from server.settings import DEFAULT_MODEL_NAME, DeviceChoice, DtypeChoice, Settings
 
 log = logging.getLogger(__name__)
@@ -108,6 +109,8 @@ def load_backbone(settings: Settings) -> Backbone:
     model.to(device)
     model.eval()
     model.requires_grad_(False)
+    if device.type == "cpu":
+        use_column_major_linears(model)
     backbone = Backbone(
         name=settings.model_name, model=model, tokenizer=tokenizer, model_dir=model_dir
     )
