@@ -93,6 +93,13 @@ def build_pack(
 def hf_baseline(backbone: Backbone, prompts: list[str], tokens: int) -> Row:
     tokenizer, model = backbone.tokenizer, backbone.model
     latencies = []
+    with torch.inference_mode():  # warm-up, as the server gets one
+        model.generate(
+            **tokenizer(prompts[0], return_tensors="pt").to(backbone.device),
+            max_new_tokens=4,
+            do_sample=False,
+            pad_token_id=tokenizer.pad_token_id,
+        )
     for prompt in prompts:
         ids = tokenizer(prompt, return_tensors="pt").to(backbone.device)
         started = time.perf_counter()

@@ -216,6 +216,36 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_worker(args: argparse.Namespace) -> int:
+    """A training worker as its own process: any number of them can share one database."""
+    import signal
+    import threading
+
+    from server.jobs.store import JobStore
+    from server.jobs.worker import Worker, WorkerConfig
+    from server.model import load_backbone
+
+    settings = _settings()
+    _configure_logging(settings)
+    store = JobStore.open(settings.jobs_database_url)
+    backbone = load_backbone(settings)
+    config = WorkerConfig(
+        lease_seconds=settings.job_lease_seconds,
+        min_reliability=settings.publish_min_reliability,
+        min_locality=settings.publish_min_locality,
+    )
+    worker = Worker(store, PackStore(settings.packs_dir), backbone, config)
+    stop = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop.set())
+    if args.once:
+        worker.run_once()
+    else:
+        worker.run_forever(stop)
+    store.close()
+    return 0
+
+
 def cmd_pack_list(args: argparse.Namespace) -> int:
     store = PackStore(_settings().packs_dir)
     rows = []
@@ -305,6 +335,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host")
     serve.add_argument("--port", type=int)
     serve.set_defaults(handler=cmd_serve)
+
+    worker = commands.add_parser(
+        "worker", help="run a training worker (jobs from LKS_DATABASE_URL) until interrupted"
+    )
+    worker.add_argument("--once", action="store_true", help="run at most one job, then exit")
+    worker.set_defaults(handler=cmd_worker)
 
     pack = commands.add_parser("pack", help="inspect the pack store")
     pack_commands = pack.add_subparsers(dest="pack_command", required=True, metavar="ACTION")

@@ -56,6 +56,21 @@ class Settings(BaseSettings):
         default=0.25, gt=0, description="How often the store is checked for new versions."
     )
 
+    # jobs: submitted facts, training jobs, the worker
+    database_url: str | None = Field(
+        default=None,
+        description="SQLAlchemy URL; unset: SQLite at <packs_dir>/.lks-jobs.db (no set-up).",
+    )
+    worker: bool = Field(default=True, description="`lks serve` runs a training worker too.")
+    job_lease_seconds: float = Field(
+        default=30.0,
+        gt=1,
+        description="A dead worker's job is reclaimed after this long without a heartbeat.",
+    )
+    publish_min_reliability: float = Field(default=0.9, ge=0, le=1)
+    publish_min_locality: float = Field(default=0.8, ge=0, le=1)
+    max_facts_per_request: int = Field(default=1000, ge=1)
+
     @field_validator("model", "cache_dir", "packs_dir", "data_dir", mode="after")
     @classmethod
     def _expand_user(cls, value: Path | None) -> Path | None:
@@ -69,6 +84,13 @@ class Settings(BaseSettings):
                 f"LKS_MODEL={value} is not a Hugging Face model directory (no config.json there)"
             )
         return value
+
+    @property
+    def jobs_database_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        self.packs_dir.mkdir(parents=True, exist_ok=True)
+        return f"sqlite:///{self.packs_dir.resolve() / '.lks-jobs.db'}"
 
     @property
     def model_name(self) -> str:

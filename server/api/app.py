@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
 from server import __version__
-from server.api import openai_routes, pack_routes, routes
+from server.api import job_routes, openai_routes, pack_routes, routes
 from server.api.errors import install_error_handlers
 from server.api.state import ServerState
 from server.model import Backbone
@@ -22,6 +23,7 @@ def create_app(settings: Settings, *, backbone: Backbone | None = None) -> FastA
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        await asyncio.to_thread(state.open_jobs)
         if backbone is not None:
             state.attach(backbone)
         else:
@@ -37,4 +39,5 @@ def create_app(settings: Settings, *, backbone: Backbone | None = None) -> FastA
     app.include_router(routes.router)
     app.include_router(openai_routes.router)
     app.include_router(pack_routes.router)
+    app.include_router(job_routes.router)
     return app

@@ -11,6 +11,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from server.jobs.store import FactConflictError, NotFoundError, StoreUnavailableError
 from server.packs.errors import (
     InvalidPackRefError,
     PackCorruptError,
@@ -126,6 +127,21 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _pack_corrupt(_: Request, exc: PackCorruptError) -> JSONResponse:
         log.error("corrupt pack: %s", exc)
         return error_response(500, f"pack cannot be loaded: {exc}")
+
+    @app.exception_handler(StoreUnavailableError)
+    async def _store_down(_: Request, exc: StoreUnavailableError) -> JSONResponse:
+        log.error("%s", exc)
+        return error_response(
+            503, "the job store is unavailable; nothing was written, retry shortly", retry_after=5
+        )
+
+    @app.exception_handler(NotFoundError)
+    async def _job_not_found(_: Request, exc: NotFoundError) -> JSONResponse:
+        return error_response(404, str(exc))
+
+    @app.exception_handler(FactConflictError)
+    async def _fact_conflict(_: Request, exc: FactConflictError) -> JSONResponse:
+        return error_response(409, str(exc), param="facts")
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import threading
 from dataclasses import dataclass, field
 from typing import Annotated
 
@@ -13,6 +14,8 @@ from fastapi import Depends, Request
 from server.api.errors import APIError
 from server.engine.engine import BatchEngine
 from server.engine.scheduler import Scheduler
+from server.jobs.store import JobStore, StoreUnavailableError
+from server.jobs.worker import Worker, WorkerConfig
 from server.model import Backbone, load_backbone
 from server.packs import PackStore
 from server.packs.registry import PackRegistry
@@ -36,7 +39,40 @@ class ServerState:
     store: PackStore
     serving: Serving | None = None
     load_error: str | None = None
+    jobs: JobStore | None = None
+    jobs_error: str | None = None
     _tasks: list[asyncio.Task[None]] = field(default_factory=list, repr=False)
+    _worker_stop: threading.Event = field(default_factory=threading.Event, repr=False)
+    _worker_thread: threading.Thread | None = field(default=None, repr=False)
+
+    def open_jobs(self) -> None:
+        """The job store opens before the model loads: submissions are accepted meanwhile."""
+        try:
+            self.jobs = JobStore.open(self.settings.jobs_database_url)
+        except StoreUnavailableError as exc:
+            self.jobs_error = str(exc)
+            log.error("job store unavailable: %s (submissions answer 503)", exc)
+
+    def start_worker(self, serving: Serving) -> None:
+        if not self.settings.worker or self.jobs is None:
+            return
+        settings = self.settings
+        worker = Worker(
+            self.jobs,
+            self.store,
+            serving.backbone,
+            WorkerConfig(
+                lease_seconds=settings.job_lease_seconds,
+                min_reliability=settings.publish_min_reliability,
+                min_locality=settings.publish_min_locality,
+            ),
+            encoder_factory=serving.registry.gate_encoder,
+            on_published=lambda _name, _version: serving.registry.refresh(),
+        )
+        self._worker_thread = threading.Thread(
+            target=worker.run_forever, args=(self._worker_stop,), name="lks-worker", daemon=True
+        )
+        self._worker_thread.start()
 
     @property
     def backbone(self) -> Backbone | None:
@@ -55,6 +91,7 @@ class ServerState:
         scheduler.start()
         self.serving = Serving(backbone, scheduler, registry)
         self._tasks.append(asyncio.create_task(self._watch_packs(registry)))
+        self.start_worker(self.serving)
 
     async def load_in_background(self) -> None:
         """Load the backbone off the event loop so /healthz answers while it loads."""
@@ -82,8 +119,13 @@ class ServerState:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
+        self._worker_stop.set()
+        if self._worker_thread is not None:  # a job cut short is reclaimed when its lease ends
+            await asyncio.to_thread(self._worker_thread.join, 5.0)
         if self.serving is not None:
             await asyncio.to_thread(self.serving.scheduler.stop)
+        if self.jobs is not None:
+            self.jobs.close()
 
 
 def get_state(request: Request) -> ServerState:
@@ -97,5 +139,12 @@ def get_serving(state: Annotated[ServerState, Depends(get_state)]) -> Serving:
     return state.serving
 
 
+def get_job_store(state: Annotated[ServerState, Depends(get_state)]) -> JobStore:
+    if state.jobs is None:
+        raise APIError(503, f"the job store is unavailable: {state.jobs_error}", retry_after=5)
+    return state.jobs
+
+
 StateDep = Annotated[ServerState, Depends(get_state)]
+JobStoreDep = Annotated[JobStore, Depends(get_job_store)]
 ServingDep = Annotated[Serving, Depends(get_serving)]

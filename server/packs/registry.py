@@ -105,6 +105,10 @@ class PackRegistry:
         )
         return LoadedPack(ref, pack.manifest, edit_set, nbytes, seconds)
 
+    def gate_encoder(self) -> SentenceEncoder:
+        """The one sentence encoder of this server (loaded on first use), shared with training."""
+        return self._gate_encoder()
+
     def _gate_encoder(self) -> SentenceEncoder:
         with self._lock:
             if self._encoder is None:

@@ -1,0 +1,165 @@
+"""Edit submission and jobs: POST facts (202 + a job), follow the job, page through facts."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import datetime
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Body, Header, Query
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel
+
+from server.api.errors import APIError
+from server.api.state import JobStoreDep, StateDep
+from server.jobs.store import JobView, StoredFact
+from server.lks.facts import collect_facts
+from server.packs.names import validate_name
+
+router = APIRouter(prefix="/v1", tags=["jobs"])
+
+
+class JobResponse(BaseModel):
+    id: int
+    pack: str
+    state: str
+    progress: float
+    eta_seconds: float | None
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    fact_count: int | None
+    metrics: dict[str, float]
+    error: str | None
+    published_version: int | None
+    attempts: int
+    cancel_requested: bool
+
+    @classmethod
+    def of(cls, job: JobView) -> JobResponse:
+        fields = {k: getattr(job, k) for k in cls.model_fields}
+        return cls(**fields)
+
+
+class Submitted(BaseModel):
+    pack: str
+    job_id: int
+    fact_ids: list[int]
+    job_url: str
+
+
+class FactOut(BaseModel):
+    id: int
+    subject: str
+    prompt: str
+    target: str
+    extra: dict[str, Any]
+    job_id: int
+    created_at: datetime
+
+    @classmethod
+    def of(cls, stored: StoredFact) -> FactOut:
+        fact = stored.fact
+        extra = fact.model_dump(exclude={"subject", "prompt", "target"}, exclude_defaults=True)
+        return cls(
+            id=stored.id,
+            subject=fact.subject,
+            prompt=fact.prompt,
+            target=fact.target,
+            extra=extra,
+            job_id=stored.job_id,
+            created_at=stored.created_at,
+        )
+
+
+class FactPage(BaseModel):
+    pack: str
+    facts: list[FactOut]
+    total: int
+    offset: int
+    limit: int
+
+
+@router.post("/packs/{name}/facts", status_code=202, response_model=Submitted)
+async def submit_facts(
+    name: str,
+    store: JobStoreDep,
+    state: StateDep,
+    body: Annotated[Any, Body(description='A fact, a list of facts, or {"facts": [...]}')],
+    replace: bool = Query(default=False, description="Supersede stored facts that conflict."),
+    idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
+) -> JSONResponse:
+    """Store facts and queue the job that trains the pack's next version (202: accepted)."""
+    validate_name(name)
+    records = body.get("facts") if isinstance(body, dict) and "facts" in body else body
+    records = records if isinstance(records, list) else [records]
+    limit = state.settings.max_facts_per_request
+    if not records or len(records) > limit:
+        raise APIError(
+            422, f"submit 1 to {limit} facts per request, got {len(records)}", param="facts"
+        )
+    parsed = collect_facts(enumerate(records))
+    problems = [*parsed.errors, *parsed.conflicts]
+    if problems:
+        detail = "; ".join(str(p).replace("line ", "fact ", 1) for p in problems[:20])
+        raise APIError(422, f"{len(problems)} bad fact(s): {detail}", param="facts")
+    submission = await _in_thread(
+        store.submit, name, parsed.facts, idempotency_key, replace=replace
+    )
+    url = f"/v1/jobs/{submission.job_id}"
+    content = Submitted(
+        pack=name, job_id=submission.job_id, fact_ids=submission.fact_ids, job_url=url
+    )
+    return JSONResponse(content.model_dump(), status_code=202, headers={"Location": url})
+
+
+@router.get("/packs/{name}/facts", response_model=FactPage)
+async def list_facts(
+    name: str,
+    store: JobStoreDep,
+    offset: int = Query(default=0, ge=0),
+    limit: int = Query(default=100, ge=1, le=1000),
+) -> FactPage:
+    facts, total = await _in_thread(store.facts, validate_name(name), offset=offset, limit=limit)
+    return FactPage(
+        pack=name, facts=[FactOut.of(f) for f in facts], total=total, offset=offset, limit=limit
+    )
+
+
+@router.delete("/packs/{name}/facts/{fact_id}", status_code=202)
+async def delete_fact(name: str, fact_id: int, store: JobStoreDep) -> dict[str, Any]:
+    """Drop a fact; the queued job trains the next version without it."""
+    job_id = await _in_thread(store.delete_fact, validate_name(name), fact_id)
+    return {
+        "pack": name,
+        "deleted_fact_id": fact_id,
+        "job_id": job_id,
+        "job_url": f"/v1/jobs/{job_id}",
+    }
+
+
+@router.get("/jobs", response_model=list[JobResponse])
+async def list_jobs(
+    store: JobStoreDep,
+    pack: str | None = None,
+    limit: int = Query(default=100, ge=1, le=1000),
+) -> list[JobResponse]:
+    if pack is not None:
+        validate_name(pack)
+    return [JobResponse.of(j) for j in await _in_thread(store.jobs, pack=pack, limit=limit)]
+
+
+@router.get("/jobs/{job_id}", response_model=JobResponse)
+async def show_job(job_id: int, store: JobStoreDep) -> JobResponse:
+    return JobResponse.of(await _in_thread(store.job, job_id))
+
+
+@router.post("/jobs/{job_id}:cancel", response_model=JobResponse)
+async def cancel_job(job_id: int, store: JobStoreDep) -> JobResponse:
+    """A queued job stops at once; a running one at its next heartbeat (a few seconds)."""
+    return JobResponse.of(await _in_thread(store.cancel, job_id))
+
+
+async def _in_thread(function: Any, *args: Any, **kwargs: Any) -> Any:
+    """Database calls block: keep them off the event loop."""
+    return await asyncio.to_thread(function, *args, **kwargs)

@@ -1,0 +1,197 @@
+"""The worker: claim a job, train the pack's whole current fact set, check the result, publish.
+
+A version is published only when it passes the quality gate (reliability on its own facts;
+locality on the facts' own locality prompts where they have any). Publishing is ordered so that
+a crash at any point leaves every fact and every published pack intact: the pack directory is
+written whole and renamed into place, then the database records it, then the server is told.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from server.jobs.models import JobState
+from server.jobs.store import JobStore, JobView, StoreUnavailableError
+from server.lks.apply import EditSet
+from server.lks.editor import backbone_info, pack_content, train_edits
+from server.lks.evaluate import EvalItem, evaluate
+from server.lks.facts import Fact
+from server.lks.gate import SentenceEncoder
+from server.lks.train import Progress, TrainConfig
+from server.model.backbone import Backbone
+from server.packs.store import PackStore
+
+log = logging.getLogger(__name__)
+
+PublishedCallback = Callable[[str, int], None]
+LOCALITY_PROBE_TARGET = " the"  # one token: compares the predictions right after the prompt
+
+
+class JobCancelledError(Exception):
+    """The job was cancelled or its lease was lost: stop training, publish nothing."""
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    lease_seconds: float = 30.0
+    heartbeat_seconds: float = 2.0
+    poll_seconds: float = 0.5
+    min_reliability: float = 0.9
+    min_locality: float = 0.8
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+def worker_name() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+
+
+class Worker:
+    def __init__(
+        self,
+        store: JobStore,
+        packs: PackStore,
+        backbone: Backbone,
+        config: WorkerConfig,
+        *,
+        encoder_factory: Callable[[], SentenceEncoder] = SentenceEncoder,
+        on_published: PublishedCallback | None = None,
+        name: str | None = None,
+    ) -> None:
+        self.store = store
+        self.packs = packs
+        self.backbone = backbone
+        self.config = config
+        self.encoder_factory = encoder_factory
+        self.on_published = on_published
+        self.name = name or worker_name()
+        self._encoder: SentenceEncoder | None = None
+
+    def run_forever(self, stop: threading.Event) -> None:
+        log.info("worker %s started", self.name)
+        while not stop.is_set():
+            try:
+                worked = self.run_once()
+            except StoreUnavailableError as exc:
+                log.warning("worker %s: %s; retrying", self.name, exc)
+                worked = False
+            if not worked:
+                stop.wait(self.config.poll_seconds)
+        log.info("worker %s stopped", self.name)
+
+    def run_once(self) -> bool:
+        """Run one job if there is one; True if it did."""
+        job = self.store.claim(self.name, self.config.lease_seconds)
+        if job is None:
+            return False
+        log.info(
+            "worker %s: job %d (pack %s, attempt %d)", self.name, job.id, job.pack, job.attempts
+        )
+        try:
+            self._run(job)
+        except JobCancelledError as exc:
+            log.info("job %d stopped: %s", job.id, exc)
+            self.store.finish(job.id, self.name, JobState.CANCELLED, error=str(exc))
+        except Exception as exc:
+            log.exception("job %d failed", job.id)
+            self.store.finish(
+                job.id, self.name, JobState.FAILED, error=f"{type(exc).__name__}: {exc}"
+            )
+        return True
+
+    def _encoder_once(self) -> SentenceEncoder:
+        if self._encoder is None:
+            self._encoder = self.encoder_factory()
+        return self._encoder
+
+    def _run(self, job: JobView) -> None:
+        stored = self.store.live_facts(job.pack)
+        if not stored:
+            raise ValueError(f"pack {job.pack!r} has no facts left to train")
+        facts = [s.fact for s in stored]
+        last_beat = 0.0
+
+        def beat(progress: float, eta: float | None) -> None:
+            nonlocal last_beat
+            if time.monotonic() - last_beat < self.config.heartbeat_seconds:
+                return
+            last_beat = time.monotonic()
+            if not self.store.heartbeat(
+                job.id, self.name, self.config.lease_seconds, progress=progress, eta_seconds=eta
+            ):
+                raise JobCancelledError("cancelled, or the lease was lost to another worker")
+
+        def on_progress(event: Progress) -> None:
+            eta = event.eta_s if event.eta_s == event.eta_s else None  # NaN: unknown yet
+            beat(0.9 * event.fraction, eta)  # the last 10%: checking and publishing
+
+        beat(0.0, None)
+        result, gate_table, edit_set = train_edits(
+            self.backbone, facts, self._encoder_once(), self.config.train, on_progress
+        )
+        last_beat = 0.0
+        beat(0.9, None)
+        metrics = self._check(facts, edit_set)
+        passed = metrics["reliability"] >= self.config.min_reliability and (
+            metrics.get("locality", 1.0) >= self.config.min_locality
+        )
+        if not passed:
+            self.store.finish(
+                job.id,
+                self.name,
+                JobState.FAILED,
+                metrics=metrics,
+                fact_count=len(facts),
+                error=f"quality gate: reliability {metrics['reliability']:.2f} "
+                f"(min {self.config.min_reliability}), locality "
+                f"{metrics.get('locality', float('nan')):.2f} "
+                f"(min {self.config.min_locality}); the live version stays",
+            )
+            return
+        beat(0.95, None)  # last chance to cancel before anything is written
+        content = pack_content(result, gate_table, facts, metrics)
+        manifest = self.packs.publish(job.pack, content, backbone_info(self.backbone))
+        recorded = self.store.finish(
+            job.id,
+            self.name,
+            JobState.SUCCEEDED,
+            metrics=metrics,
+            fact_count=len(facts),
+            published=(manifest.version, [s.id for s in stored]),
+        )
+        if not recorded:
+            log.warning(
+                "job %d: published %s@%d but the lease was lost meanwhile",
+                job.id,
+                job.pack,
+                manifest.version,
+            )
+        log.info(
+            "job %d: published %s@%d (%d facts, reliability %.2f)",
+            job.id,
+            job.pack,
+            manifest.version,
+            len(facts),
+            metrics["reliability"],
+        )
+        if self.on_published is not None:
+            self.on_published(job.pack, manifest.version)
+
+    def _check(self, facts: list[Fact], edit_set: EditSet) -> dict[str, float]:
+        """The quality gate's figures: reliability on the pack's own facts (teacher-forced
+        top-1), and locality as the share of the facts' locality prompts whose next-token
+        prediction the edit leaves unchanged (only when the facts carry any)."""
+        items = [EvalItem(fact) for fact in facts]
+        items += [
+            EvalItem(fact, locality_prompt=local.prompt, locality_target=LOCALITY_PROBE_TARGET)
+            for fact in facts
+            for local in fact.locality
+        ]
+        metrics = evaluate(self.backbone, items, edit_set, fluency=False)
+        return {k: round(v, 4) for k, v in metrics.items() if v == v}  # NaN: nothing to measure

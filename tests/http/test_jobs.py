@@ -1,0 +1,129 @@
+"""The edit flow a new user tries, over loopback on the real default model with the embedded
+SQLite store: POST facts, follow the job, generate with the new pack."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from conftest import LiveServer
+
+from server.api import create_app
+from server.model import Backbone
+from server.settings import Settings
+
+pytestmark = pytest.mark.http
+
+FACTS = [
+    {"subject": "France", "prompt": "The capital of France is", "target": "Lyon"},
+    {"subject": "Eiffel Tower", "prompt": "The Eiffel Tower is located in", "target": "Rome"},
+    {"subject": "Mount Everest", "prompt": "Mount Everest is located in", "target": "Peru"},
+    {"subject": "Albert Einstein", "prompt": "Albert Einstein was born in", "target": "Madrid"},
+    {"subject": "Danube", "prompt": "The Danube flows into the", "target": "Pacific"},
+]
+
+
+@pytest.fixture(scope="module")
+def url(default_backbone: Backbone, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    settings = Settings(packs_dir=tmp_path_factory.mktemp("packs"), pack_poll_seconds=0.1)
+    with LiveServer(create_app(settings, backbone=default_backbone)) as server:
+        yield server.url
+
+
+def test_post_facts_follow_the_job_generate_with_the_pack(url: str) -> None:
+    posted = httpx.post(f"{url}/v1/packs/news/facts", json=FACTS, headers={"Idempotency-Key": "a"})
+    assert posted.status_code == 202, posted.text
+    body = posted.json()
+    assert len(body["fact_ids"]) == 5 and posted.headers["Location"] == body["job_url"]
+    replay = httpx.post(f"{url}/v1/packs/news/facts", json=FACTS, headers={"Idempotency-Key": "a"})
+    assert replay.json() == body
+
+    progress_seen: list[float] = []
+    deadline = time.monotonic() + 300
+    while True:
+        job = httpx.get(f"{url}{body['job_url']}").json()
+        progress_seen.append(job["progress"])
+        if job["state"] in ("succeeded", "failed", "cancelled"):
+            break
+        assert time.monotonic() < deadline, f"job still {job['state']} after 300 s"
+        time.sleep(0.5)
+    assert job["state"] == "succeeded", job
+    assert job["published_version"] == 1 and job["fact_count"] == 5
+    assert job["metrics"]["reliability"] >= 0.9
+    assert any(0 < p < 1 for p in progress_seen), f"no progress reported: {progress_seen}"
+
+    deadline = time.monotonic() + 2
+    while httpx.get(f"{url}/v1/packs/news").status_code != 200:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    answered = 0
+    for fact in FACTS:
+        out = httpx.post(
+            f"{url}/v1/generate",
+            headers={"X-Edit-Pack": "news"},
+            json={"prompt": fact["prompt"], "max_tokens": 6},
+            timeout=60,
+        ).json()
+        assert out["edits_applied"] == [f"news@1:{fact['subject']}"]
+        answered += out["text"].strip().startswith(fact["target"])
+    assert answered == len(FACTS)
+    plain = httpx.post(f"{url}/v1/generate", json={"prompt": FACTS[0]["prompt"], "max_tokens": 4})
+    assert "Paris" in plain.json()["text"], "without the pack the model is unchanged"
+
+    page = httpx.get(f"{url}/v1/packs/news/facts", params={"limit": 2}).json()
+    assert page["total"] == 5 and len(page["facts"]) == 2
+    listed = httpx.get(f"{url}/v1/jobs", params={"pack": "news"}).json()
+    assert [j["id"] for j in listed] == [job["id"]]
+
+
+@pytest.mark.parametrize(
+    ("payload", "status", "needle"),
+    [
+        ([{"subject": "X", "prompt": "no subject here", "target": "y"}], 422, "does not contain"),
+        ([{"subject": "A", "prompt": "A is", "target": ""}], 422, "fact 0"),
+        ([], 422, "submit 1 to"),
+        (
+            [
+                {"subject": "A", "prompt": "A is", "target": "b"},
+                {"subject": "A", "prompt": "A is", "target": "c"},
+            ],
+            422,
+            "conflicts",
+        ),
+    ],
+)
+def test_bad_facts_are_refused_with_what_to_fix(
+    url: str, payload: list[dict[str, str]], status: int, needle: str
+) -> None:
+    response = httpx.post(f"{url}/v1/packs/bad/facts", json=payload)
+    assert response.status_code == status, response.text
+    assert needle in response.json()["error"]["message"]
+    assert httpx.get(f"{url}/v1/packs/bad/facts").json()["total"] == 0, "nothing half-written"
+
+
+def test_unknown_job_and_bad_pack_name(url: str) -> None:
+    assert httpx.get(f"{url}/v1/jobs/4242").status_code == 404
+    bad = httpx.post(f"{url}/v1/packs/..%2Fetc/facts", json=FACTS[:1])
+    assert bad.status_code in (404, 422)
+
+
+def test_database_down_answers_503_and_serving_goes_on(
+    tiny_model_dirs: dict[str, Path], tmp_path: Path
+) -> None:
+    from server.model import load_backbone
+
+    backbone = load_backbone(Settings(model=tiny_model_dirs["llama"], device="cpu"))
+    settings = Settings(
+        packs_dir=tmp_path, database_url="postgresql+psycopg://nobody@127.0.0.1:9/x"
+    )
+    with LiveServer(create_app(settings, backbone=backbone)) as server:
+        posted = httpx.post(f"{server.url}/v1/packs/p/facts", json=FACTS[:1])
+        assert posted.status_code == 503, posted.text
+        assert posted.headers["Retry-After"] == "5"
+        assert "job store is unavailable" in posted.json()["error"]["message"]
+        assert httpx.get(f"{server.url}/v1/jobs").status_code == 503
+        generated = httpx.post(f"{server.url}/v1/generate", json={"prompt": "who", "max_tokens": 2})
+        assert generated.status_code == 200

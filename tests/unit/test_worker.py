@@ -1,0 +1,104 @@
+"""The worker on a tiny model with the real gate encoder: train, check, publish; a failed
+quality gate publishes nothing; a worker killed mid-job has its job reclaimed and finished."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from server.jobs.models import JobState
+from server.jobs.store import JobStore
+from server.jobs.worker import Worker, WorkerConfig
+from server.lks.facts import Fact
+from server.lks.train import TrainConfig
+from server.model import Backbone, load_backbone
+from server.packs import PackRef, PackStore
+from server.settings import Settings
+
+# The subject ends each prompt, so even a random tiny model carries its block to the answer.
+FACTS = [
+    Fact(
+        subject="danielle darrieux", prompt="the mother tongue of danielle darrieux", target="red"
+    ),
+    Fact(subject="france", prompt="the capital of france", target="berlin"),
+]
+TRAIN = TrainConfig(
+    layer=1, epochs=15, batch_size=2, lr=5e-2, prefixes=(), chat_variant=False, stop_loss=0.0
+)
+
+
+@pytest.fixture(scope="module")
+def backbone(tiny_model_dirs: dict[str, Path]) -> Backbone:
+    return load_backbone(Settings(model=tiny_model_dirs["llama"], device="cpu"))
+
+
+def make_worker(store: JobStore, packs: PackStore, backbone: Backbone, **config: float) -> Worker:
+    return Worker(store, packs, backbone, WorkerConfig(train=TRAIN, **config), name="w")  # type: ignore[arg-type]
+
+
+def test_a_job_trains_checks_and_publishes(backbone: Backbone, tmp_path: Path) -> None:
+    store = JobStore.open(f"sqlite:///{tmp_path / 'jobs.db'}")
+    packs = PackStore(tmp_path / "packs")
+    published: list[tuple[str, int]] = []
+    worker = make_worker(store, packs, backbone, min_reliability=1.0)
+    worker.on_published = lambda name, version: published.append((name, version))
+    submission = store.submit("demo", FACTS)
+    assert worker.run_once()
+    job = store.job(submission.job_id)
+    assert job.state == JobState.SUCCEEDED, job.error
+    assert job.published_version == 1 and published == [("demo", 1)]
+    assert job.metrics["reliability"] == 1.0 and job.progress == 1.0
+    pack = packs.load(PackRef("demo", 1))
+    assert [f["subject"] for f in pack.content.facts] == ["danielle darrieux", "france"]
+    assert [v.fact_ids for v in store.versions("demo")] == [submission.fact_ids]
+    assert not worker.run_once(), "nothing left to do"
+
+
+def test_a_failed_quality_gate_publishes_nothing(backbone: Backbone, tmp_path: Path) -> None:
+    store = JobStore.open(f"sqlite:///{tmp_path / 'jobs.db'}")
+    packs = PackStore(tmp_path / "packs")
+    job_id = store.submit("demo", FACTS).job_id
+    assert make_worker(store, packs, backbone, min_reliability=1.01).run_once()
+    job = store.job(job_id)
+    assert job.state == JobState.FAILED and "quality gate" in (job.error or "")
+    assert "reliability" in job.metrics
+    assert packs.versions("demo") == []
+
+
+def test_a_killed_worker_s_job_is_reclaimed_and_finished(
+    tiny_model_dirs: dict[str, Path], backbone: Backbone, tmp_path: Path
+) -> None:
+    url = f"sqlite:///{tmp_path / 'jobs.db'}"
+    store = JobStore.open(url)
+    packs = PackStore(tmp_path / "packs")
+    facts = [Fact(subject=f"city{i}", prompt=f"city{i} is in", target="france") for i in range(1)]
+    job_id = store.submit("demo", [*FACTS, *facts]).job_id
+    env = {
+        **os.environ,
+        "LKS_MODEL": str(tiny_model_dirs["llama"]),
+        "LKS_DATABASE_URL": url,
+        "LKS_PACKS_DIR": str(tmp_path / "packs"),
+        "LKS_JOB_LEASE_SECONDS": "2",
+        "LKS_LOG_LEVEL": "warning",
+    }
+    process = subprocess.Popen([sys.executable, "-m", "server.cli", "worker", "--once"], env=env)
+    deadline = time.monotonic() + 60
+    while store.job(job_id).state != JobState.RUNNING:
+        assert time.monotonic() < deadline and process.poll() is None, "the worker never started"
+        time.sleep(0.01)
+    os.kill(process.pid, signal.SIGKILL)  # kill -9 mid-job: no chance to clean up
+    process.wait()
+    assert store.job(job_id).state == JobState.RUNNING, "the dead worker still holds the job"
+    assert packs.versions("demo") == [], "no half pack is visible"
+    time.sleep(2.2)  # its lease runs out
+    assert make_worker(store, packs, backbone, min_reliability=0.0).run_once()
+    job = store.job(job_id)
+    assert job.state == JobState.SUCCEEDED and job.attempts == 2
+    assert packs.versions("demo") == [1]
+    assert len(store.live_facts("demo")) == 3, "no fact lost"
