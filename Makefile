@@ -14,7 +14,7 @@ export PIP_FIND_LINKS ?= /opt/wheels
 endif
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: install serve test test-unit lint format clean bench-quality bench-serve
+.PHONY: install serve test test-unit lint format clean bench-quality bench-serve bench-train
 
 $(STAMP): pyproject.toml Makefile
 	@echo ">> installing lks-server into $(VENV)"
@@ -51,6 +51,10 @@ bench-quality: install
 bench-serve: install
 	@echo ">> lks serve on loopback vs Hugging Face generate (about 7 minutes on 2 CPU cores)"
 	$(BIN)/python bench/serve.py --json bench/serve.jsonl | tee bench/serve.md
+
+bench-train: install
+	@echo ">> POST facts -> live pack version, for 10 and 100 facts (SIZES=\"10 100 1000\" for more)"
+	$(BIN)/python bench/train.py --sizes $(or $(SIZES),10 100) --json bench/train.jsonl | tee bench/train.md
 
 format: install
 	$(BIN)/ruff check --fix .

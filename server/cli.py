@@ -364,10 +364,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     except Exception as exc:  # model files missing or unloadable: one line, not a traceback
+        from server.jobs.store import StoreUnavailableError
         from server.lks.gate import EncoderMissingError
         from server.model import ModelLoadError
 
-        if isinstance(exc, ModelLoadError | EncoderMissingError):
+        if isinstance(exc, ModelLoadError | EncoderMissingError | StoreUnavailableError):
             print(f"lks: error: {exc}", file=sys.stderr)
             return 1
         raise

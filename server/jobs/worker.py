@@ -17,6 +17,8 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import torch
+
 from server.jobs.models import JobState
 from server.jobs.store import JobStore, JobView, StoreUnavailableError
 from server.lks.apply import EditSet
@@ -26,6 +28,7 @@ from server.lks.facts import Fact
 from server.lks.gate import SentenceEncoder
 from server.lks.train import Progress, TrainConfig
 from server.model.backbone import Backbone
+from server.packs import PackError, PackRef
 from server.packs.store import PackStore
 
 log = logging.getLogger(__name__)
@@ -132,12 +135,19 @@ class Worker:
             beat(0.9 * event.fraction, eta)  # the last 10%: checking and publishing
 
         beat(0.0, None)
+        warm = self._warm_start(job.pack, facts)
         result, gate_table, edit_set = train_edits(
-            self.backbone, facts, self._encoder_once(), self.config.train, on_progress
+            self.backbone,
+            facts,
+            self._encoder_once(),
+            self.config.train,
+            on_progress,
+            warm_start=warm,
         )
+        metrics_extra = {"warm_start": 1.0 if warm is not None else 0.0}
         last_beat = 0.0
         beat(0.9, None)
-        metrics = self._check(facts, edit_set)
+        metrics = {**self._check(facts, edit_set), **metrics_extra}
         passed = metrics["reliability"] >= self.config.min_reliability and (
             metrics.get("locality", 1.0) >= self.config.min_locality
         )
@@ -182,6 +192,35 @@ class Worker:
         )
         if self.on_published is not None:
             self.on_published(job.pack, manifest.version)
+
+    def _warm_start(self, pack: str, facts: list[Fact]) -> dict[str, torch.Tensor] | None:
+        """The latest version's hypernetwork, when every fact it learned is still wanted (the
+        fact set only grew) and it was trained on this backbone with the same shape."""
+        versions = self.packs.versions(pack)
+        if not versions:
+            return None
+        try:
+            previous = self.packs.load(PackRef(pack, versions[-1]))
+        except PackError as exc:
+            log.warning("pack %s@%d unreadable, training from scratch: %s", pack, versions[-1], exc)
+            return None
+        wanted = {(f.subject, f.prompt, f.target) for f in facts}
+        learned = {(f["subject"], f["prompt"], f["target"]) for f in previous.content.facts}
+        compatible = (
+            previous.manifest.backbone.fingerprint == self.backbone.fingerprint
+            and previous.content.layer == self.config.train.resolve_layer(self.backbone.num_layers)
+            and previous.content.training.get("hypernet") == self.config.train.hypernet
+        )
+        if not compatible or not learned <= wanted:
+            return None
+        log.info(
+            "pack %s: warm start from version %d (%d of %d facts learned)",
+            pack,
+            versions[-1],
+            len(learned),
+            len(wanted),
+        )
+        return previous.content.hypernet
 
     def _check(self, facts: list[Fact], edit_set: EditSet) -> dict[str, float]:
         """The quality gate's figures: reliability on the pack's own facts (teacher-forced

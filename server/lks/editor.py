@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import torch
+
 from server.lks.apply import EditSet
 from server.lks.facts import Fact
 from server.lks.gate import ENCODER_NAME, RULE, THRESHOLD, GateTable, ScopeGate, SentenceEncoder
@@ -24,8 +26,10 @@ def train_edits(
     encoder: SentenceEncoder,
     config: TrainConfig | None = None,
     progress: ProgressCallback | None = None,
+    *,
+    warm_start: dict[str, torch.Tensor] | None = None,
 ) -> tuple[TrainResult, GateTable, EditSet]:
-    result = Trainer(backbone, config).train(facts, progress)
+    result = Trainer(backbone, config).train(facts, progress, warm_start=warm_start)
     names = [(s.subject, *s.aliases) for s in result.scope.subjects]
     gate_table = GateTable.build(
         encoder,

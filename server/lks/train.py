@@ -227,7 +227,15 @@ class Trainer:
                     sequences.append(encoded)
         return sequences
 
-    def train(self, facts: Sequence[Fact], progress: ProgressCallback | None = None) -> TrainResult:
+    def train(
+        self,
+        facts: Sequence[Fact],
+        progress: ProgressCallback | None = None,
+        *,
+        warm_start: dict[str, torch.Tensor] | None = None,
+    ) -> TrainResult:
+        """Train a pack's hypernetwork on `facts`; `warm_start` (a previous version's weights,
+        when the fact set only grew) starts from what that version already learned."""
         assert facts, "no facts to train on"
         started = time.perf_counter()
         config, backbone = self.config, self.backbone
@@ -255,6 +263,8 @@ class Trainer:
             time.perf_counter() - started,
         )
         hypernet = Hypernetwork(backbone.hidden_size, config.hypernet).to(backbone.device)
+        if warm_start is not None:
+            hypernet.load_state_dict(warm_start)
         optimizer = torch.optim.AdamW(hypernet.parameters(), lr=config.lr, weight_decay=0.0)
         steps_per_epoch = math.ceil(len(sequences) / config.batch_size)
         epochs = max(config.epochs, math.ceil(config.min_steps / steps_per_epoch))

@@ -102,3 +102,22 @@ def test_a_killed_worker_s_job_is_reclaimed_and_finished(
     assert job.state == JobState.SUCCEEDED and job.attempts == 2
     assert packs.versions("demo") == [1]
     assert len(store.live_facts("demo")) == 3, "no fact lost"
+
+
+def test_a_grown_fact_set_warm_starts_and_a_shrunk_one_does_not(
+    backbone: Backbone, tmp_path: Path
+) -> None:
+    store = JobStore.open(f"sqlite:///{tmp_path / 'jobs.db'}")
+    packs = PackStore(tmp_path / "packs")
+    worker = make_worker(store, packs, backbone, min_reliability=0.0)
+    first = store.submit("demo", FACTS[:1])
+    assert worker.run_once()
+    assert store.job(first.job_id).metrics["warm_start"] == 0.0
+    grown = store.submit("demo", FACTS[1:])
+    assert worker.run_once()
+    job = store.job(grown.job_id)
+    assert job.published_version == 2 and job.metrics["warm_start"] == 1.0
+    shrunk = store.delete_fact("demo", first.fact_ids[0])
+    assert worker.run_once()
+    assert store.job(shrunk).metrics["warm_start"] == 0.0
+    assert [f["subject"] for f in packs.load(PackRef("demo", 3)).content.facts] == ["france"]
