@@ -18,10 +18,7 @@ import argparse
 import asyncio
 import json
 import logging
-import os
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass
@@ -29,6 +26,7 @@ from pathlib import Path
 
 import httpx
 import torch
+from harness import start_server
 
 from server.lks.datasets import dataset_path, load_items
 from server.lks.editor import backbone_info
@@ -172,23 +170,6 @@ async def load_run(
         started = time.perf_counter()
         await asyncio.gather(*(worker(client) for _ in range(concurrency)))
         return time.perf_counter() - started, done
-
-
-def start_server(packs_dir: Path, port: int) -> subprocess.Popen[bytes]:
-    env = {**os.environ, "LKS_PACKS_DIR": str(packs_dir), "LKS_LOG_LEVEL": "warning"}
-    process = subprocess.Popen(
-        [sys.executable, "-m", "server.cli", "serve", "--port", str(port)], env=env
-    )
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200:
-                return process
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    process.kill()
-    raise RuntimeError("lks serve did not become ready")
 
 
 def main() -> int:

@@ -12,36 +12,17 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import httpx
+from harness import start_server
 
 from server.lks.datasets import dataset_path, load_items
 from server.settings import Settings
 
 log = logging.getLogger("bench.train")
-
-
-def start_server(packs_dir: Path, port: int) -> subprocess.Popen[bytes]:
-    env = {**os.environ, "LKS_PACKS_DIR": str(packs_dir), "LKS_LOG_LEVEL": "warning"}
-    process = subprocess.Popen(
-        [sys.executable, "-m", "server.cli", "serve", "--port", str(port)], env=env
-    )
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200:
-                return process
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    process.kill()
-    raise RuntimeError("lks serve did not become ready")
 
 
 def post_to_live(url: str, pack: str, facts: list[dict[str, str]]) -> dict[str, float]:

@@ -5,9 +5,23 @@ from __future__ import annotations
 import torch
 
 from server.lks.editor import backbone_info
+from server.lks.facts import Fact
+from server.lks.train import TrainConfig
 from server.model import Backbone
 from server.packs import PackStore
 from server.packs.format import BackboneInfo, Manifest, PackContent, SubjectEntry
+
+# Facts a random tiny model can learn: the subject ends each prompt, so its block reaches the
+# answer.
+TINY_FACTS = [
+    Fact(
+        subject="danielle darrieux", prompt="the mother tongue of danielle darrieux", target="red"
+    ),
+    Fact(subject="france", prompt="the capital of france", target="berlin"),
+]
+TINY_TRAIN = TrainConfig(
+    layer=1, epochs=15, batch_size=2, lr=5e-2, prefixes=(), chat_variant=False, stop_loss=0.0
+)
 
 
 def make_content(subjects: int = 3, hidden: int = 32, *, layer: int = 2) -> PackContent:

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Request
@@ -33,21 +34,86 @@ router = APIRouter(prefix="/v1")
 PackHeader = Annotated[str | None, Header(alias=PACK_HEADER)]
 
 
-async def _start(
-    service: GenerationService,
-    body: OpenAIRequest,
-    text: str,
-    *,
-    templated: bool,
-    header: str | None,
-    limit: int,
-) -> Started:
-    packs = choose_packs(header, body.model, service.model_name, limit=limit)
-    return await service.start(text, sampling_params(body), templated=templated, packs=packs)
+@dataclass(frozen=True)
+class _Flavor:
+    """What differs between completions and chat completions: ids, object names, choices."""
+
+    id_prefix: str
+    whole_object: str
+    chunk_object: str
+    whole_choice: Callable[[str, str], dict[str, Any]]  # (text, finish) -> choice
+    chunk_choices: Callable[[], Callable[[str | None, str | None], dict[str, Any]]]
+
+
+def _completion_choice(text: str | None, finish: str | None) -> dict[str, Any]:
+    return {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
+
+
+def _chat_chunk_choices() -> Callable[[str | None, str | None], dict[str, Any]]:
+    """Chunk choices of one stream: the first delta carries the assistant role."""
+    first = True
+
+    def choice(text: str | None, finish: str | None) -> dict[str, Any]:
+        nonlocal first
+        delta: dict[str, str] = {"content": text} if text is not None else {}
+        if first:
+            delta, first = {"role": "assistant", **delta}, False
+        return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+
+    return choice
+
+
+COMPLETION = _Flavor(
+    "cmpl", "text_completion", "text_completion", _completion_choice, lambda: _completion_choice
+)
+CHAT = _Flavor(
+    "chatcmpl",
+    "chat.completion",
+    "chat.completion.chunk",
+    lambda text, finish: {
+        "index": 0,
+        "message": {"role": "assistant", "content": text},
+        "logprobs": None,
+        "finish_reason": finish,
+    },
+    _chat_chunk_choices,
+)
 
 
 def _finish(reason: str) -> str:
     return "length" if reason == "length" else "stop"
+
+
+async def _serve(
+    flavor: _Flavor,
+    body: OpenAIRequest,
+    text: str,
+    *,
+    templated: bool,
+    raw: Request,
+    service: GenerationService,
+    state: StateDep,
+    header: str | None,
+) -> JSONResponse | StreamingResponse:
+    limit = state.settings.max_packs_per_request
+    packs = choose_packs(header, body.model, service.model_name, limit=limit)
+    started = await service.start(text, sampling_params(body), templated=templated, packs=packs)
+    response_id = new_id(flavor.id_prefix)
+    headers = edits_header(started.admitted.edits_applied)
+    if body.stream:
+        chunks = _chunks(service, started, body, response_id, flavor)
+        return StreamingResponse(chunks, media_type="text/event-stream", headers=headers)
+    result = await service.complete(started, raw)
+    choice = flavor.whole_choice(result.text, _finish(result.finish_reason))
+    content = envelope(
+        flavor.whole_object,
+        response_id,
+        body.model,
+        [choice],
+        usage=Usage.of(result.prompt_tokens, result.tokens).model_dump(),
+        edits_applied=result.edits_applied,
+    )
+    return JSONResponse(content, headers=headers)
 
 
 @router.post("/completions", response_model=None)
@@ -58,33 +124,16 @@ async def completions(
     state: StateDep,
     x_edit_pack: PackHeader = None,
 ) -> JSONResponse | StreamingResponse:
-    limit = state.settings.max_packs_per_request
-    started = await _start(
-        service, body, body.text, templated=False, header=x_edit_pack, limit=limit
+    return await _serve(
+        COMPLETION,
+        body,
+        body.text,
+        templated=False,
+        raw=raw,
+        service=service,
+        state=state,
+        header=x_edit_pack,
     )
-    response_id, headers = new_id("cmpl"), edits_header(started.admitted.edits_applied)
-    if body.stream:
-        return StreamingResponse(
-            _completion_chunks(service, started, body, response_id),
-            media_type="text/event-stream",
-            headers=headers,
-        )
-    result = await service.complete(started, raw)
-    choice = {
-        "index": 0,
-        "text": result.text,
-        "logprobs": None,
-        "finish_reason": _finish(result.finish_reason),
-    }
-    content = envelope(
-        "text_completion",
-        response_id,
-        body.model,
-        [choice],
-        usage=Usage.of(result.prompt_tokens, result.tokens).model_dump(),
-        edits_applied=result.edits_applied,
-    )
-    return JSONResponse(content, headers=headers)
 
 
 @router.post("/chat/completions", response_model=None)
@@ -96,37 +145,9 @@ async def chat_completions(
     x_edit_pack: PackHeader = None,
 ) -> JSONResponse | StreamingResponse:
     text = service.render([m.model_dump() for m in body.messages])
-    started = await _start(
-        service,
-        body,
-        text,
-        templated=True,
-        header=x_edit_pack,
-        limit=state.settings.max_packs_per_request,
+    return await _serve(
+        CHAT, body, text, templated=True, raw=raw, service=service, state=state, header=x_edit_pack
     )
-    response_id, headers = new_id("chatcmpl"), edits_header(started.admitted.edits_applied)
-    if body.stream:
-        return StreamingResponse(
-            _chat_chunks(service, started, body, response_id),
-            media_type="text/event-stream",
-            headers=headers,
-        )
-    result = await service.complete(started, raw)
-    choice = {
-        "index": 0,
-        "message": {"role": "assistant", "content": result.text},
-        "logprobs": None,
-        "finish_reason": _finish(result.finish_reason),
-    }
-    content = envelope(
-        "chat.completion",
-        response_id,
-        body.model,
-        [choice],
-        usage=Usage.of(result.prompt_tokens, result.tokens).model_dump(),
-        edits_applied=result.edits_applied,
-    )
-    return JSONResponse(content, headers=headers)
 
 
 async def _chunks(
@@ -134,54 +155,27 @@ async def _chunks(
     started: Started,
     body: OpenAIRequest,
     response_id: str,
-    kind: str,
-    choice_of: Any,
+    flavor: _Flavor,
 ) -> AsyncIterator[str]:
     """One SSE chunk per text delta, one with the finish reason, usage if asked, `[DONE]`."""
     include_usage = body.stream_options is not None and body.stream_options.include_usage
+    choice_of = flavor.chunk_choices()
+    kind = flavor.chunk_object
     async for event in service.deltas(started):
         if isinstance(event, Finished):
             result = event.generation
+            finish = choice_of(None, _finish(result.finish_reason))
             chunk = envelope(
-                kind,
-                response_id,
-                body.model,
-                [choice_of(None, _finish(result.finish_reason))],
-                edits_applied=result.edits_applied,
+                kind, response_id, body.model, [finish], edits_applied=result.edits_applied
             )
             yield sse(json.dumps(chunk))
             if include_usage:
                 usage = Usage.of(result.prompt_tokens, result.tokens).model_dump()
                 yield sse(json.dumps(envelope(kind, response_id, body.model, [], usage=usage)))
         else:
-            yield sse(
-                json.dumps(envelope(kind, response_id, body.model, [choice_of(event.text, None)]))
-            )
+            chunk = envelope(kind, response_id, body.model, [choice_of(event.text, None)])
+            yield sse(json.dumps(chunk))
     yield sse("[DONE]")
-
-
-def _completion_chunks(
-    service: GenerationService, started: Started, body: OpenAIRequest, response_id: str
-) -> AsyncIterator[str]:
-    def choice(text: str | None, finish: str | None) -> dict[str, Any]:
-        return {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
-
-    return _chunks(service, started, body, response_id, "text_completion", choice)
-
-
-def _chat_chunks(
-    service: GenerationService, started: Started, body: OpenAIRequest, response_id: str
-) -> AsyncIterator[str]:
-    first = True
-
-    def choice(text: str | None, finish: str | None) -> dict[str, Any]:
-        nonlocal first
-        delta: dict[str, str] = {"content": text} if text is not None else {}
-        if first:
-            delta, first = {"role": "assistant", **delta}, False
-        return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
-
-    return _chunks(service, started, body, response_id, "chat.completion.chunk", choice)
 
 
 @router.get("/models", response_model=ModelList)

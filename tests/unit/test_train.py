@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from factories import TINY_FACTS, TINY_TRAIN
 
 from server.lks.apply import EditSet
 from server.lks.evaluate import top1_predictions
@@ -24,16 +25,7 @@ from server.lks.train import (
 from server.model import Backbone, load_backbone
 from server.settings import Settings
 
-# The subject ends each prompt, so even a random tiny model carries its block to the answer.
-FACTS = [
-    Fact(
-        subject="danielle darrieux", prompt="the mother tongue of danielle darrieux", target="red"
-    ),
-    Fact(subject="france", prompt="the capital of france", target="berlin"),
-]
-CONFIG = TrainConfig(
-    layer=1, epochs=15, batch_size=2, lr=5e-2, prefixes=(), chat_variant=False, stop_loss=0.0
-)
+FACTS, CONFIG = TINY_FACTS, TINY_TRAIN
 LOCALITY = LocalityPrompt(prompt="who was born in france")  # names FACTS[1]'s subject
 
 

@@ -11,26 +11,17 @@ import time
 from pathlib import Path
 
 import pytest
+from factories import TINY_FACTS, TINY_TRAIN
 
 from server.jobs.models import JobState
 from server.jobs.store import JobStore
 from server.jobs.worker import Worker, WorkerConfig
 from server.lks.facts import Fact
-from server.lks.train import TrainConfig
 from server.model import Backbone, load_backbone
 from server.packs import PackRef, PackStore
 from server.settings import Settings
 
-# The subject ends each prompt, so even a random tiny model carries its block to the answer.
-FACTS = [
-    Fact(
-        subject="danielle darrieux", prompt="the mother tongue of danielle darrieux", target="red"
-    ),
-    Fact(subject="france", prompt="the capital of france", target="berlin"),
-]
-TRAIN = TrainConfig(
-    layer=1, epochs=15, batch_size=2, lr=5e-2, prefixes=(), chat_variant=False, stop_loss=0.0
-)
+FACTS, TRAIN = TINY_FACTS, TINY_TRAIN
 
 
 @pytest.fixture(scope="module")
