@@ -127,3 +127,26 @@ def test_database_down_answers_503_and_serving_goes_on(
         assert httpx.get(f"{server.url}/v1/jobs").status_code == 503
         generated = httpx.post(f"{server.url}/v1/generate", json={"prompt": "who", "max_tokens": 2})
         assert generated.status_code == 200
+
+
+def test_queued_jobs_survive_a_server_restart(
+    tiny_model_dirs: dict[str, Path], tmp_path: Path
+) -> None:
+    from server.model import load_backbone
+
+    backbone = load_backbone(Settings(model=tiny_model_dirs["llama"], device="cpu"))
+    fact = {"subject": "france", "prompt": "the capital of france", "target": "berlin"}
+    first = Settings(packs_dir=tmp_path, worker=False)
+    with LiveServer(create_app(first, backbone=backbone)) as server:
+        posted = httpx.post(f"{server.url}/v1/packs/p/facts", json=fact)
+        assert posted.status_code == 202
+        job_url = posted.json()["job_url"]
+        assert httpx.get(f"{server.url}{job_url}").json()["state"] == "queued"
+    second = Settings(packs_dir=tmp_path, publish_min_reliability=0.0)  # with a worker now
+    with LiveServer(create_app(second, backbone=backbone)) as server:
+        deadline = time.monotonic() + 120
+        while (job := httpx.get(f"{server.url}{job_url}").json())["state"] in ("queued", "running"):
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        assert job["state"] == "succeeded", job
+        assert httpx.get(f"{server.url}/v1/packs/p").json()["live_version"] == 1

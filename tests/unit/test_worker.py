@@ -112,3 +112,37 @@ def test_a_grown_fact_set_warm_starts_and_a_shrunk_one_does_not(
     assert worker.run_once()
     assert store.job(shrunk).metrics["warm_start"] == 0.0
     assert [f["subject"] for f in packs.load(PackRef("demo", 3)).content.facts] == ["france"]
+
+
+def test_a_disk_full_while_publishing_keeps_the_old_version(
+    backbone: Backbone, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import errno
+
+    from server.packs import format as pack_format
+
+    store = JobStore.open(f"sqlite:///{tmp_path / 'jobs.db'}")
+    packs = PackStore(tmp_path / "packs")
+    worker = make_worker(store, packs, backbone, min_reliability=0.0)
+    store.submit("demo", FACTS[:1])
+    assert worker.run_once()
+    assert packs.versions("demo") == [1]
+    written = pack_format._write_synced
+    calls = 0
+
+    def disk_fills_up(path: Path, data: bytes) -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 2:  # the second file of the new version does not fit
+            raise OSError(errno.ENOSPC, "No space left on device")
+        written(path, data)
+
+    monkeypatch.setattr(pack_format, "_write_synced", disk_fills_up)
+    job_id = store.submit("demo", FACTS[1:]).job_id
+    assert worker.run_once()
+    job = store.job(job_id)
+    assert job.state == JobState.FAILED and "No space left" in (job.error or "")
+    assert packs.versions("demo") == [1], "the old version stays the latest"
+    assert not any(p.name.startswith(".staging") for p in (tmp_path / "packs" / "demo").iterdir())
+    assert [v.version for v in store.versions("demo")] == [1]
+    assert len(store.live_facts("demo")) == 2, "no fact lost: the next job retries them"
