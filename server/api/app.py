@@ -36,6 +36,8 @@ def create_app(settings: Settings, *, backbone: Backbone | None = None) -> FastA
     app = FastAPI(title="lks-server", version=__version__, lifespan=lifespan)
     app.state.lks = state
     install_error_handlers(app)
+    state.metrics.watch(state)
+    state.metrics.install(app)
     app.include_router(routes.router)
     app.include_router(openai_routes.router)
     app.include_router(pack_routes.router)

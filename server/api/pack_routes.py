@@ -95,6 +95,7 @@ async def activate_version(
     the version they started with."""
     ref = state.store.resolve(PackRef(validate_name(name), validate_version(version)))
     await asyncio.to_thread(serving.registry.activate, ref)
+    state.metrics.pack_swaps.inc()
     return PackSummary(
         name=name,
         versions=state.store.versions(name),

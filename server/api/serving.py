@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Annotated
@@ -13,6 +14,7 @@ from fastapi import Depends
 from starlette.requests import Request
 
 from server.api.errors import APIError
+from server.api.metrics import ServerMetrics
 from server.api.state import Serving, ServingDep, StateDep
 from server.engine.engine import Admitted, EngineRequest, Finished, Generation, TextDelta
 from server.engine.sampling import SamplingParams
@@ -30,12 +32,14 @@ class Started:
     admitted: Admitted
     stream: RequestStream
     packs: list[LoadedPack]
+    submitted_at: float
 
 
 class GenerationService:
-    def __init__(self, serving: Serving, settings: Settings) -> None:
+    def __init__(self, serving: Serving, settings: Settings, metrics: ServerMetrics) -> None:
         self.serving = serving
         self.settings = settings
+        self.metrics = metrics
 
     @property
     def model_name(self) -> str:
@@ -80,6 +84,7 @@ class GenerationService:
         request = EngineRequest(
             text, params, templated=templated, edit_sets=[p.edit_set for p in loaded]
         )
+        submitted_at = time.perf_counter()
         try:
             stream = self.serving.scheduler.submit(request)
         except EngineOverloaded as exc:
@@ -92,13 +97,27 @@ class GenerationService:
             stream.abort()
             raise
         assert isinstance(first, Admitted), f"first event must be Admitted, got {first}"
-        return Started(first, stream, loaded)
+        self.metrics.prompt_tokens.inc(first.prompt_tokens)
+        for label in first.edits_applied:
+            self.metrics.edits_applied.labels(label.partition("@")[0]).inc()
+        return Started(first, stream, loaded, submitted_at)
+
+    def _observe(self, started: Started, event: object, first_text: bool) -> bool:
+        """Record time to first token and generated tokens; returns whether text was seen."""
+        if isinstance(event, TextDelta) and not first_text:
+            self.metrics.time_to_first_token.observe(time.perf_counter() - started.submitted_at)
+            return True
+        if isinstance(event, Finished):
+            self.metrics.generated_tokens.inc(event.generation.tokens)
+        return first_text
 
     async def complete(self, started: Started, request: Request) -> Generation:
         """The whole generation; aborted if the client disconnects first."""
 
         async def finish() -> Generation:
+            seen_text = False
             async for event in started.stream:
+                seen_text = self._observe(started, event, seen_text)
                 if isinstance(event, Finished):
                     return event.generation
             raise APIError(500, "generation ended without a result")
@@ -110,6 +129,7 @@ class GenerationService:
         finally:
             gone.cancel()
         if not result.done():
+            self.metrics.client_disconnects.inc()
             started.stream.abort()
             result.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -122,14 +142,16 @@ class GenerationService:
 
     async def deltas(self, started: Started) -> AsyncIterator[TextDelta | Finished]:
         """Text as it is generated, then the result; aborts the request if abandoned."""
-        finished = False
+        finished = seen_text = False
         try:
             async for event in started.stream:
+                seen_text = self._observe(started, event, seen_text)
                 if isinstance(event, TextDelta | Finished):
                     finished = isinstance(event, Finished)
                     yield event
         finally:
             if not finished:
+                self.metrics.client_disconnects.inc()
                 started.stream.abort()
 
 
@@ -153,7 +175,7 @@ async def _disconnected(request: Request) -> None:
 
 
 def get_service(serving: ServingDep, state: StateDep) -> GenerationService:
-    return GenerationService(serving, state.settings)
+    return GenerationService(serving, state.settings, state.metrics)
 
 
 ServiceDep = Annotated[GenerationService, Depends(get_service)]

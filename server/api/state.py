@@ -12,13 +12,14 @@ from typing import Annotated
 from fastapi import Depends, Request
 
 from server.api.errors import APIError
+from server.api.metrics import ServerMetrics
 from server.engine.engine import BatchEngine
 from server.engine.scheduler import Scheduler
 from server.jobs.store import JobStore, StoreUnavailableError
 from server.jobs.worker import Worker, WorkerConfig
 from server.model import Backbone, load_backbone
 from server.packs import PackStore
-from server.packs.registry import PackRegistry
+from server.packs.registry import PackRegistry, Swap
 from server.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -37,6 +38,7 @@ class Serving:
 class ServerState:
     settings: Settings
     store: PackStore
+    metrics: ServerMetrics = field(default_factory=ServerMetrics)
     serving: Serving | None = None
     load_error: str | None = None
     jobs: JobStore | None = None
@@ -67,7 +69,8 @@ class ServerState:
                 min_locality=settings.publish_min_locality,
             ),
             encoder_factory=serving.registry.gate_encoder,
-            on_published=lambda _name, _version: serving.registry.refresh(),
+            on_published=lambda _name, _version: self._count_swaps(serving.registry.refresh()),
+            on_finished=self._count_job,
         )
         self._worker_thread = threading.Thread(
             target=worker.run_forever, args=(self._worker_stop,), name="lks-worker", daemon=True
@@ -80,7 +83,11 @@ class ServerState:
 
     def attach(self, backbone: Backbone) -> None:
         settings = self.settings
-        engine = BatchEngine(backbone, max_batch_size=settings.max_batch_size)
+        engine = BatchEngine(
+            backbone,
+            max_batch_size=settings.max_batch_size,
+            on_step=self.metrics.batch_size.observe,
+        )
         scheduler = Scheduler(engine, max_queued=settings.max_queued_requests)
         registry = PackRegistry(
             self.store,
@@ -105,11 +112,19 @@ class ServerState:
 
         self._tasks.append(asyncio.create_task(_load()))
 
+    def _count_swaps(self, swaps: list[Swap]) -> None:
+        self.metrics.pack_swaps.inc(len(swaps))
+
+    def _count_job(self, succeeded: bool, seconds: float) -> None:
+        self.metrics.training_duration.observe(seconds)
+        if not succeeded:
+            self.metrics.job_failures.inc()
+
     async def _watch_packs(self, registry: PackRegistry) -> None:
         """Swap in newly published pack versions within one poll interval."""
         while True:
             try:
-                await asyncio.to_thread(registry.refresh)
+                self._count_swaps(await asyncio.to_thread(registry.refresh))
             except Exception:
                 log.exception("checking the pack store failed; retrying")
             await asyncio.sleep(self.settings.pack_poll_seconds)

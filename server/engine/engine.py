@@ -122,9 +122,16 @@ class _Batch:
 
 
 class BatchEngine:
-    def __init__(self, backbone: Backbone, *, max_batch_size: int = 32) -> None:
+    def __init__(
+        self,
+        backbone: Backbone,
+        *,
+        max_batch_size: int = 32,
+        on_step: Callable[[int], None] | None = None,
+    ) -> None:
         assert max_batch_size >= 1
         self.backbone = backbone
+        self.on_step = on_step  # told the rows of every decode step (metrics)
         self.max_batch_size = max_batch_size
         self.waiting: deque[EngineRequest] = deque()
         self._batch: _Batch | None = None
@@ -269,6 +276,8 @@ class BatchEngine:
         )
         batch.mask = mask
         batch.positions = batch.positions + 1
+        if self.on_step is not None:
+            self.on_step(len(batch.rows))
         batch.next_tokens = self._sample(batch.rows, out.logits[:, -1])
 
     def _sample(self, rows: list[_Running], logits: torch.Tensor) -> torch.Tensor:

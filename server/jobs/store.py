@@ -423,6 +423,11 @@ class JobStore:
                 )
             return True
 
+    def count_by_state(self) -> dict[str, int]:
+        with self.session() as session:
+            rows = session.execute(select(JobRow.state, func.count()).group_by(JobRow.state))
+            return {str(state): int(count) for state, count in rows}
+
     def versions(self, pack: str) -> list[PackVersionRow]:
         with self.session() as session:
             return list(

@@ -65,6 +65,7 @@ class Worker:
         *,
         encoder_factory: Callable[[], SentenceEncoder] = SentenceEncoder,
         on_published: PublishedCallback | None = None,
+        on_finished: Callable[[bool, float], None] | None = None,
         name: str | None = None,
     ) -> None:
         self.store = store
@@ -73,6 +74,7 @@ class Worker:
         self.config = config
         self.encoder_factory = encoder_factory
         self.on_published = on_published
+        self.on_finished = on_finished  # (succeeded, seconds): metrics
         self.name = name or worker_name()
         self._encoder: SentenceEncoder | None = None
 
@@ -96,8 +98,10 @@ class Worker:
         log.info(
             "worker %s: job %d (pack %s, attempt %d)", self.name, job.id, job.pack, job.attempts
         )
+        started = time.monotonic()
+        succeeded = False
         try:
-            self._run(job)
+            succeeded = self._run(job)
         except JobCancelledError as exc:
             log.info("job %d stopped: %s", job.id, exc)
             self.store.finish(job.id, self.name, JobState.CANCELLED, error=str(exc))
@@ -106,6 +110,9 @@ class Worker:
             self.store.finish(
                 job.id, self.name, JobState.FAILED, error=f"{type(exc).__name__}: {exc}"
             )
+        finally:
+            if self.on_finished is not None:
+                self.on_finished(succeeded, time.monotonic() - started)
         return True
 
     def _encoder_once(self) -> SentenceEncoder:
@@ -113,7 +120,7 @@ class Worker:
             self._encoder = self.encoder_factory()
         return self._encoder
 
-    def _run(self, job: JobView) -> None:
+    def _run(self, job: JobView) -> bool:
         stored = self.store.live_facts(job.pack)
         if not stored:
             raise ValueError(f"pack {job.pack!r} has no facts left to train")
@@ -163,7 +170,7 @@ class Worker:
                 f"{metrics.get('locality', float('nan')):.2f} "
                 f"(min {self.config.min_locality}); the live version stays",
             )
-            return
+            return False
         beat(0.95, None)  # last chance to cancel before anything is written
         content = pack_content(result, gate_table, facts, metrics)
         manifest = self.packs.publish(job.pack, content, backbone_info(self.backbone))
@@ -192,6 +199,7 @@ class Worker:
         )
         if self.on_published is not None:
             self.on_published(job.pack, manifest.version)
+        return True
 
     def _warm_start(self, pack: str, facts: list[Fact]) -> dict[str, torch.Tensor] | None:
         """The latest version's hypernetwork, when every fact it learned is still wanted (the

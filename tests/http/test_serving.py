@@ -269,3 +269,23 @@ def test_a_full_queue_answers_503_with_retry_after(served: Served) -> None:
     assert busy.headers["Retry-After"] == "1"
     assert "busy" in busy.json()["error"]["message"]
     assert served.generate(PROMPTS[0]).status_code == 200
+
+
+def test_metrics_after_traffic(served: Served) -> None:
+    assert served.generate(PROMPTS[0], "fr").status_code == 200
+    httpx.get(f"{served.url}/v1/no-such-route/with-user-text")
+    text = httpx.get(f"{served.url}/metrics").text
+    samples = {
+        line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line and not line.startswith("#")
+    }
+    assert samples['lks_requests_total{endpoint="/v1/generate",status="200"}'] >= 1
+    assert samples['lks_edits_applied_total{pack="fr"}'] >= 1
+    assert samples["lks_generated_tokens_total"] >= 1
+    assert samples["lks_batch_size_count"] >= 1
+    assert samples["lks_time_to_first_token_seconds_count"] >= 1
+    assert samples["lks_packs_loaded"] >= 1 and samples["lks_pack_memory_bytes"] > 0
+    assert 'lks_queue_depth{where="in_flight"}' in samples
+    assert samples['lks_requests_total{endpoint="unmatched",status="404"}'] >= 1
+    assert "with-user-text" not in text, "no raw request text in label values"

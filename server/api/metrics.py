@@ -1,0 +1,126 @@
+"""Prometheus metrics (`GET /metrics`), one registry per app (no process-global state).
+
+Names follow the project's conventions (`lks_` prefix, base units, `_total` counters); label
+values are bounded: endpoint templates, status codes, pack names of loaded packs, job states.
+Gauges that mirror state (queue, loaded packs, jobs) are read at scrape time.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from typing import TYPE_CHECKING
+
+from fastapi import FastAPI, Request, Response
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:
+    from server.api.state import ServerState
+
+LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64, 128)
+TRAINING_BUCKETS = (1, 5, 15, 30, 60, 120, 300, 600, 1200, 2400, 4800)
+
+
+class ServerMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter(
+            "lks_requests",
+            "HTTP requests by endpoint and status",
+            ["endpoint", "status"],
+            registry=r,
+        )
+        self.request_duration = Histogram(
+            "lks_request_duration_seconds",
+            "HTTP request latency",
+            ["endpoint"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.time_to_first_token = Histogram(
+            "lks_time_to_first_token_seconds",
+            "From admission request to the first text",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.generated_tokens = Counter("lks_generated_tokens", "Tokens generated", registry=r)
+        self.prompt_tokens = Counter("lks_prompt_tokens", "Prompt tokens prefilled", registry=r)
+        self.batch_size = Histogram(
+            "lks_batch_size",
+            "Rows per decode step",
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128),
+            registry=r,
+        )
+        self.edits_applied = Counter(
+            "lks_edits_applied", "Edits applied to requests, per pack", ["pack"], registry=r
+        )
+        self.pack_swaps = Counter("lks_pack_swaps", "Live pack versions replaced", registry=r)
+        self.client_disconnects = Counter(
+            "lks_client_disconnects", "Generations cancelled because the client left", registry=r
+        )
+        self.training_duration = Histogram(
+            "lks_training_duration_seconds",
+            "Training jobs run by this process, start to end",
+            buckets=TRAINING_BUCKETS,
+            registry=r,
+        )
+        self.job_failures = Counter(
+            "lks_job_failures", "Jobs of this process that failed", registry=r
+        )
+
+    def watch(self, state: ServerState) -> None:
+        self.registry.register(_StateCollector(state))
+
+    def install(self, app: FastAPI) -> None:
+        """Count every request by its route template, and serve `/metrics`."""
+
+        @app.middleware("http")
+        async def _count(
+            request: Request, call_next: Callable[[Request], Awaitable[Response]]
+        ) -> Response:
+            started = time.perf_counter()
+            response = await call_next(request)
+            route = request.scope.get("route")
+            endpoint = getattr(route, "path", "unmatched")
+            self.requests.labels(endpoint, str(response.status_code)).inc()
+            self.request_duration.labels(endpoint).observe(time.perf_counter() - started)
+            return response
+
+        @app.get("/metrics", include_in_schema=False)
+        async def _metrics() -> Response:
+            return Response(generate_latest(self.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+class _StateCollector(Collector):
+    """Gauges read from the server's state at scrape time."""
+
+    def __init__(self, state: ServerState) -> None:
+        self.state = state
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        serving = self.state.serving
+        queue = GaugeMetricFamily("lks_queue_depth", "Requests by where they are", labels=["where"])
+        packs = GaugeMetricFamily("lks_packs_loaded", "Pack versions loaded in memory")
+        memory = GaugeMetricFamily("lks_pack_memory_bytes", "Memory of loaded pack versions")
+        if serving is not None:
+            engine = serving.scheduler.engine
+            queue.add_metric(["waiting"], float(len(engine.waiting)))
+            queue.add_metric(["running"], float(engine.running))
+            queue.add_metric(["in_flight"], float(serving.scheduler.in_flight))
+            packs.add_metric([], float(len(serving.registry.loaded())))
+            memory.add_metric([], float(serving.registry.loaded_bytes))
+        yield queue
+        yield packs
+        yield memory
+        jobs = GaugeMetricFamily("lks_jobs", "Jobs in the store by state", labels=["state"])
+        if self.state.jobs is not None:
+            try:
+                for job_state, count in self.state.jobs.count_by_state().items():
+                    jobs.add_metric([job_state], float(count))
+            except Exception:  # a scrape never fails because the database is down
+                pass
+        yield jobs
