@@ -16,6 +16,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from server.packs import PackError, PackRef, PackStore
+from server.packs.names import validate_name
 from server.settings import Settings
 
 log = logging.getLogger("lks")
@@ -246,6 +247,22 @@ def cmd_worker(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_keys_add(args: argparse.Namespace) -> int:
+    """Create an API key: its hash goes to LKS_API_KEYS_FILE, the key is printed once."""
+    from server.api.auth import add_key
+
+    settings = _settings()
+    if settings.api_keys_file is None:
+        raise CLIError("set LKS_API_KEYS_FILE to the key file to write (auth turns on with it)")
+    packs = [validate_name(p) for p in args.packs.split(",")] if args.packs else ["*"]
+    try:
+        key = add_key(settings.api_keys_file, args.name, args.role, packs, args.rpm)
+    except ValueError as exc:
+        raise CLIError(str(exc)) from exc
+    print(key)
+    return 0
+
+
 def cmd_pack_list(args: argparse.Namespace) -> int:
     store = PackStore(_settings().packs_dir)
     rows = []
@@ -341,6 +358,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     worker.add_argument("--once", action="store_true", help="run at most one job, then exit")
     worker.set_defaults(handler=cmd_worker)
+
+    keys = commands.add_parser("keys", help="manage API keys (LKS_API_KEYS_FILE)")
+    key_commands = keys.add_subparsers(dest="keys_command", required=True, metavar="COMMAND")
+    key_add = key_commands.add_parser("add", help="create a key and print it (once)")
+    key_add.add_argument("--name", required=True)
+    key_add.add_argument("--role", choices=["read", "write", "admin"], required=True)
+    key_add.add_argument("--packs", help="comma-separated pack names it may use (default: all)")
+    key_add.add_argument("--rpm", type=int, help="requests per minute (default: unlimited)")
+    key_add.set_defaults(handler=cmd_keys_add)
 
     pack = commands.add_parser("pack", help="inspect the pack store")
     pack_commands = pack.add_subparsers(dest="pack_command", required=True, metavar="ACTION")

@@ -71,6 +71,11 @@ class Settings(BaseSettings):
     publish_min_locality: float = Field(default=0.8, ge=0, le=1)
     max_facts_per_request: int = Field(default=1000, ge=1)
 
+    # security
+    api_keys_file: Path | None = Field(
+        default=None, description="JSON file of hashed API keys (`lks keys add`); unset: no auth."
+    )
+
     @field_validator("model", "cache_dir", "packs_dir", "data_dir", mode="after")
     @classmethod
     def _expand_user(cls, value: Path | None) -> Path | None:

@@ -10,6 +10,7 @@ from fastapi import FastAPI
 
 from server import __version__
 from server.api import job_routes, openai_routes, pack_routes, routes
+from server.api.auth import Authenticator, load_keys
 from server.api.errors import install_error_handlers
 from server.api.state import ServerState
 from server.model import Backbone
@@ -19,7 +20,10 @@ from server.settings import Settings
 
 def create_app(settings: Settings, *, backbone: Backbone | None = None) -> FastAPI:
     """Build the app; pass `backbone` to serve an already-loaded model (tests, embedding)."""
-    state = ServerState(settings=settings, store=PackStore(settings.packs_dir))
+    keys = load_keys(settings.api_keys_file) if settings.api_keys_file else []
+    state = ServerState(
+        settings=settings, store=PackStore(settings.packs_dir), auth=Authenticator(keys)
+    )
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:

@@ -11,7 +11,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
 from server.api.errors import APIError
-from server.api.state import JobStoreDep, StateDep
+from server.api.state import CallerDep, JobStoreDep, StateDep
 from server.jobs.store import JobView, StoredFact
 from server.lks.facts import collect_facts
 from server.packs.names import validate_name
@@ -85,12 +85,13 @@ async def submit_facts(
     name: str,
     store: JobStoreDep,
     state: StateDep,
+    caller: CallerDep,
     body: Annotated[Any, Body(description='A fact, a list of facts, or {"facts": [...]}')],
     replace: bool = Query(default=False, description="Supersede stored facts that conflict."),
     idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
 ) -> JSONResponse:
     """Store facts and queue the job that trains the pack's next version (202: accepted)."""
-    validate_name(name)
+    caller.require("write", [validate_name(name)])
     records = body.get("facts") if isinstance(body, dict) and "facts" in body else body
     records = records if isinstance(records, list) else [records]
     limit = state.settings.max_facts_per_request
@@ -117,18 +118,23 @@ async def submit_facts(
 async def list_facts(
     name: str,
     store: JobStoreDep,
+    caller: CallerDep,
     offset: int = Query(default=0, ge=0),
     limit: int = Query(default=100, ge=1, le=1000),
 ) -> FactPage:
-    facts, total = await _in_thread(store.facts, validate_name(name), offset=offset, limit=limit)
+    caller.require("read", [validate_name(name)])
+    facts, total = await _in_thread(store.facts, name, offset=offset, limit=limit)
     return FactPage(
         pack=name, facts=[FactOut.of(f) for f in facts], total=total, offset=offset, limit=limit
     )
 
 
 @router.delete("/packs/{name}/facts/{fact_id}", status_code=202)
-async def delete_fact(name: str, fact_id: int, store: JobStoreDep) -> dict[str, Any]:
+async def delete_fact(
+    name: str, fact_id: int, store: JobStoreDep, caller: CallerDep
+) -> dict[str, Any]:
     """Drop a fact; the queued job trains the next version without it."""
+    caller.require("write", [validate_name(name)])
     job_id = await _in_thread(store.delete_fact, validate_name(name), fact_id)
     return {
         "pack": name,
@@ -141,22 +147,29 @@ async def delete_fact(name: str, fact_id: int, store: JobStoreDep) -> dict[str, 
 @router.get("/jobs", response_model=list[JobResponse])
 async def list_jobs(
     store: JobStoreDep,
+    caller: CallerDep,
     pack: str | None = None,
     limit: int = Query(default=100, ge=1, le=1000),
 ) -> list[JobResponse]:
-    if pack is not None:
-        validate_name(pack)
+    """Every job (admin), or one pack's (a write key allowed that pack)."""
+    if pack is None:
+        caller.require("admin")
+    else:
+        caller.require("write", [validate_name(pack)])
     return [JobResponse.of(j) for j in await _in_thread(store.jobs, pack=pack, limit=limit)]
 
 
 @router.get("/jobs/{job_id}", response_model=JobResponse)
-async def show_job(job_id: int, store: JobStoreDep) -> JobResponse:
-    return JobResponse.of(await _in_thread(store.job, job_id))
+async def show_job(job_id: int, store: JobStoreDep, caller: CallerDep) -> JobResponse:
+    job = await _in_thread(store.job, job_id)
+    caller.require("write", [job.pack])
+    return JobResponse.of(job)
 
 
 @router.post("/jobs/{job_id}:cancel", response_model=JobResponse)
-async def cancel_job(job_id: int, store: JobStoreDep) -> JobResponse:
+async def cancel_job(job_id: int, store: JobStoreDep, caller: CallerDep) -> JobResponse:
     """A queued job stops at once; a running one at its next heartbeat (a few seconds)."""
+    caller.require("write", [(await _in_thread(store.job, job_id)).pack])
     return JobResponse.of(await _in_thread(store.cancel, job_id))
 
 

@@ -27,7 +27,7 @@ from server.api.openai_protocol import (
 from server.api.protocol import sampling_params
 from server.api.selection import PACK_HEADER, choose_packs, edits_header
 from server.api.serving import GenerationService, ServiceDep, Started, sse
-from server.api.state import ServingDep, StateDep
+from server.api.state import CallerDep, ServingDep, StateDep
 from server.engine.engine import Finished
 
 router = APIRouter(prefix="/v1")
@@ -94,9 +94,11 @@ async def _serve(
     service: GenerationService,
     state: StateDep,
     header: str | None,
+    caller: CallerDep,
 ) -> JSONResponse | StreamingResponse:
     limit = state.settings.max_packs_per_request
     packs = choose_packs(header, body.model, service.model_name, limit=limit)
+    caller.require("read", [p.name for p in packs])
     started = await service.start(text, sampling_params(body), templated=templated, packs=packs)
     response_id = new_id(flavor.id_prefix)
     headers = edits_header(started.admitted.edits_applied)
@@ -122,6 +124,7 @@ async def completions(
     raw: Request,
     service: ServiceDep,
     state: StateDep,
+    caller: CallerDep,
     x_edit_pack: PackHeader = None,
 ) -> JSONResponse | StreamingResponse:
     return await _serve(
@@ -133,6 +136,7 @@ async def completions(
         service=service,
         state=state,
         header=x_edit_pack,
+        caller=caller,
     )
 
 
@@ -142,11 +146,20 @@ async def chat_completions(
     raw: Request,
     service: ServiceDep,
     state: StateDep,
+    caller: CallerDep,
     x_edit_pack: PackHeader = None,
 ) -> JSONResponse | StreamingResponse:
     text = service.render([m.model_dump() for m in body.messages])
     return await _serve(
-        CHAT, body, text, templated=True, raw=raw, service=service, state=state, header=x_edit_pack
+        CHAT,
+        body,
+        text,
+        templated=True,
+        raw=raw,
+        service=service,
+        state=state,
+        header=x_edit_pack,
+        caller=caller,
     )
 
 
@@ -179,9 +192,10 @@ async def _chunks(
 
 
 @router.get("/models", response_model=ModelList)
-async def models(serving: ServingDep) -> ModelList:
+async def models(serving: ServingDep, caller: CallerDep) -> ModelList:
     """The base model, then `<base>:<pack>` for each live pack and `<base>:<pack>@<v>` for each
     loaded version."""
+    caller.require("read")
     base, now = serving.backbone.name, int(time.time())
     registry = serving.registry
     cards = [ModelCard(id=base, created=now, root=base)]

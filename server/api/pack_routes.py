@@ -8,7 +8,7 @@ from datetime import datetime
 from fastapi import APIRouter
 from pydantic import BaseModel
 
-from server.api.state import ServingDep, StateDep
+from server.api.state import CallerDep, ServingDep, StateDep
 from server.packs.errors import PackNotFoundError
 from server.packs.names import PackRef, validate_name, validate_version
 
@@ -48,7 +48,8 @@ def _loaded_versions(serving: ServingDep, name: str) -> list[int]:
 
 
 @router.get("", response_model=list[PackSummary])
-async def list_packs(serving: ServingDep, state: StateDep) -> list[PackSummary]:
+async def list_packs(serving: ServingDep, state: StateDep, caller: CallerDep) -> list[PackSummary]:
+    caller.require("read")
     live = serving.registry.live()
     return [
         PackSummary(
@@ -62,7 +63,10 @@ async def list_packs(serving: ServingDep, state: StateDep) -> list[PackSummary]:
 
 
 @router.get("/{name}", response_model=PackDetail)
-async def show_pack(name: str, serving: ServingDep, state: StateDep) -> PackDetail:
+async def show_pack(
+    name: str, serving: ServingDep, state: StateDep, caller: CallerDep
+) -> PackDetail:
+    caller.require("read", [validate_name(name)])
     versions = state.store.versions(validate_name(name))
     if not versions:
         raise PackNotFoundError(f"no pack named {name!r}")
@@ -89,10 +93,11 @@ async def show_pack(name: str, serving: ServingDep, state: StateDep) -> PackDeta
 
 @router.post("/{name}/versions/{version}:activate", response_model=PackSummary)
 async def activate_version(
-    name: str, version: str, serving: ServingDep, state: StateDep
+    name: str, version: str, serving: ServingDep, state: StateDep, caller: CallerDep
 ) -> PackSummary:
     """Make a version live for new requests (roll forward or back); requests in flight keep
     the version they started with."""
+    caller.require("admin")
     ref = state.store.resolve(PackRef(validate_name(name), validate_version(version)))
     await asyncio.to_thread(serving.registry.activate, ref)
     state.metrics.pack_swaps.inc()
@@ -105,6 +110,7 @@ async def activate_version(
 
 
 @router.delete("/{name}", response_model=Unloaded)
-async def unload_pack(name: str, serving: ServingDep) -> Unloaded:
+async def unload_pack(name: str, serving: ServingDep, caller: CallerDep) -> Unloaded:
     """Free a pack's memory; it stays in the store and loads again when asked for."""
+    caller.require("admin")
     return Unloaded(name=name, unloaded_versions=serving.registry.unload(name))

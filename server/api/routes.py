@@ -18,7 +18,7 @@ from server.api.protocol import (
 )
 from server.api.selection import PACK_HEADER, choose_packs, edits_header
 from server.api.serving import ServiceDep, Started, sse
-from server.api.state import StateDep
+from server.api.state import CallerDep, StateDep
 from server.engine.engine import Finished
 
 router = APIRouter()
@@ -50,12 +50,14 @@ async def generate(
     raw: Request,
     service: ServiceDep,
     state: StateDep,
+    caller: CallerDep,
     x_edit_pack: Annotated[str | None, Header(alias=PACK_HEADER)] = None,
 ) -> GenerateResponse | JSONResponse | StreamingResponse:
     """Generate, with the edits of the packs named in `X-Edit-Pack` (none: the plain model)."""
     packs = choose_packs(
         x_edit_pack, None, service.model_name, limit=state.settings.max_packs_per_request
     )
+    caller.require("read", [p.name for p in packs])
     if body.prompt is None and body.messages is None:
         raise APIError(422, "give a prompt (text to continue) or messages (a chat)", param="prompt")
     if body.messages is not None:

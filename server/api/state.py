@@ -6,11 +6,13 @@ import asyncio
 import contextlib
 import logging
 import threading
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Annotated
 
-from fastapi import Depends, Request
+from fastapi import Depends, Header, Request
 
+from server.api.auth import Authenticator, KeyRecord, Role
 from server.api.errors import APIError
 from server.api.metrics import ServerMetrics
 from server.engine.engine import BatchEngine
@@ -39,6 +41,7 @@ class ServerState:
     settings: Settings
     store: PackStore
     metrics: ServerMetrics = field(default_factory=ServerMetrics)
+    auth: Authenticator = field(default_factory=lambda: Authenticator([]))
     serving: Serving | None = None
     load_error: str | None = None
     jobs: JobStore | None = None
@@ -160,6 +163,25 @@ def get_job_store(state: Annotated[ServerState, Depends(get_state)]) -> JobStore
     return state.jobs
 
 
+@dataclass(frozen=True)
+class Caller:
+    """Who is asking: checks a request's key against what an endpoint needs."""
+
+    auth: Authenticator
+    authorization: str | None
+
+    def require(self, role: Role, packs: Iterable[str] = ()) -> KeyRecord | None:
+        return self.auth.check(self.authorization, role, packs)
+
+
+def get_caller(
+    state: Annotated[ServerState, Depends(get_state)],
+    authorization: Annotated[str | None, Header()] = None,
+) -> Caller:
+    return Caller(state.auth, authorization)
+
+
 StateDep = Annotated[ServerState, Depends(get_state)]
+CallerDep = Annotated[Caller, Depends(get_caller)]
 JobStoreDep = Annotated[JobStore, Depends(get_job_store)]
 ServingDep = Annotated[Serving, Depends(get_serving)]
