@@ -72,6 +72,7 @@ class Settings(BaseSettings):
     max_facts_per_request: int = Field(default=1000, ge=1)
 
     # security
+    max_body_bytes: int = Field(default=8 << 20, ge=1024, description="Largest request body.")
     api_keys_file: Path | None = Field(
         default=None, description="JSON file of hashed API keys (`lks keys add`); unset: no auth."
     )

@@ -12,6 +12,7 @@ from server import __version__
 from server.api import job_routes, openai_routes, pack_routes, routes
 from server.api.auth import Authenticator, load_keys
 from server.api.errors import install_error_handlers
+from server.api.limits import BodySizeLimit
 from server.api.state import ServerState
 from server.model import Backbone
 from server.packs import PackStore
@@ -46,4 +47,5 @@ def create_app(settings: Settings, *, backbone: Backbone | None = None) -> FastA
     app.include_router(openai_routes.router)
     app.include_router(pack_routes.router)
     app.include_router(job_routes.router)
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     return app

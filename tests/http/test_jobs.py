@@ -150,3 +150,17 @@ def test_queued_jobs_survive_a_server_restart(
             time.sleep(0.2)
         assert job["state"] == "succeeded", job
         assert httpx.get(f"{server.url}/v1/packs/p").json()["live_version"] == 1
+
+
+def test_oversized_bodies_get_413(url: str) -> None:
+    huge = [{"subject": "A", "prompt": "A is " + "x" * 900, "target": "b"}] * 10_000  # ~9.5 MB
+    response = httpx.post(f"{url}/v1/packs/big/facts", json=huge, timeout=60)
+    assert response.status_code == 413
+    assert "LKS_MAX_BODY_BYTES" in response.json()["error"]["message"]
+
+    def chunks():  # no Content-Length: counted as it streams
+        for _ in range(100):
+            yield b"x" * 100_000
+
+    streamed = httpx.post(f"{url}/v1/packs/big/facts", content=chunks(), timeout=60)
+    assert streamed.status_code == 413
