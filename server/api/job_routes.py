@@ -6,7 +6,7 @@ import asyncio
 from datetime import datetime
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Body, Header, Query
+from fastapi import APIRouter, Body, Header, Path, Query
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
@@ -17,6 +17,7 @@ from server.lks.facts import collect_facts
 from server.packs.names import validate_name
 
 router = APIRouter(prefix="/v1", tags=["jobs"])
+RowId = Annotated[int, Path(ge=1, le=2**31 - 1, description="A database row id.")]
 
 
 class JobResponse(BaseModel):
@@ -131,7 +132,7 @@ async def list_facts(
 
 @router.delete("/packs/{name}/facts/{fact_id}", status_code=202)
 async def delete_fact(
-    name: str, fact_id: int, store: JobStoreDep, caller: CallerDep
+    name: str, fact_id: RowId, store: JobStoreDep, caller: CallerDep
 ) -> dict[str, Any]:
     """Drop a fact; the queued job trains the next version without it."""
     caller.require("write", [validate_name(name)])
@@ -160,14 +161,14 @@ async def list_jobs(
 
 
 @router.get("/jobs/{job_id}", response_model=JobResponse)
-async def show_job(job_id: int, store: JobStoreDep, caller: CallerDep) -> JobResponse:
+async def show_job(job_id: RowId, store: JobStoreDep, caller: CallerDep) -> JobResponse:
     job = await _in_thread(store.job, job_id)
     caller.require("write", [job.pack])
     return JobResponse.of(job)
 
 
 @router.post("/jobs/{job_id}:cancel", response_model=JobResponse)
-async def cancel_job(job_id: int, store: JobStoreDep, caller: CallerDep) -> JobResponse:
+async def cancel_job(job_id: RowId, store: JobStoreDep, caller: CallerDep) -> JobResponse:
     """A queued job stops at once; a running one at its next heartbeat (a few seconds)."""
     caller.require("write", [(await _in_thread(store.job, job_id)).pack])
     return JobResponse.of(await _in_thread(store.cancel, job_id))
