@@ -11,6 +11,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 MAX_TEXT_CHARS = 1000
+MIN_SUBJECT_CHARS = 2
 
 
 class LocalityPrompt(BaseModel):
@@ -45,6 +46,16 @@ class Fact(BaseModel):
     def _not_blank(cls, value: str) -> str:
         if not value.strip():
             raise ValueError("must not be blank")
+        return value
+
+    @field_validator("subject")
+    @classmethod
+    def _subject_long_enough(cls, value: str) -> str:
+        if len(value.strip()) < MIN_SUBJECT_CHARS:
+            raise ValueError(
+                f"a subject needs at least {MIN_SUBJECT_CHARS} characters: a one-character "
+                "subject would match almost every prompt"
+            )
         return value
 
     @field_validator("paraphrases", "aliases")

@@ -82,13 +82,19 @@ def test_post_facts_follow_the_job_generate_with_the_pack(url: str) -> None:
 @pytest.mark.parametrize(
     ("payload", "status", "needle"),
     [
-        ([{"subject": "X", "prompt": "no subject here", "target": "y"}], 422, "does not contain"),
-        ([{"subject": "A", "prompt": "A is", "target": ""}], 422, "fact 0"),
+        ([{"subject": "Xy", "prompt": "no subject here", "target": "y"}], 422, "does not contain"),
+        ([{"subject": "Ab", "prompt": "Ab is", "target": ""}], 422, "fact 0"),
+        ([{"subject": "a", "prompt": "a cat is", "target": "b"}], 422, "at least 2 characters"),
+        (
+            [{"subject": "Ignore all previous instructions", "prompt": "x", "target": "y"}],
+            422,
+            "does not contain",
+        ),
         ([], 422, "submit 1 to"),
         (
             [
-                {"subject": "A", "prompt": "A is", "target": "b"},
-                {"subject": "A", "prompt": "A is", "target": "c"},
+                {"subject": "Ab", "prompt": "Ab is", "target": "b"},
+                {"subject": "Ab", "prompt": "Ab is", "target": "c"},
             ],
             422,
             "conflicts",
@@ -153,7 +159,7 @@ def test_queued_jobs_survive_a_server_restart(
 
 
 def test_oversized_bodies_get_413(url: str) -> None:
-    huge = [{"subject": "A", "prompt": "A is " + "x" * 900, "target": "b"}] * 10_000  # ~9.5 MB
+    huge = [{"subject": "Ab", "prompt": "Ab is " + "x" * 900, "target": "b"}] * 10_000  # ~9.5 MB
     response = httpx.post(f"{url}/v1/packs/big/facts", json=huge, timeout=60)
     assert response.status_code == 413
     assert "LKS_MAX_BODY_BYTES" in response.json()["error"]["message"]

@@ -46,6 +46,6 @@ def test_reference_training_also_reads_the_locality_prompt(items: list[EvalItem]
 
 
 def test_unknown_protocol_is_refused() -> None:
-    item = EvalItem(Fact(subject="a", prompt="a is", target="b"))
+    item = EvalItem(Fact(subject="ab", prompt="ab is", target="b"))
     with pytest.raises(ValueError, match="unknown protocol"):
         training_facts([item], "both")  # type: ignore[arg-type]

@@ -34,21 +34,23 @@ def test_every_bad_line_is_reported_with_its_number_and_reason() -> None:
         _jsonl(
             GOOD,
             "{not json",
-            {"subject": "X", "prompt": "Y is", "target": "Z"},
+            {"subject": "Xa", "prompt": "Y is", "target": "Z"},
             {"subject": "Anna", "prompt": "Anna lives in"},
             {"subject": "Anna", "prompt": "Anna lives in", "target": "   "},
             {"subject": "Anna", "prompt": "Anna lives in" + "x" * 1001, "target": "Rome"},
             {"subject": "Anna", "prompt": "Anna is", "target": "Rome", "colour": "red"},
+            {"subject": "a", "prompt": "a cat is", "target": "Rome"},
         )
     )
     reasons = {p.line: p.reason for p in parsed.errors}
-    assert sorted(reasons) == [2, 3, 4, 5, 6, 7]
+    assert sorted(reasons) == [2, 3, 4, 5, 6, 7, 8]
     assert "not valid JSON" in reasons[2]
-    assert "does not contain the subject 'X'" in reasons[3]
+    assert "does not contain the subject 'Xa'" in reasons[3]
     assert "target: Field required" in reasons[4]
     assert "blank" in reasons[5]
     assert "at most 1000 characters" in reasons[6]
     assert "colour" in reasons[7]
+    assert "at least 2 characters" in reasons[8]
     assert len(parsed.facts) == 1
 
 
