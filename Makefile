@@ -14,7 +14,7 @@ export PIP_FIND_LINKS ?= /opt/wheels
 endif
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: install serve test test-unit lint format clean bench-quality bench-serve bench-train
+.PHONY: install serve test test-unit lint format clean bench-quality bench-serve bench-train bench-load
 
 $(STAMP): pyproject.toml Makefile
 	@echo ">> installing lks-server into $(VENV)"
@@ -55,6 +55,10 @@ bench-serve: install
 bench-train: install
 	@echo ">> POST facts -> live pack version, for 10 and 100 facts (SIZES=\"10 100 1000\" for more)"
 	$(BIN)/python bench/train.py --sizes $(or $(SIZES),10 100) --json bench/train.jsonl | tee bench/train.md
+
+bench-load: install
+	@echo ">> 100 clients for 60 s on loopback: mixed packs and fact submissions"
+	$(BIN)/python bench/load.py --json bench/load.json
 
 format: install
 	$(BIN)/ruff check --fix .
