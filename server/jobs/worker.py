@@ -240,5 +240,5 @@ class Worker:
             for fact in facts
             for local in fact.locality
         ]
-        metrics = evaluate(self.backbone, items, edit_set, fluency=False)
+        metrics = evaluate(self.backbone, items, edit_set, fluency=False, generations=False)
         return {k: round(v, 4) for k, v in metrics.items() if v == v}  # NaN: nothing to measure
