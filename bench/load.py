@@ -126,6 +126,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--clients", type=int, default=100)
     parser.add_argument("--seconds", type=float, default=60)
+    parser.add_argument("--warmup", type=float, default=20, help="seconds at full load first")
     parser.add_argument("--port", type=int, default=8767)
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
@@ -136,7 +137,9 @@ def main() -> int:
     process = start_server(packs_dir, args.port)
     url = f"http://127.0.0.1:{args.port}"
     try:
-        asyncio.run(run(url, packs, 4, 5))  # warm-up: packs loaded, caches filled
+        # warm-up at full load: packs loaded, full-size batches and a training job have run,
+        # so the measured growth is what the soak adds, not first-use allocations
+        asyncio.run(run(url, packs, args.clients, args.warmup))
         rss_start = rss_bytes(process.pid)
         result = asyncio.run(run(url, packs, args.clients, args.seconds))
         rss_end = rss_bytes(process.pid)
