@@ -87,19 +87,24 @@ class SentenceEncoder:
         self._memo: OrderedDict[str, torch.Tensor] = OrderedDict()  # LRU of recent queries
         self._memo_size = 4096
         self._memo_lock = threading.Lock()
+        # Serving (engine thread) and training (worker thread) share one encoder; a fast
+        # tokenizer used from two threads with padding/truncation can raise "Already borrowed"
+        # (huggingface/tokenizers#537).
+        self._tokenizer_lock = threading.Lock()
 
     @torch.inference_mode()
     def encode(self, texts: Sequence[str], batch_size: int = 64) -> torch.Tensor:
         """texts -> [N, 384] unit vectors (float32, CPU)."""
         chunks = []
         for start in range(0, len(texts), batch_size):
-            batch = self.tokenizer(
-                list(texts[start : start + batch_size]),
-                padding=True,
-                truncation=True,
-                max_length=256,
-                return_tensors="pt",
-            ).to(self.device)
+            with self._tokenizer_lock:  # padding/truncation settings are shared mutable state
+                batch = self.tokenizer(
+                    list(texts[start : start + batch_size]),
+                    padding=True,
+                    truncation=True,
+                    max_length=256,
+                    return_tensors="pt",
+                ).to(self.device)
             states = self.model(**batch).last_hidden_state
             mask = batch["attention_mask"].unsqueeze(-1).to(states.dtype)
             pooled = (states * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
