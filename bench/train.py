@@ -53,6 +53,7 @@ def post_to_live(url: str, pack: str, facts: list[dict[str, str]]) -> dict[str, 
         "job_seconds": trained,
         "post_to_live_seconds": live,
         "reliability": job["metrics"].get("reliability", float("nan")),
+        "probe_locality": job["metrics"].get("probe_locality", float("nan")),
     }
 
 
@@ -81,12 +82,15 @@ def main() -> int:
     finally:
         process.terminate()
         process.wait(timeout=30)
-    print("\n| facts | POST -> job done s | POST -> live s | reliability (own facts) |")
-    print("|---|---|---|---|")
+    print(
+        "\n| facts | POST -> job done s | POST -> live s | reliability (own facts) | "
+        "locality (held-out probes) |"
+    )
+    print("|---|---|---|---|---|")
     for row in rows:
         print(
             f"| {row['facts']} | {row['job_seconds']:.1f} | {row['post_to_live_seconds']:.1f} "
-            f"| {row['reliability']:.3f} |"
+            f"| {row['reliability']:.3f} | {row['probe_locality']:.3f} |"
         )
     if args.json:
         with args.json.open("w") as out:

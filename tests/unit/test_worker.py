@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from factories import TINY_FACTS, TINY_TRAIN
 
 from server.jobs.models import JobState
@@ -19,6 +20,7 @@ from server.jobs.worker import Worker, WorkerConfig
 from server.lks.facts import Fact
 from server.model import Backbone, load_backbone
 from server.packs import PackRef, PackStore
+from server.packs.format import SubjectEntry
 from server.settings import Settings
 
 FACTS, TRAIN = TINY_FACTS, TINY_TRAIN
@@ -45,6 +47,7 @@ def test_a_job_trains_checks_and_publishes(backbone: Backbone, tmp_path: Path) -
     assert job.state == JobState.SUCCEEDED, job.error
     assert job.published_version == 1 and published == [("demo", 1)]
     assert job.metrics["reliability"] == 1.0 and job.progress == 1.0
+    assert 0.0 <= job.metrics["probe_locality"] <= 1.0
     pack = packs.load(PackRef("demo", 1))
     assert [f["subject"] for f in pack.content.facts] == ["danielle darrieux", "france"]
     assert [v.fact_ids for v in store.versions("demo")] == [submission.fact_ids]
@@ -58,7 +61,7 @@ def test_a_failed_quality_gate_publishes_nothing(backbone: Backbone, tmp_path: P
     assert make_worker(store, packs, backbone, min_reliability=1.01).run_once()
     job = store.job(job_id)
     assert job.state == JobState.FAILED and "quality gate" in (job.error or "")
-    assert "reliability" in job.metrics
+    assert "reliability" in job.metrics and "held-out probes" in (job.error or "")
     assert packs.versions("demo") == []
 
 
@@ -93,6 +96,22 @@ def test_a_killed_worker_s_job_is_reclaimed_and_finished(
     assert job.state == JobState.SUCCEEDED and job.attempts == 2
     assert packs.versions("demo") == [1]
     assert len(store.live_facts("demo")) == 3, "no fact lost"
+
+
+def test_held_out_probes_catch_a_pack_that_rewrites_its_subjects(
+    backbone: Backbone, tmp_path: Path
+) -> None:
+    """Ungated deltas change every prompt about the subject: probe locality falls, the gate
+    refuses to publish; the same facts with normal checks pass reliability."""
+    from server.lks.apply import EditSet
+
+    store = JobStore.open(f"sqlite:///{tmp_path / 'jobs.db'}")
+    worker = make_worker(store, PackStore(tmp_path / "packs"), backbone)
+    huge = torch.randn(2, backbone.hidden_size, generator=torch.Generator().manual_seed(0)) * 300
+    blunt = EditSet([SubjectEntry("danielle darrieux"), SubjectEntry("france")], huge, layer=1)
+    assert worker._probe_locality(FACTS, blunt) < worker.config.min_locality
+    nothing = EditSet(blunt.subjects, torch.zeros_like(huge), layer=1)
+    assert worker._probe_locality(FACTS, nothing) == 1.0
 
 
 def test_a_grown_fact_set_warm_starts_and_a_shrunk_one_does_not(
