@@ -236,6 +236,14 @@ def cmd_worker(args: argparse.Namespace) -> int:
         min_locality=settings.publish_min_locality,
     )
     worker = Worker(store, PackStore(settings.packs_dir), backbone, config)
+    if args.metrics_port:  # a worker process exports its own training metrics
+        from prometheus_client import start_http_server
+
+        from server.api.metrics import ServerMetrics
+
+        metrics = ServerMetrics()
+        worker.on_finished = metrics.observe_job
+        start_http_server(args.metrics_port, addr=settings.host, registry=metrics.registry)
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.set())
@@ -357,6 +365,7 @@ def build_parser() -> argparse.ArgumentParser:
         "worker", help="run a training worker (jobs from LKS_DATABASE_URL) until interrupted"
     )
     worker.add_argument("--once", action="store_true", help="run at most one job, then exit")
+    worker.add_argument("--metrics-port", type=int, help="serve this worker's /metrics here")
     worker.set_defaults(handler=cmd_worker)
 
     keys = commands.add_parser("keys", help="manage API keys (LKS_API_KEYS_FILE)")

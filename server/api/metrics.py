@@ -72,6 +72,11 @@ class ServerMetrics:
             "lks_job_failures", "Jobs of this process that failed", registry=r
         )
 
+    def observe_job(self, succeeded: bool, seconds: float) -> None:
+        self.training_duration.observe(seconds)
+        if not succeeded:
+            self.job_failures.inc()
+
     def watch(self, state: ServerState) -> None:
         self.registry.register(_StateCollector(state))
 

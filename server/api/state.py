@@ -73,7 +73,7 @@ class ServerState:
             ),
             encoder_factory=serving.registry.gate_encoder,
             on_published=lambda _name, _version: self._count_swaps(serving.registry.refresh()),
-            on_finished=self._count_job,
+            on_finished=self.metrics.observe_job,
         )
         self._worker_thread = threading.Thread(
             target=worker.run_forever, args=(self._worker_stop,), name="lks-worker", daemon=True
@@ -117,11 +117,6 @@ class ServerState:
 
     def _count_swaps(self, swaps: list[Swap]) -> None:
         self.metrics.pack_swaps.inc(len(swaps))
-
-    def _count_job(self, succeeded: bool, seconds: float) -> None:
-        self.metrics.training_duration.observe(seconds)
-        if not succeeded:
-            self.metrics.job_failures.inc()
 
     async def _watch_packs(self, registry: PackRegistry) -> None:
         """Swap in newly published pack versions within one poll interval."""

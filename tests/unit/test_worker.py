@@ -165,3 +165,40 @@ def test_a_disk_full_while_publishing_keeps_the_old_version(
     assert not any(p.name.startswith(".staging") for p in (tmp_path / "packs" / "demo").iterdir())
     assert [v.version for v in store.versions("demo")] == [1]
     assert len(store.live_facts("demo")) == 2, "no fact lost: the next job retries them"
+
+
+def test_a_worker_process_exports_its_metrics(
+    tiny_model_dirs: dict[str, Path], tmp_path: Path
+) -> None:
+    import httpx
+    from conftest import free_port
+
+    url = f"sqlite:///{tmp_path / 'jobs.db'}"
+    store = JobStore.open(url)
+    store.submit("demo", FACTS[:1])
+    port = free_port()
+    env = {
+        **os.environ,
+        "LKS_MODEL": str(tiny_model_dirs["llama"]),
+        "LKS_DATABASE_URL": url,
+        "LKS_PACKS_DIR": str(tmp_path / "packs"),
+        "LKS_PUBLISH_MIN_RELIABILITY": "0",
+        "LKS_LOG_LEVEL": "warning",
+    }
+    args = [sys.executable, "-m", "server.cli", "worker", "--metrics-port", str(port)]
+    process = subprocess.Popen(args, env=env)
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            assert time.monotonic() < deadline and process.poll() is None
+            try:
+                text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=2).text
+            except httpx.TransportError:
+                text = ""
+            if "lks_training_duration_seconds_count 1.0" in text:
+                break
+            time.sleep(0.3)
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+    assert store.jobs()[0].state == JobState.SUCCEEDED
