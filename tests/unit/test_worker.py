@@ -35,6 +35,18 @@ def make_worker(store: JobStore, packs: PackStore, backbone: Backbone, **config:
     return Worker(store, packs, backbone, WorkerConfig(train=TRAIN, **config), name="w")  # type: ignore[arg-type]
 
 
+def worker_env(models: dict[str, Path], url: str, tmp_path: Path, **extra: str) -> dict[str, str]:
+    """The environment of an `lks worker` process on the tiny model and a test database."""
+    return {
+        **os.environ,
+        "LKS_MODEL": str(models["llama"]),
+        "LKS_DATABASE_URL": url,
+        "LKS_PACKS_DIR": str(tmp_path / "packs"),
+        "LKS_LOG_LEVEL": "warning",
+        **extra,
+    }
+
+
 def test_a_job_trains_checks_and_publishes(backbone: Backbone, tmp_path: Path) -> None:
     store = JobStore.open(f"sqlite:///{tmp_path / 'jobs.db'}")
     packs = PackStore(tmp_path / "packs")
@@ -73,14 +85,7 @@ def test_a_killed_worker_s_job_is_reclaimed_and_finished(
     packs = PackStore(tmp_path / "packs")
     facts = [Fact(subject=f"city{i}", prompt=f"city{i} is in", target="france") for i in range(1)]
     job_id = store.submit("demo", [*FACTS, *facts]).job_id
-    env = {
-        **os.environ,
-        "LKS_MODEL": str(tiny_model_dirs["llama"]),
-        "LKS_DATABASE_URL": url,
-        "LKS_PACKS_DIR": str(tmp_path / "packs"),
-        "LKS_JOB_LEASE_SECONDS": "2",
-        "LKS_LOG_LEVEL": "warning",
-    }
+    env = worker_env(tiny_model_dirs, url, tmp_path, LKS_JOB_LEASE_SECONDS="2")
     process = subprocess.Popen([sys.executable, "-m", "server.cli", "worker", "--once"], env=env)
     deadline = time.monotonic() + 60
     while store.job(job_id).state != JobState.RUNNING:
@@ -177,14 +182,7 @@ def test_a_worker_process_exports_its_metrics(
     store = JobStore.open(url)
     store.submit("demo", FACTS[:1])
     port = free_port()
-    env = {
-        **os.environ,
-        "LKS_MODEL": str(tiny_model_dirs["llama"]),
-        "LKS_DATABASE_URL": url,
-        "LKS_PACKS_DIR": str(tmp_path / "packs"),
-        "LKS_PUBLISH_MIN_RELIABILITY": "0",
-        "LKS_LOG_LEVEL": "warning",
-    }
+    env = worker_env(tiny_model_dirs, url, tmp_path, LKS_PUBLISH_MIN_RELIABILITY="0")
     args = [sys.executable, "-m", "server.cli", "worker", "--metrics-port", str(port)]
     process = subprocess.Popen(args, env=env)
     try:
