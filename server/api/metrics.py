@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 from fastapi import FastAPI, Request, Response
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
 
@@ -59,9 +59,6 @@ class ServerMetrics:
             "lks_edits_applied", "Edits applied to requests, per pack", ["pack"], registry=r
         )
         self.pack_swaps = Counter("lks_pack_swaps", "Live pack versions replaced", registry=r)
-        self.client_disconnects = Counter(
-            "lks_client_disconnects", "Generations cancelled because the client left", registry=r
-        )
         self.training_duration = Histogram(
             "lks_training_duration_seconds",
             "Training jobs run by this process, start to end",
@@ -106,7 +103,7 @@ class _StateCollector(Collector):
     def __init__(self, state: ServerState) -> None:
         self.state = state
 
-    def collect(self) -> Iterator[GaugeMetricFamily]:
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         serving = self.state.serving
         queue = GaugeMetricFamily("lks_queue_depth", "Requests by where they are", labels=["where"])
         packs = GaugeMetricFamily("lks_packs_loaded", "Pack versions loaded in memory")
@@ -118,9 +115,14 @@ class _StateCollector(Collector):
             queue.add_metric(["in_flight"], float(serving.scheduler.in_flight))
             packs.add_metric([], float(len(serving.registry.loaded())))
             memory.add_metric([], float(serving.registry.loaded_bytes))
+        disconnects = CounterMetricFamily(
+            "lks_client_disconnects", "Generations cancelled because the client left"
+        )
+        disconnects.add_metric([], float(serving.scheduler.aborted if serving else 0))
         yield queue
         yield packs
         yield memory
+        yield disconnects
         jobs = GaugeMetricFamily("lks_jobs", "Jobs in the store by state", labels=["state"])
         if self.state.jobs is not None:
             try:

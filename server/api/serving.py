@@ -16,10 +16,16 @@ from starlette.requests import Request
 from server.api.errors import APIError
 from server.api.metrics import ServerMetrics
 from server.api.state import Serving, ServingDep, StateDep
-from server.engine.engine import Admitted, EngineRequest, Finished, Generation, TextDelta
+from server.engine.engine import (
+    Admitted,
+    EngineRequest,
+    Finished,
+    Generation,
+    Rejected,
+    TextDelta,
+)
 from server.engine.sampling import SamplingParams
 from server.engine.scheduler import EngineOverloaded, EngineStopped, RequestStream
-from server.model.backbone import Backbone
 from server.packs.names import PackRef
 from server.packs.registry import LoadedPack
 from server.settings import Settings
@@ -31,7 +37,6 @@ class Started:
 
     admitted: Admitted
     stream: RequestStream
-    packs: list[LoadedPack]
     submitted_at: float
 
 
@@ -53,20 +58,6 @@ class GenerationService:
         registry = self.serving.registry
         return [await asyncio.to_thread(registry.get, ref) for ref in refs]
 
-    def check_length(self, text: str, params: SamplingParams, *, templated: bool) -> None:
-        backbone = self.serving.backbone
-        prompt_tokens = len(backbone.tokenizer(text, add_special_tokens=not templated).input_ids)
-        if prompt_tokens == 0:
-            raise APIError(422, "the prompt is empty once tokenized", param="prompt")
-        context = context_length(backbone)
-        if context is not None and prompt_tokens + params.max_tokens > context:
-            raise APIError(
-                422,
-                f"the prompt ({prompt_tokens} tokens) plus max_tokens ({params.max_tokens}) "
-                f"exceeds the model's context of {context} tokens",
-                param="max_tokens",
-            )
-
     async def start(
         self,
         text: str,
@@ -79,7 +70,6 @@ class GenerationService:
             raise APIError(
                 422, f"max_tokens must be <= {self.settings.max_tokens_limit}", param="max_tokens"
             )
-        self.check_length(text, params, templated=templated)
         loaded = await self.resolve(packs)
         request = EngineRequest(
             text, params, templated=templated, edit_sets=[p.edit_set for p in loaded]
@@ -96,11 +86,13 @@ class GenerationService:
         except BaseException:
             stream.abort()
             raise
+        if isinstance(first, Rejected):  # tokenised once, at admission: it does not fit
+            raise APIError(422, first.message, param=first.param)
         assert isinstance(first, Admitted), f"first event must be Admitted, got {first}"
         self.metrics.prompt_tokens.inc(first.prompt_tokens)
         for label in first.edits_applied:
             self.metrics.edits_applied.labels(label.partition("@")[0]).inc()
-        return Started(first, stream, loaded, submitted_at)
+        return Started(first, stream, submitted_at)
 
     def _observe(self, started: Started, event: object, first_text: bool) -> bool:
         """Record time to first token and generated tokens; returns whether text was seen."""
@@ -129,7 +121,6 @@ class GenerationService:
         finally:
             gone.cancel()
         if not result.done():
-            self.metrics.client_disconnects.inc()
             started.stream.abort()
             result.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -151,19 +142,7 @@ class GenerationService:
                     yield event
         finally:
             if not finished:
-                self.metrics.client_disconnects.inc()
                 started.stream.abort()
-
-
-def context_length(backbone: Backbone) -> int | None:
-    """Tokens a request may span: the position table, or a sliding window if smaller (the
-    engine re-batches caches only while the window has dropped nothing)."""
-    config = backbone.model.config
-    limits = [getattr(config, "max_position_embeddings", None)]
-    if getattr(config, "use_sliding_window", True):
-        limits.append(getattr(config, "sliding_window", None))
-    known = [int(v) for v in limits if isinstance(v, int) and v > 0]
-    return min(known) if known else None
 
 
 async def _disconnected(request: Request) -> None:

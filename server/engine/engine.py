@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import itertools
 import logging
-import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack
@@ -73,7 +72,15 @@ class Failed:
     error: str
 
 
-EngineEvent = Admitted | TextDelta | Finished | Failed
+@dataclass(frozen=True)
+class Rejected:
+    """The request cannot run as asked (its prompt does not fit); nothing was generated."""
+
+    message: str
+    param: str
+
+
+EngineEvent = Admitted | TextDelta | Finished | Failed | Rejected
 EventSink = Callable[[EngineEvent], None]
 
 
@@ -103,7 +110,6 @@ class _Running:
     text: str = ""
     emitted: str = ""
     finish: FinishReason | None = None
-    admitted_at: float = field(default_factory=time.perf_counter)
 
     def emit(self, event: EngineEvent) -> None:
         if self.request.sink is not None:
@@ -184,8 +190,10 @@ class BatchEngine:
         if self.waiting and room > 0:
             admitted = [self.waiting.popleft() for _ in range(min(room, len(self.waiting)))]
             prime_gates([(r.text, r.edit_sets) for r in admitted if r.edit_sets])
-            self._join(self._prefill([self._admit(r) for r in admitted]))
-            self._drop_finished()
+            rows = [row for row in map(self._admit, admitted) if row is not None]
+            if rows:
+                self._join(self._prefill(rows))
+                self._drop_finished()
         if self._batch is not None:
             self._decode()
             self._drop_finished()
@@ -197,23 +205,29 @@ class BatchEngine:
     def generate(self, requests: Sequence[EngineRequest]) -> list[Generation]:
         """Run `requests` to completion on the calling thread (CLI, tests, evaluation)."""
         results: dict[int, Generation] = {}
+        rejected: list[str] = []
         for request in requests:
             outer = request.sink
 
             def sink(event: EngineEvent, rid: int = request.request_id, outer=outer) -> None:
                 if isinstance(event, Finished):
                     results[rid] = event.generation
+                if isinstance(event, Rejected):
+                    rejected.append(event.message)
                 if outer is not None:
                     outer(event)
 
             request.sink = sink
             self.add(request)
         self.run_until_done()
+        if rejected:
+            raise ValueError("; ".join(rejected))
         return [results[r.request_id] for r in requests]
 
     # -- internals ---------------------------------------------------------------------------
 
-    def _admit(self, request: EngineRequest) -> _Running:
+    def _admit(self, request: EngineRequest) -> _Running | None:
+        """Tokenise and plan the edits of a request; None (and Rejected sent) if it cannot run."""
         tokenizer = self.backbone.tokenizer
         encoded = tokenizer(
             request.text,
@@ -221,7 +235,20 @@ class BatchEngine:
             return_offsets_mapping=bool(request.edit_sets),
         )
         prompt_ids = list(encoded["input_ids"])
-        assert prompt_ids, "the prompt encodes to no tokens"
+        context = self.backbone.context_length
+        reason = None
+        if not prompt_ids:
+            reason = Rejected("the prompt is empty once tokenized", "prompt")
+        elif context is not None and len(prompt_ids) + request.params.max_tokens > context:
+            reason = Rejected(
+                f"the prompt ({len(prompt_ids)} tokens) plus max_tokens "
+                f"({request.params.max_tokens}) exceeds the model's context of {context} tokens",
+                "max_tokens",
+            )
+        if reason is not None:
+            if request.sink is not None:
+                request.sink(reason)
+            return None
         edits: list[PlannedEdit] = []
         if request.edit_sets:
             offsets = [tuple(o) for o in encoded["offset_mapping"]]

@@ -35,10 +35,6 @@ def _sync_lengths(cache: DynamicCache) -> None:
             layer.cumulative_length = layer.keys.shape[2]
 
 
-def cache_length(cache: DynamicCache) -> int:
-    return cache.get_seq_length()
-
-
 def left_pad(cache: DynamicCache, mask: torch.Tensor, columns: int) -> torch.Tensor:
     """Add `columns` masked columns on the left of every row; returns the widened mask."""
     if columns <= 0:

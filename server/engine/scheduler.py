@@ -14,7 +14,14 @@ import threading
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-from server.engine.engine import BatchEngine, EngineEvent, EngineRequest, Failed, Finished
+from server.engine.engine import (
+    BatchEngine,
+    EngineEvent,
+    EngineRequest,
+    Failed,
+    Finished,
+    Rejected,
+)
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +93,7 @@ class Scheduler:
         queue: asyncio.Queue[EngineEvent] = asyncio.Queue()
 
         def sink(event: EngineEvent) -> None:
-            if isinstance(event, Finished | Failed):
+            if isinstance(event, Finished | Failed | Rejected):  # the request's last event
                 with self._cond:
                     self._in_flight -= 1
             loop.call_soon_threadsafe(queue.put_nowait, event)

@@ -153,6 +153,17 @@ class Backbone:
         return next(self.model.parameters()).dtype
 
     @property
+    def context_length(self) -> int | None:
+        """Tokens a request may span: the position table, or a sliding window if smaller (the
+        engine re-batches caches only while the window has dropped nothing)."""
+        config = self.model.config
+        limits = [getattr(config, "max_position_embeddings", None)]
+        if getattr(config, "use_sliding_window", True):
+            limits.append(getattr(config, "sliding_window", None))
+        known = [int(v) for v in limits if isinstance(v, int) and v > 0]
+        return min(known) if known else None
+
+    @property
     def has_chat_template(self) -> bool:
         return bool(getattr(self.tokenizer, "chat_template", None))
 

@@ -93,7 +93,7 @@ class PackRegistry:
         started = time.perf_counter()
         pack = self.store.load(ref)
         gated = GateTable.from_tensors(pack.content.table) is not None
-        edit_set = load_edit_set(pack, self.backbone, self._gate_encoder() if gated else None)
+        edit_set = load_edit_set(pack, self.backbone, self.gate_encoder() if gated else None)
         nbytes = sum(t.numel() * t.element_size() for t in pack.content.table.values())
         seconds = time.perf_counter() - started
         log.info(
@@ -107,9 +107,6 @@ class PackRegistry:
 
     def gate_encoder(self) -> SentenceEncoder:
         """The one sentence encoder of this server (loaded on first use), shared with training."""
-        return self._gate_encoder()
-
-    def _gate_encoder(self) -> SentenceEncoder:
         with self._lock:
             if self._encoder is None:
                 self._encoder = self.encoder_factory()

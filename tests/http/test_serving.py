@@ -287,5 +287,6 @@ def test_metrics_after_traffic(served: Served) -> None:
     assert samples["lks_time_to_first_token_seconds_count"] >= 1
     assert samples["lks_packs_loaded"] >= 1 and samples["lks_pack_memory_bytes"] > 0
     assert 'lks_queue_depth{where="in_flight"}' in samples
+    assert "lks_client_disconnects_total" in samples
     assert samples['lks_requests_total{endpoint="unmatched",status="404"}'] >= 1
     assert "with-user-text" not in text, "no raw request text in label values"

@@ -158,3 +158,9 @@ def test_aborting_one_row_leaves_the_others_intact(backbone: Backbone) -> None:
 def test_sampling_params_reject_nonsense(params: dict[str, float]) -> None:
     with pytest.raises(AssertionError):
         SamplingParams(**params)  # type: ignore[arg-type]
+
+
+def test_a_prompt_over_the_context_is_rejected(backbone: Backbone) -> None:
+    too_long = EngineRequest("who was born in paris " * 25, SamplingParams(max_tokens=30))
+    with pytest.raises(ValueError, match="exceeds the model's context"):
+        BatchEngine(backbone).generate([too_long])
