@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from server.lks.editor import backbone_info
@@ -10,6 +12,10 @@ from server.lks.train import TrainConfig
 from server.model import Backbone
 from server.packs import PackStore
 from server.packs.format import BackboneInfo, Manifest, PackContent, SubjectEntry
+
+# Where the device-agnostic tests put their tiny models: `LKS_TEST_DEVICE=cuda` runs them on a
+# GPU machine (CI has none).
+TEST_DEVICE = os.environ.get("LKS_TEST_DEVICE", "cpu")
 
 # Facts a random tiny model can learn: the subject ends each prompt, so its block reaches the
 # answer.

@@ -63,6 +63,22 @@ class SplitSequence:
     prefix_values: list[torch.Tensor]
 
 
+@dataclass(frozen=True)
+class CacheShape:
+    """What one sequence's cached `SplitSequence` holds, from the backbone's config."""
+
+    hidden_size: int
+    tail_layers: int  # layers after the edit layer, whose prefix keys/values are cached
+    kv_heads: int
+    head_dim: int
+
+    def numel(self, length: int, cut: int) -> int:
+        """Floats for a sequence of `length` tokens whose first edit is at `cut`."""
+        assert 0 <= cut < length, f"cut {cut} must lie inside the sequence (length {length})"
+        suffix = (length - cut) * self.hidden_size
+        return suffix + 2 * self.tail_layers * self.kv_heads * cut * self.head_dim
+
+
 class PrefixSkippingSplit(LayerSplit):
     """LayerSplit whose training steps run layers L+1.. only on positions from the first edit on.
 
@@ -77,6 +93,16 @@ class PrefixSkippingSplit(LayerSplit):
             config, "use_sliding_window", True
         )
         return config.model_type in _SPLIT_FAMILIES and not sliding
+
+    def cache_shape(self) -> CacheShape:
+        config = self.model.config
+        heads = config.num_attention_heads
+        return CacheShape(
+            hidden_size=config.hidden_size,
+            tail_layers=config.num_hidden_layers - self.layer_index - 1,
+            kv_heads=getattr(config, "num_key_value_heads", None) or heads,
+            head_dim=getattr(config, "head_dim", None) or config.hidden_size // heads,
+        )
 
     def precompute(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, cuts: list[int]

@@ -14,19 +14,23 @@ import random
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from server.lks.activation_cache import ActivationCache
 from server.lks.detect import SubjectIndex
 from server.lks.facts import Fact
 from server.lks.hook import EditPlan
 from server.lks.hypernet import HypernetKind, Hypernetwork
 from server.lks.scope import EncodedText, Scope, encode, pad_batch
-from server.lks.split import LayerSplit, PrefixSkippingSplit, SplitSequence
+from server.lks.split import LayerSplit, PrefixSkippingSplit
 from server.model.backbone import Backbone
 
 log = logging.getLogger(__name__)
+
+DEFAULT_CACHE_BUDGET_BYTES = 4 * 2**30
 
 # Contexts the edit must survive besides the bare prompt; the chat template is added separately.
 DEFAULT_PREFIXES = ("Fact: {prompt}",)
@@ -194,23 +198,45 @@ def split_sequences(
     backbone: Backbone,
     split: PrefixSkippingSplit,
     sequences: Sequence[EncodedText],
+    *,
+    memory_budget_bytes: int = DEFAULT_CACHE_BUDGET_BYTES,
+    spill_dir: Path | None = None,
     batch_size: int = 32,
-) -> list[SplitSequence]:
+) -> ActivationCache:
     """One unedited pass over every training sequence, cut at its first edited position."""
-    result: list[SplitSequence | None] = [None] * len(sequences)
+    cuts = [min(p for _, p in s.edits) for s in sequences]
+    cache = ActivationCache(
+        split.cache_shape(),
+        [(len(s.ids), cut) for s, cut in zip(sequences, cuts, strict=True)],
+        device=backbone.device,
+        model_dtype=backbone.dtype,
+        memory_budget_bytes=memory_budget_bytes,
+        spill_dir=spill_dir,
+    )
     for batch in _length_batches([len(s.ids) for s in sequences], batch_size):
         chunk = [sequences[i] for i in batch]
         ids, mask = pad_batch(chunk, int(backbone.tokenizer.pad_token_id), backbone.device)
-        cuts = [min(p for _, p in s.edits) for s in chunk]
-        for index, part in zip(batch, split.precompute(ids, mask, cuts), strict=True):
-            result[index] = part
-    return result  # type: ignore[return-value]
+        parts = split.precompute(ids, mask, [cuts[i] for i in batch])
+        for index, part in zip(batch, parts, strict=True):
+            cache.put(index, part)
+    return cache
 
 
 class Trainer:
-    def __init__(self, backbone: Backbone, config: TrainConfig | None = None) -> None:
+    def __init__(
+        self,
+        backbone: Backbone,
+        config: TrainConfig | None = None,
+        *,
+        cache_budget_bytes: int = DEFAULT_CACHE_BUDGET_BYTES,
+        spill_dir: Path | None = None,
+    ) -> None:
+        """`cache_budget_bytes`: the cached activations beyond this are mapped from a file in
+        `spill_dir` (the system's temporary directory by default) instead of held in memory."""
         self.backbone = backbone
         self.config = config or TrainConfig()
+        self.cache_budget_bytes = cache_budget_bytes
+        self.spill_dir = spill_dir
         self.layer = self.config.resolve_layer(backbone.num_layers)
         self.split = PrefixSkippingSplit(backbone.model, self.layer)
         self.skip_prefixes = PrefixSkippingSplit.supports(backbone.model)
@@ -251,16 +277,28 @@ class Trainer:
         references: list[torch.Tensor | None] = [None] * len(sequences) + list(unedited)
         sequences += local
         features = feature_states(backbone, self.split, scope)
-        cached = split_sequences(backbone, self.split, sequences) if self.skip_prefixes else None
+        cached = (
+            split_sequences(
+                backbone,
+                self.split,
+                sequences,
+                memory_budget_bytes=self.cache_budget_bytes,
+                spill_dir=self.spill_dir,
+            )
+            if self.skip_prefixes
+            else None
+        )
         log.info(
             "training %d subjects from %d facts on %d sequences (%d locality) at layer %d "
-            "(precompute %.1f s)",
+            "(precompute %.1f s, activation cache %.2f GiB%s)",
             len(scope.subjects),
             len(facts),
             len(sequences),
             len(local),
             self.layer,
             time.perf_counter() - started,
+            cached.nbytes / 2**30 if cached is not None else 0.0,
+            " on disk" if cached is not None and cached.on_disk else "",
         )
         hypernet = Hypernetwork(backbone.hidden_size, config.hypernet).to(backbone.device)
         if warm_start is not None:
@@ -307,6 +345,8 @@ class Trainer:
                 stale += 1
             if epoch_loss < config.stop_loss or stale >= config.patience:
                 break
+        if cached is not None:
+            cached.close()
         with torch.no_grad():
             deltas = hypernet(features).detach()
         return TrainResult(
@@ -328,14 +368,13 @@ class Trainer:
         features: torch.Tensor,
         sequences: Sequence[EncodedText],
         references: Sequence[torch.Tensor | None],
-        cached: list[SplitSequence] | None,
+        cached: ActivationCache | None,
         batch: Sequence[int],
     ) -> torch.Tensor:
         """Cross-entropy on the edits' targets plus the weighted KL(unedited || edited) on the
         locality sequences (those with a reference) of the batch."""
         backbone = self.backbone
         chunk = [sequences[i] for i in batch]
-        deltas = hypernet(features)
         rows, positions, subject_rows = [], [], []
         predict_rows, predict_at, targets = [], [], []
         is_edit: list[bool] = []
@@ -353,14 +392,17 @@ class Trainer:
             if reference is not None:
                 kept.append(reference)
         device = backbone.device
+        # the hypernetwork runs on this batch's subjects only: its cost must not grow with
+        # the pack (10,000 subjects would cost 10,000 rows per step)
+        used, used_index = torch.tensor(subject_rows, device=device).unique(return_inverse=True)
         plan = EditPlan(
             torch.tensor(rows, device=device),
             torch.tensor(positions, device=device),
-            deltas[torch.tensor(subject_rows, device=device)],
+            hypernet(features[used])[used_index],
         )
         rows_t = torch.tensor(predict_rows, device=device)
         if cached is not None:
-            parts = [cached[i] for i in batch]
+            parts = [cached.get(i, device) for i in batch]
             cuts = torch.tensor([p.cut for p in parts], device=device)
             width = max(p.suffix_states.shape[0] for p in parts)
             states = torch.zeros(len(chunk), width, backbone.hidden_size, device=device)

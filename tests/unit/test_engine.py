@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from factories import TEST_DEVICE
 from tiny_models import FAMILIES
 
 from server.engine.engine import (
@@ -40,7 +41,7 @@ ENGINE_FAMILIES = [f for f in FAMILIES if f != "qwen2"]
 
 @pytest.fixture(scope="module", params=ENGINE_FAMILIES)
 def backbone(request: pytest.FixtureRequest, tiny_model_dirs: dict[str, Path]) -> Backbone:
-    return load_backbone(Settings(model=tiny_model_dirs[request.param], device="cpu"))
+    return load_backbone(Settings(model=tiny_model_dirs[request.param], device=TEST_DEVICE))
 
 
 def edit_set(backbone: Backbone, subject: str, seed: int, ref: str) -> EditSet:

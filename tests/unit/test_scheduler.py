@@ -6,6 +6,7 @@ import asyncio
 from pathlib import Path
 
 import pytest
+from factories import TEST_DEVICE
 
 from server.engine.engine import BatchEngine, EngineRequest, Finished
 from server.engine.sampling import SamplingParams
@@ -15,7 +16,7 @@ from server.settings import Settings
 
 
 def test_queue_bound_abort_and_completion(tiny_model_dirs: dict[str, Path]) -> None:
-    backbone = load_backbone(Settings(model=tiny_model_dirs["llama"], device="cpu"))
+    backbone = load_backbone(Settings(model=tiny_model_dirs["llama"], device=TEST_DEVICE))
     scheduler = Scheduler(BatchEngine(backbone), max_queued=2)  # not started: requests wait
 
     async def scenario() -> None:

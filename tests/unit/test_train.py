@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from factories import TINY_FACTS, TINY_TRAIN
+from factories import TEST_DEVICE, TINY_FACTS, TINY_TRAIN
 
 from server.lks.apply import EditSet
 from server.lks.evaluate import top1_predictions
@@ -30,7 +30,7 @@ LOCALITY = LocalityPrompt(prompt="who was born in france")  # names FACTS[1]'s s
 
 
 def _backbone(tiny_model_dirs: dict[str, Path], family: str) -> Backbone:
-    return load_backbone(Settings(model=tiny_model_dirs[family], device="cpu"))
+    return load_backbone(Settings(model=tiny_model_dirs[family], device=TEST_DEVICE))
 
 
 @pytest.mark.parametrize("kind", ["linear", "mlp"])
@@ -181,3 +181,46 @@ def test_training_counts_the_locality_prompts_it_used(tiny_model_dirs: dict[str,
     assert result.training_record()["locality_prompts"] == 1
     off = Trainer(backbone, replace(config, locality_weight=0.0)).train(facts)
     assert off.locality_prompts == 0
+
+
+def test_training_spills_its_activation_cache_to_disk_with_the_same_result(
+    tiny_model_dirs: dict[str, Path], tmp_path: Path
+) -> None:
+    """Past the memory budget the cached activations live in a mapped file: training reads the
+    same numbers, and the file is gone afterwards."""
+    backbone = _backbone(tiny_model_dirs, "llama")
+    config = replace(CONFIG, epochs=3, min_steps=1)
+    in_memory = Trainer(backbone, config).train(FACTS)
+    spilled = Trainer(backbone, config, cache_budget_bytes=0, spill_dir=tmp_path).train(FACTS)
+    torch.testing.assert_close(spilled.deltas, in_memory.deltas, rtol=0, atol=0)
+    assert spilled.history == in_memory.history
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("budget", [2**30, 0], ids=["memory", "disk"])
+def test_activation_cache_gives_back_what_precompute_wrote(
+    tiny_model_dirs: dict[str, Path], tmp_path: Path, budget: int
+) -> None:
+    backbone = _backbone(tiny_model_dirs, "llama")
+    trainer = Trainer(backbone, CONFIG)
+    scope = Scope.from_facts(FACTS)
+    index = scope.index()
+    sequences = [encode(backbone.tokenizer, index, f.prompt, f.target) for f in FACTS]
+    cache = split_sequences(
+        backbone, trainer.split, sequences, memory_budget_bytes=budget, spill_dir=tmp_path
+    )
+    assert cache.on_disk == (budget == 0)
+    for position, seq in enumerate(sequences):
+        ids = torch.tensor([seq.ids])
+        (expected,) = trainer.split.precompute(ids, torch.ones_like(ids), [cache.cuts[position]])
+        got = cache.get(position, backbone.device)
+        assert got.cut == expected.cut > 0
+        torch.testing.assert_close(got.suffix_states, expected.suffix_states)
+        for got_kv, expected_kv in zip(
+            got.prefix_keys + got.prefix_values,
+            expected.prefix_keys + expected.prefix_values,
+            strict=True,
+        ):
+            torch.testing.assert_close(got_kv, expected_kv)
+    cache.close()
+    assert list(tmp_path.iterdir()) == []

@@ -1,0 +1,391 @@
+"""Massive editing benchmark: 10,000-fact packs (the massive-editing issue).
+
+Subcommands, each printing one JSON object (and writing it under --out when given):
+
+    train    train the hypernetwork on 8,000 zsRE dev + 2,000 CounterFact dev facts; with
+             --max-steps, stop early and extrapolate the full time from the steps run
+    compare  our trainer vs the reference training loop (bench/reference_loop.py) on the same
+             facts: time to the same reliability
+    detect   subject detection over the 10,000 subjects plus one alias each: per-prompt cost
+    serve    a real `lks serve` with the 10,000-subject pack vs no pack at concurrency 1, and
+             the pack's load time and memory
+
+    .venv/bin/python bench/massive.py train --out bench/massive [--device cuda]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import resource
+import statistics
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import psutil
+import torch
+from safetensors.torch import load_file, save_file
+
+from server.lks.apply import EditSet
+from server.lks.datasets import dataset_path, load_items
+from server.lks.evaluate import EvalItem, top1_predictions
+from server.lks.facts import Fact
+from server.lks.scope import Scope, encode
+from server.lks.train import TrainConfig, Trainer, feature_states
+from server.model import Backbone, load_backbone
+from server.settings import Settings
+
+log = logging.getLogger("bench.massive")
+
+
+class StopTraining(Exception):
+    pass
+
+
+def dev_items(settings: Settings, zsre: int, counterfact: int) -> list[EvalItem]:
+    items = load_items(dataset_path(settings.data_dir, "zsre"), "dev", zsre) if zsre else []
+    if counterfact:
+        items += load_items(dataset_path(settings.data_dir, "counterfact"), "dev", counterfact)
+    return items
+
+
+def peak_rss_gib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def reliability(
+    backbone: Backbone, scope: Scope, layer: int, deltas: torch.Tensor, facts: Sequence[Fact]
+) -> float:
+    """Teacher-forced top-1 on the facts' own prompts, gate left out (it always opens on an
+    edit's own prompt)."""
+    table = EditSet(subjects=scope.subjects, deltas=deltas.to(backbone.dtype), layer=layer)
+    sequences = [encode(backbone.tokenizer, table.index, f.prompt, f.target) for f in facts]
+    predicted = top1_predictions(backbone, sequences, table)
+    scores = [
+        sum(p == t for p, t in zip(pred, seq.target_ids, strict=True)) / len(seq.target_ids)
+        for pred, seq in zip(predicted, sequences, strict=True)
+    ]
+    return sum(scores) / len(scores)
+
+
+def cmd_train(args: argparse.Namespace, settings: Settings, backbone: Backbone) -> dict[str, Any]:
+    facts = [it.fact for it in dev_items(settings, args.zsre, args.counterfact)]
+    trainer = Trainer(backbone, TrainConfig(), cache_budget_bytes=int(args.cache_gib * 2**30))
+    steps: list[tuple[int, int, float]] = []  # (step, total steps, elapsed s)
+
+    def progress(event: Any) -> None:
+        steps.append((event.step, event.steps, event.elapsed_s))
+        if (args.max_steps and event.step >= args.max_steps) or (
+            args.max_seconds and event.elapsed_s >= args.max_seconds and len(steps) > 1
+        ):
+            raise StopTraining
+
+    started = time.perf_counter()
+    record: dict[str, Any] = {"facts": len(facts), "device": str(backbone.device)}
+    try:
+        result = trainer.train(facts, progress)
+    except StopTraining:
+        (first, total, first_elapsed), (last, _, last_elapsed) = steps[0], steps[-1]
+        per_step = (last_elapsed - first_elapsed) / (last - first)
+        precompute = first_elapsed - per_step
+        record.update(
+            complete=False,
+            steps_run=last,
+            steps_planned=total,
+            precompute_seconds=round(precompute, 1),
+            seconds_per_step=round(per_step, 4),
+            estimated_train_seconds=round(precompute + per_step * total, 1),
+            peak_rss_gib=round(peak_rss_gib(), 2),
+        )
+        return record
+    wall = time.perf_counter() - started
+    sample = facts[:: max(1, len(facts) // args.check)]
+    record.update(
+        complete=True,
+        subjects=len(result.scope.subjects),
+        train_seconds=round(result.seconds, 1),
+        wall_seconds=round(wall, 1),
+        epochs_run=result.epochs_run,
+        steps=steps[-1][0],
+        final_loss=round(result.final_loss, 4),
+        history=[round(h, 4) for h in result.history],
+        reliability_sample=len(sample),
+        reliability=round(
+            reliability(backbone, result.scope, result.layer, result.deltas, sample), 4
+        ),
+        peak_rss_gib=round(peak_rss_gib(), 2),
+    )
+    if backbone.device.type == "cuda":
+        record["cuda_peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        weights = {k: v.float().cpu().contiguous() for k, v in result.hypernet.state_dict().items()}
+        save_file(weights, str(args.out / "hypernet.safetensors"))
+    return record
+
+
+def cmd_compare(args: argparse.Namespace, settings: Settings, backbone: Backbone) -> dict[str, Any]:
+    from reference_loop import ReferenceLoopTrainer
+
+    facts = [it.fact for it in dev_items(settings, args.n, 0)]
+    config = TrainConfig()
+    ours = Trainer(backbone, config).train(facts)
+    ours_rel = reliability(backbone, ours.scope, ours.layer, ours.deltas, facts)
+    log.info("ours: %.1f s, reliability %.4f", ours.seconds, ours_rel)
+    goal = ours_rel - args.tolerance
+    reference = ReferenceLoopTrainer(backbone, config)
+    scope = Scope.from_facts(facts)
+    features = feature_states(backbone, trainer_split(backbone, reference.layer), scope)
+    curve: list[dict[str, float]] = []
+
+    def on_epoch(epoch: int, net: Any, seconds: float) -> bool:
+        with torch.no_grad():
+            rel = reliability(backbone, scope, reference.layer, net(features), facts)
+        curve.append({"epoch": epoch, "train_seconds": round(seconds, 1), "reliability": rel})
+        log.info("reference epoch %d: %.1f s, reliability %.4f", epoch, seconds, rel)
+        return rel >= goal or seconds > args.max_reference_seconds
+
+    run, _, _ = reference.train(facts, on_epoch, max_epochs=args.max_reference_epochs)
+    reached = curve[-1]["reliability"] >= goal
+    return {
+        "facts": len(facts),
+        "device": str(backbone.device),
+        "ours_train_seconds": round(ours.seconds, 1),
+        "ours_epochs": ours.epochs_run,
+        "ours_reliability": round(ours_rel, 4),
+        "reference_reached": reached,
+        "reference_train_seconds": round(run.train_seconds, 1),
+        "reference_epochs": run.epochs_run,
+        "reference_curve": curve,
+        "speedup": round(run.train_seconds / ours.seconds, 2),
+        "speedup_is_lower_bound": not reached,
+    }
+
+
+def trainer_split(backbone: Backbone, layer: int) -> Any:
+    from server.lks.split import LayerSplit
+
+    return LayerSplit(backbone.model, layer)
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def cmd_detect(args: argparse.Namespace, settings: Settings, backbone: Backbone | None) -> dict:
+    from server.lks.detect import SubjectIndex
+
+    items = dev_items(settings, 8000, 2000)
+    subjects = list(dict.fromkeys(it.fact.subject for it in items))
+    # one alias per subject: its upper-cased name (the automaton's cost depends on the keys'
+    # count and the prompt's length, not on what an alias says)
+    names = [(s, row) for row, s in enumerate(subjects)]
+    names += [(s.upper(), row) for row, s in enumerate(subjects)]
+    started = time.perf_counter()
+    index = SubjectIndex(names)
+    build_s = time.perf_counter() - started
+    test = load_items(dataset_path(settings.data_dir, "zsre"), "test", 2000)
+    test += load_items(dataset_path(settings.data_dir, "counterfact"), "test", 2000)
+    prompts = [it.fact.prompt for it in items[::5]]  # name an edited subject
+    prompts += [p for it in test for p in (it.fact.prompt, it.generality, it.locality_prompt) if p]
+    for prompt in prompts[:200]:  # warm-up
+        index.find(prompt)
+    costs, found = [], 0
+    for _ in range(args.repeat):
+        for prompt in prompts:
+            began = time.perf_counter_ns()
+            matches = index.find(prompt)
+            costs.append((time.perf_counter_ns() - began) / 1e6)
+            found += bool(matches)
+    return {
+        "subjects": len(subjects),
+        "keys": index.size,
+        "build_seconds": round(build_s, 3),
+        "prompts": len(prompts) * args.repeat,
+        "prompts_with_a_subject": found,
+        "p50_ms": round(percentile(costs, 0.5), 4),
+        "p99_ms": round(percentile(costs, 0.99), 4),
+        "max_ms": round(max(costs), 4),
+        "mean_ms": round(statistics.fmean(costs), 4),
+    }
+
+
+def build_massive_pack(
+    facts: Sequence[Fact], backbone: Backbone, hypernet_path: Path, packs_dir: Path, name: str
+) -> dict[str, Any]:
+    """Publish the 10,000-fact pack from trained hypernetwork weights: feature states, subject
+    table and gate table are recomputed here (the deltas are a function of the weights)."""
+    from server.lks.editor import backbone_info, pack_content
+    from server.lks.gate import GateTable, SentenceEncoder
+    from server.lks.hypernet import Hypernetwork
+    from server.lks.train import TrainResult
+    from server.packs import PackStore
+
+    config = TrainConfig()
+    layer = config.resolve_layer(backbone.num_layers)
+    scope = Scope.from_facts(facts)
+    started = time.perf_counter()
+    features = feature_states(backbone, trainer_split(backbone, layer), scope)
+    hypernet = Hypernetwork(backbone.hidden_size, config.hypernet)
+    hypernet.load_state_dict(load_file(str(hypernet_path)))
+    with torch.no_grad():
+        deltas = hypernet(features)
+    names = [(s.subject, *s.aliases) for s in scope.subjects]
+    gate = GateTable.build(
+        SentenceEncoder(),
+        [f.prompt for f in facts],
+        [names[row] for row in scope.fact_rows],
+        scope.fact_rows,
+    )
+    result = TrainResult(layer, scope, deltas, hypernet, config, 0, float("nan"), 0.0)
+    manifest = PackStore(packs_dir).publish(
+        name, pack_content(result, gate, facts), backbone_info(backbone)
+    )
+    return {"pack": manifest.name, "build_seconds": round(time.perf_counter() - started, 1)}
+
+
+def general_ability(backbone: Backbone, edit_set: Any, path: Path) -> dict[str, Any]:
+    """Greedy answers to simple prompts (bench/general_ability.jsonl) with and without the
+    pack, through the serving engine: accuracy per set, and how many answers the pack changed."""
+    from server.engine.engine import BatchEngine, EngineRequest
+    from server.engine.sampling import SamplingParams
+
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    engine = BatchEngine(backbone)
+    params = SamplingParams(max_tokens=8)
+    plain = engine.generate([EngineRequest(r["prompt"], params) for r in rows])
+    edited = engine.generate([EngineRequest(r["prompt"], params, [edit_set]) for r in rows])
+    result: dict[str, Any] = {}
+    for name in sorted({r["set"] for r in rows}):
+        mine = [i for i, r in enumerate(rows) if r["set"] == name]
+
+        def score(outputs: Sequence[Any], mine: list[int] = mine) -> float:
+            hits = [rows[i]["answer"].lower() in outputs[i].text.lower() for i in mine]
+            return round(100 * sum(hits) / len(mine), 1)
+
+        result[name] = {
+            "prompts": len(mine),
+            "naming_an_edited_subject": sum(
+                bool(edit_set.index.find(rows[i]["prompt"])) for i in mine
+            ),
+            "edits_applied": sum(bool(edited[i].edits_applied) for i in mine),
+            "unedited_score": score(plain),
+            "edited_score": score(edited),
+            "answers_changed": sum(plain[i].text != edited[i].text for i in mine),
+        }
+    return result
+
+
+def cmd_serve(args: argparse.Namespace, settings: Settings, backbone: Backbone) -> dict:
+    """Pack build, load time and memory, general ability, then throughput through `lks serve`."""
+    from harness import start_server
+    from serve import load_run
+
+    from server.lks.apply import load_edit_set
+    from server.lks.gate import SentenceEncoder
+    from server.packs import PackStore
+    from server.packs.names import PackRef
+
+    packs_dir = args.packs_dir or Path(tempfile.mkdtemp(prefix="lks-massive-packs-"))
+    store = PackStore(packs_dir)
+    built = {}
+    if not store.versions("massive"):
+        facts = [it.fact for it in dev_items(settings, args.zsre, args.counterfact)]
+        built = build_massive_pack(facts, backbone, args.hypernet, packs_dir, "massive")
+    ref = store.resolve(PackRef("massive"))
+    encoder = SentenceEncoder()
+    process = psutil.Process()
+    rss_before = process.memory_info().rss
+    started = time.perf_counter()
+    edit_set = load_edit_set(store.load(ref), backbone, encoder)
+    load_s = time.perf_counter() - started
+    rss_after = process.memory_info().rss
+    record: dict[str, Any] = {
+        **built,
+        "subjects": len(edit_set.subjects),
+        "pack_mib_on_disk": round(
+            sum(f.stat().st_size for f in store.path(ref).iterdir()) / 2**20, 1
+        ),
+        "pack_load_seconds": round(load_s, 2),
+        "pack_load_rss_mib": round((rss_after - rss_before) / 2**20, 1),
+        "general_ability": general_ability(backbone, edit_set, args.ability),
+    }
+    items = dev_items(settings, args.zsre, args.counterfact)
+    prompts = [it.fact.prompt for it in items[:: len(items) // args.requests]][: args.requests]
+    server = start_server(packs_dir, args.port)
+    url = f"http://127.0.0.1:{args.port}"
+    try:
+        asyncio.run(load_run(url, [("warm-up", prompts[0], "massive")] * 4, 2, 4))
+        # no pack and the pack alternate request by request: drift falls on both alike
+        pairs = [r for p in prompts for r in (("no pack", p, None), ("pack", p, "massive"))]
+        _, done = asyncio.run(load_run(url, pairs, 1, args.tokens))
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    rate = {}
+    for label in ("no pack", "pack"):
+        mine = [d for d in done if d.label == label]
+        rate[label] = sum(d.tokens for d in mine) / sum(d.latency for d in mine)
+    record.update(
+        requests_each=len(prompts),
+        tokens_per_request=args.tokens,
+        tokens_per_s_no_pack=round(rate["no pack"], 2),
+        tokens_per_s_pack=round(rate["pack"], 2),
+        throughput_ratio=round(rate["pack"] / rate["no pack"], 3),
+    )
+    return record
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    train = sub.add_parser("train")
+    train.add_argument("--zsre", type=int, default=8000)
+    train.add_argument("--counterfact", type=int, default=2000)
+    train.add_argument("--max-steps", type=int, default=0, help="stop early and extrapolate")
+    train.add_argument("--max-seconds", type=float, default=0, help="... or after this long")
+    train.add_argument("--cache-gib", type=float, default=4.0, help="activation cache budget")
+    train.add_argument("--check", type=int, default=1000, help="facts to check reliability on")
+    compare = sub.add_parser("compare")
+    compare.add_argument("--n", type=int, default=1000)
+    compare.add_argument("--tolerance", type=float, default=0.005)
+    compare.add_argument("--max-reference-epochs", type=int, default=20)
+    compare.add_argument("--max-reference-seconds", type=float, default=3600)
+    detect = sub.add_parser("detect")
+    detect.add_argument("--repeat", type=int, default=3)
+    serve = sub.add_parser("serve")
+    serve.add_argument("--hypernet", type=Path, help="trained weights (`train --out`)")
+    serve.add_argument("--zsre", type=int, default=8000)
+    serve.add_argument("--counterfact", type=int, default=2000)
+    serve.add_argument("--packs-dir", type=Path, help="reuse the pack built by an earlier run")
+    serve.add_argument(
+        "--ability", type=Path, default=Path(__file__).with_name("general_ability.jsonl")
+    )
+    serve.add_argument("--requests", type=int, default=16)
+    serve.add_argument("--tokens", type=int, default=32)
+    serve.add_argument("--port", type=int, default=8766)
+    for command in (train, compare, detect, serve):
+        command.add_argument("--out", type=Path, help="write the JSON result (and files) here")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    settings = Settings()
+    backbone = None if args.command == "detect" else load_backbone(settings)
+    handler = {"train": cmd_train, "compare": cmd_compare, "detect": cmd_detect, "serve": cmd_serve}
+    result = handler[args.command](args, settings, backbone)  # type: ignore[arg-type]
+    text = json.dumps(result)
+    print(text)
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / f"{args.command}.json").write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
