@@ -14,7 +14,7 @@ export PIP_FIND_LINKS ?= /opt/wheels
 endif
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: install serve test test-unit lint format clean bench-quality bench-serve bench-train bench-load
+.PHONY: install serve test test-unit lint format clean bench-quality bench-serve bench-train bench-load bench-massive
 
 $(STAMP): pyproject.toml Makefile
 	@echo ">> installing lks-server into $(VENV)"
@@ -59,6 +59,17 @@ bench-train: install
 bench-load: install
 	@echo ">> 100 clients for 60 s on loopback: mixed packs and fact submissions"
 	$(BIN)/python bench/load.py --json bench/load.json
+
+MASSIVE := PYTHONPATH=bench $(BIN)/python bench/massive.py
+bench-massive: install
+	@echo ">> 10,000-fact pack: detection, training (about 75 minutes on 2 CPU cores), growth,"
+	@echo "   serving and general ability, then ours vs the reference loop on 1,000 facts"
+	$(MASSIVE) detect --out bench/massive
+	$(MASSIVE) train --out bench/massive
+	$(MASSIVE) grow --out bench/massive --full-train-json bench/massive/train.json
+	$(MASSIVE) serve --out bench/massive
+	$(MASSIVE) compare --out bench/massive
+	$(MASSIVE) report --out bench/massive | tee bench/massive.md
 
 format: install
 	$(BIN)/ruff check --fix .

@@ -30,7 +30,7 @@ from server.lks.evaluate import EvalItem, evaluate, top1_predictions
 from server.lks.facts import Fact
 from server.lks.gate import PLACEHOLDER, STATEMENT_PROBES, SentenceEncoder
 from server.lks.scope import encode
-from server.lks.train import Progress, TrainConfig
+from server.lks.train import Progress, TrainConfig, growth_selection
 from server.model.backbone import Backbone
 from server.packs import PackError, PackRef
 from server.packs.store import PackStore
@@ -155,7 +155,9 @@ class Worker:
             beat(0.9 * event.fraction, eta)  # the last 10%: checking and publishing
 
         beat(0.0, None)
-        warm = self._warm_start(job.pack, facts)
+        warm, learned = self._warm_start(job.pack, facts)
+        # a grown set trains on its new facts plus a replay sample of the learned ones
+        train_on = growth_selection(facts, learned) if warm is not None else None
         result, gate_table, edit_set = train_edits(
             self.backbone,
             facts,
@@ -163,8 +165,12 @@ class Worker:
             self.config.train,
             on_progress,
             warm_start=warm,
+            train_on=train_on,
         )
-        metrics_extra = {"warm_start": 1.0 if warm is not None else 0.0}
+        metrics_extra = {
+            "warm_start": 1.0 if warm is not None else 0.0,
+            "trained_facts": float(len(train_on) if train_on is not None else len(facts)),
+        }
         last_beat = 0.0
         beat(0.9, None)
         metrics = {**self._check(facts, edit_set), **metrics_extra}
@@ -217,17 +223,20 @@ class Worker:
             self.on_published(job.pack, manifest.version)
         return True
 
-    def _warm_start(self, pack: str, facts: list[Fact]) -> dict[str, torch.Tensor] | None:
-        """The latest version's hypernetwork, when every fact it learned is still wanted (the
-        fact set only grew) and it was trained on this backbone with the same shape."""
+    def _warm_start(
+        self, pack: str, facts: list[Fact]
+    ) -> tuple[dict[str, torch.Tensor] | None, set[tuple[str, str, str]]]:
+        """The latest version's hypernetwork and the facts it learned, when every one of them
+        is still wanted (the fact set only grew) and it was trained on this backbone with the
+        same shape."""
         versions = self.packs.versions(pack)
         if not versions:
-            return None
+            return None, set()
         try:
             previous = self.packs.load(PackRef(pack, versions[-1]))
         except PackError as exc:
             log.warning("pack %s@%d unreadable, training from scratch: %s", pack, versions[-1], exc)
-            return None
+            return None, set()
         wanted = {(f.subject, f.prompt, f.target) for f in facts}
         learned = {(f["subject"], f["prompt"], f["target"]) for f in previous.content.facts}
         compatible = (
@@ -236,7 +245,7 @@ class Worker:
             and previous.content.training.get("hypernet") == self.config.train.hypernet
         )
         if not compatible or not learned <= wanted:
-            return None
+            return None, set()
         log.info(
             "pack %s: warm start from version %d (%d of %d facts learned)",
             pack,
@@ -244,7 +253,7 @@ class Worker:
             len(learned),
             len(wanted),
         )
-        return previous.content.hypernet
+        return previous.content.hypernet, learned
 
     def _check(self, facts: list[Fact], edit_set: EditSet) -> dict[str, float]:
         """The quality gate's figures: reliability on the pack's own facts (teacher-forced

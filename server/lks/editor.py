@@ -28,8 +28,11 @@ def train_edits(
     progress: ProgressCallback | None = None,
     *,
     warm_start: dict[str, torch.Tensor] | None = None,
+    train_on: Sequence[int] | None = None,
 ) -> tuple[TrainResult, GateTable, EditSet]:
-    result = Trainer(backbone, config).train(facts, progress, warm_start=warm_start)
+    result = Trainer(backbone, config).train(
+        facts, progress, warm_start=warm_start, train_on=train_on
+    )
     names = [(s.subject, *s.aliases) for s in result.scope.subjects]
     gate_table = GateTable.build(
         encoder,

@@ -222,6 +222,25 @@ def split_sequences(
     return cache
 
 
+def growth_selection(
+    facts: Sequence[Fact],
+    learned: set[tuple[str, str, str]],
+    *,
+    replay_per_new: int = 4,
+    min_replay: int = 256,
+    seed: int = 0,
+) -> list[int] | None:
+    """What a warm-started run trains on when a fact set grows: every fact the previous
+    version did not learn, plus a random replay sample of the learned ones, so that the shared
+    hypernetwork keeps what it knew. None when the replay would be most of the set anyway."""
+    new = [i for i, f in enumerate(facts) if (f.subject, f.prompt, f.target) not in learned]
+    old = [i for i, f in enumerate(facts) if (f.subject, f.prompt, f.target) in learned]
+    replay = max(min_replay, replay_per_new * len(new))
+    if not new or len(new) + replay >= len(facts) // 2:
+        return None
+    return sorted(new + random.Random(seed).sample(old, replay))
+
+
 class Trainer:
     def __init__(
         self,
@@ -259,18 +278,25 @@ class Trainer:
         progress: ProgressCallback | None = None,
         *,
         warm_start: dict[str, torch.Tensor] | None = None,
+        train_on: Sequence[int] | None = None,
     ) -> TrainResult:
         """Train a pack's hypernetwork on `facts`; `warm_start` (a previous version's weights,
-        when the fact set only grew) starts from what that version already learned."""
+        when the fact set only grew) starts from what that version already learned.
+
+        `train_on` (indices into `facts`, default all) limits the training sequences to those
+        facts, as growth does with the new facts and a replay sample of the learned ones
+        (`growth_selection`); the subject table still covers every fact."""
         assert facts, "no facts to train on"
         started = time.perf_counter()
         config, backbone = self.config, self.backbone
         torch.manual_seed(config.seed)
         rng = random.Random(config.seed)
         scope = Scope.from_facts(facts)
-        sequences = self._sequences(facts, scope)
+        trained = facts if train_on is None else [facts[i] for i in train_on]
+        assert trained, "train_on selects no facts"
+        sequences = self._sequences(trained, scope)
         local, unedited = (
-            locality_sequences(backbone, scope.index(), facts, config.locality_positions)
+            locality_sequences(backbone, scope.index(), trained, config.locality_positions)
             if config.locality_weight > 0
             else ([], [])
         )
@@ -289,9 +315,10 @@ class Trainer:
             else None
         )
         log.info(
-            "training %d subjects from %d facts on %d sequences (%d locality) at layer %d "
+            "training %d subjects from %d of %d facts on %d sequences (%d locality) at layer %d "
             "(precompute %.1f s, activation cache %.2f GiB%s)",
             len(scope.subjects),
+            len(trained),
             len(facts),
             len(sequences),
             len(local),

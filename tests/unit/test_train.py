@@ -19,6 +19,7 @@ from server.lks.train import (
     TrainConfig,
     Trainer,
     feature_states,
+    growth_selection,
     locality_sequences,
     split_sequences,
 )
@@ -42,8 +43,8 @@ def test_untrained_hypernetwork_changes_nothing(kind: str) -> None:
 @pytest.mark.parametrize("family", ["llama", "mistral", "qwen2"])
 def test_head_gives_the_edit_layer_states(family: str, tiny_model_dirs: dict[str, Path]) -> None:
     backbone = _backbone(tiny_model_dirs, family)
-    ids = torch.tensor([[3, 4, 5, 6], [7, 8, 1, 1]])
-    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]])
+    ids = torch.tensor([[3, 4, 5, 6], [7, 8, 1, 1]], device=backbone.device)
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]], device=backbone.device)
     with torch.inference_mode():
         full = backbone.model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
         at_layer = LayerSplit(backbone.model, 1).states_at_layer(ids, mask)
@@ -94,7 +95,9 @@ def test_prefix_skipping_split_matches_the_full_model(tiny_model_dirs: dict[str,
 
     backbone = _backbone(tiny_model_dirs, "llama")
     assert PrefixSkippingSplit.supports(backbone.model)
-    ids = torch.tensor([[3, 4, 5, 6, 7, 8], [9, 10, 11, 12, 1, 1], [13, 14, 15, 16, 17, 1]])
+    ids = torch.tensor(
+        [[3, 4, 5, 6, 7, 8], [9, 10, 11, 12, 1, 1], [13, 14, 15, 16, 17, 1]], device=backbone.device
+    )
     mask = (ids != 1).long()
     cuts = [2, 3, 0]
     split = PrefixSkippingSplit(backbone.model, 1)
@@ -102,7 +105,7 @@ def test_prefix_skipping_split_matches_the_full_model(tiny_model_dirs: dict[str,
         full = backbone.model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
         sequences = split.precompute(ids, mask, cuts)
         width = max(s.suffix_states.shape[0] for s in sequences)
-        suffix = torch.zeros(3, width, backbone.hidden_size)
+        suffix = torch.zeros(3, width, backbone.hidden_size, device=backbone.device)
         for row, seq in enumerate(sequences):
             suffix[row, : seq.suffix_states.shape[0]] = seq.suffix_states
         final = split.suffix_final_states(sequences, suffix)
@@ -149,7 +152,7 @@ def test_locality_loss_is_kl_from_the_unedited_model(
     scope = Scope.from_facts(facts)
     sequences, references = locality_sequences(backbone, scope.index(), facts, 3)
     torch.manual_seed(0)
-    hypernet = Hypernetwork(backbone.hidden_size)
+    hypernet = Hypernetwork(backbone.hidden_size).to(backbone.device)
     torch.nn.init.normal_(hypernet.net.weight, std=0.5)  # an edit that changes the answer
     features = feature_states(backbone, trainer.split, scope)
     cached = split_sequences(backbone, trainer.split, sequences) if trainer.skip_prefixes else None
@@ -162,7 +165,7 @@ def test_locality_loss_is_kl_from_the_unedited_model(
             hidden_size=backbone.hidden_size,
             device=backbone.device,
         )
-        ids = torch.tensor([seq.ids])
+        ids = torch.tensor([seq.ids], device=backbone.device)
         unedited = backbone.model(input_ids=ids).logits[0, seq.predict_at].log_softmax(-1)
         with backbone.edit_hooks.at(trainer.layer).plan(plan):
             edited = backbone.model(input_ids=ids).logits[0, seq.predict_at].log_softmax(-1)
@@ -211,7 +214,7 @@ def test_activation_cache_gives_back_what_precompute_wrote(
     )
     assert cache.on_disk == (budget == 0)
     for position, seq in enumerate(sequences):
-        ids = torch.tensor([seq.ids])
+        ids = torch.tensor([seq.ids], device=backbone.device)
         (expected,) = trainer.split.precompute(ids, torch.ones_like(ids), [cache.cuts[position]])
         got = cache.get(position, backbone.device)
         assert got.cut == expected.cut > 0
@@ -224,3 +227,30 @@ def test_activation_cache_gives_back_what_precompute_wrote(
             torch.testing.assert_close(got_kv, expected_kv)
     cache.close()
     assert list(tmp_path.iterdir()) == []
+
+
+def _numbered_facts(count: int) -> list[Fact]:
+    return [Fact(subject=f"s{i}", prompt=f"where is s{i}", target="x") for i in range(count)]
+
+
+def test_growth_trains_the_new_facts_and_a_replay_sample() -> None:
+    facts = _numbered_facts(2000)
+    learned = {(f.subject, f.prompt, f.target) for f in facts[:1900]}
+    chosen = growth_selection(facts, learned, replay_per_new=4, min_replay=50)
+    assert chosen is not None and len(chosen) == 100 + 400
+    assert set(range(1900, 2000)) <= set(chosen)  # every new fact
+    assert chosen == growth_selection(facts, learned, replay_per_new=4, min_replay=50)  # seeded
+    # nothing new, or a replay that would be half the set: train on everything
+    assert growth_selection(facts, {(f.subject, f.prompt, f.target) for f in facts}) is None
+    assert growth_selection(facts, learned, replay_per_new=10, min_replay=50) is None
+
+
+def test_training_on_some_facts_still_tables_every_subject(
+    tiny_model_dirs: dict[str, Path],
+) -> None:
+    backbone = _backbone(tiny_model_dirs, "llama")
+    only_first = Trainer(backbone, CONFIG).train(FACTS, train_on=[0])
+    both = Trainer(backbone, CONFIG).train(FACTS)
+    assert only_first.deltas.shape == both.deltas.shape == (2, backbone.hidden_size)
+    assert only_first.history[-1] < only_first.history[0] - 0.3  # it learned fact 0
+    assert not torch.equal(only_first.deltas, both.deltas)  # from fewer sequences
