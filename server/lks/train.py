@@ -213,12 +213,23 @@ def split_sequences(
         memory_budget_bytes=memory_budget_bytes,
         spill_dir=spill_dir,
     )
-    for batch in _length_batches([len(s.ids) for s in sequences], batch_size):
+    batches = _length_batches([len(s.ids) for s in sequences], batch_size)
+    started, reported, done = time.perf_counter(), 0.0, 0
+    for batch in batches:
         chunk = [sequences[i] for i in batch]
         ids, mask = pad_batch(chunk, int(backbone.tokenizer.pad_token_id), backbone.device)
         parts = split.precompute(ids, mask, [cuts[i] for i in batch])
         for index, part in zip(batch, parts, strict=True):
             cache.put(index, part)
+        done += len(batch)
+        if time.perf_counter() - reported > 60:  # large sets precompute for many minutes
+            reported = time.perf_counter()
+            log.info(
+                "precompute: %d of %d sequences, %.0f s",
+                done,
+                len(sequences),
+                reported - started,
+            )
     return cache
 
 

@@ -132,6 +132,7 @@ def test_a_grown_fact_set_warm_starts_and_a_shrunk_one_does_not(
     assert worker.run_once()
     job = store.job(grown.job_id)
     assert job.published_version == 2 and job.metrics["warm_start"] == 1.0
+    assert job.metrics["trained_facts"] == 2  # too small a set for a replay sample: all of it
     shrunk = store.delete_fact("demo", first.fact_ids[0])
     assert worker.run_once()
     assert store.job(shrunk).metrics["warm_start"] == 0.0
