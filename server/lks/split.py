@@ -104,24 +104,55 @@ class PrefixSkippingSplit(LayerSplit):
             head_dim=getattr(config, "head_dim", None) or config.hidden_size // heads,
         )
 
+    def prefix_cache(self, prefix_ids: list[int]) -> DynamicCache:
+        """Every layer's keys and values of a prefix many sequences share (a chat template's
+        system header): computed once instead of once per sequence."""
+        ids = torch.tensor([prefix_ids], device=self.model.device)
+        return self.model.model(input_ids=ids, use_cache=True).cache
+
     def precompute(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, cuts: list[int]
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        cuts: list[int],
+        shared: DynamicCache | None = None,
     ) -> list[SplitSequence]:
+        """One unedited pass over a right-padded batch, cut per row. With `shared` (the cache
+        of a prefix every row starts with), the ids and mask hold only what follows it; cuts
+        and the returned sequences still count from the first token."""
+        batch = input_ids.shape[0]
+        skipped = shared.get_seq_length() if shared is not None else 0
+        cache = None
+        if shared is not None:
+            cache = DynamicCache(config=self.model.config)
+            for index, layer in enumerate(shared.layers):
+                cache.update(
+                    layer.keys.expand(batch, -1, -1, -1).contiguous(),
+                    layer.values.expand(batch, -1, -1, -1).contiguous(),
+                    index,
+                )
+            attention_mask = torch.cat([attention_mask.new_ones(batch, skipped), attention_mask], 1)
+        positions = torch.arange(skipped, skipped + input_ids.shape[1], device=input_ids.device)
         out = self.model.model(  # the base model: no logits needed here
             input_ids=input_ids,
             attention_mask=attention_mask,
+            position_ids=positions.expand(batch, -1),
+            cache=cache,
             use_cache=True,
             output_hidden_states=True,
         )
-        states = out.hidden_states[self.layer_index + 1]
+        states = out.hidden_states[self.layer_index + 1]  # [B, T - skipped, H]
         lengths = attention_mask.sum(-1).tolist()
         tail_layers = range(self.layer_index + 1, len(out.cache.layers))
         result = []
         for row, cut in enumerate(cuts):
+            assert cut >= skipped, f"row {row}: edit at {cut} inside the shared prefix"
             result.append(
                 SplitSequence(
                     cut=cut,
-                    suffix_states=states[row, cut : lengths[row]].float().clone(),
+                    suffix_states=states[row, cut - skipped : lengths[row] - skipped]
+                    .float()
+                    .clone(),
                     prefix_keys=[
                         out.cache.layers[i].keys[row, :, :cut].clone() for i in tail_layers
                     ],

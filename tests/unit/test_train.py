@@ -21,6 +21,7 @@ from server.lks.train import (
     feature_states,
     growth_selection,
     locality_sequences,
+    shared_prefix_groups,
     split_sequences,
 )
 from server.model import Backbone, load_backbone
@@ -254,3 +255,36 @@ def test_training_on_some_facts_still_tables_every_subject(
     assert only_first.deltas.shape == both.deltas.shape == (2, backbone.hidden_size)
     assert only_first.history[-1] < only_first.history[0] - 0.3  # it learned fact 0
     assert not torch.equal(only_first.deltas, both.deltas)  # from fewer sequences
+
+
+def test_a_shared_prefix_is_computed_once_with_the_same_result(
+    tiny_model_dirs: dict[str, Path],
+) -> None:
+    """Sequences that start alike (chat-template forms) precompute their common prefix once;
+    every cached state equals the sequence's own full pass."""
+    backbone = _backbone(tiny_model_dirs, "llama")
+    trainer = Trainer(backbone, CONFIG)
+    words = (  # noqa: SIM905 - a sentence reads better than a list literal here
+        "paris germany berlin italy rome football team red blue green english french danielle "
+        "darrieux river language france mother tongue speaks"
+    ).split()
+    prompts = [f"user : the capital of the city of {w} is" for w in words]
+    facts = [Fact(subject=w, prompt=p, target="a") for w, p in zip(words, prompts, strict=True)]
+    index = Scope.from_facts(facts).index()
+    sequences = [encode(backbone.tokenizer, index, f.prompt, f.target) for f in facts]
+    sequences.append(encode(backbone.tokenizer, index, "paris is", "a"))  # shares nothing
+    cuts = [min(p for _, p in s.edits) for s in sequences]
+    groups = shared_prefix_groups(sequences, cuts)
+    assert groups == [(0, [20]), (8, list(range(20)))]  # "user : the capital of the city of"
+    cache = split_sequences(backbone, trainer.split, sequences)
+    for position, seq in enumerate(sequences):
+        ids = torch.tensor([seq.ids], device=backbone.device)
+        (expected,) = trainer.split.precompute(ids, torch.ones_like(ids), [cuts[position]])
+        got = cache.get(position, backbone.device)
+        torch.testing.assert_close(got.suffix_states, expected.suffix_states)
+        for got_kv, expected_kv in zip(
+            got.prefix_keys + got.prefix_values,
+            expected.prefix_keys + expected.prefix_values,
+            strict=True,
+        ):
+            torch.testing.assert_close(got_kv, expected_kv)
