@@ -45,7 +45,8 @@ class ActivationCache:
             self.offsets.append(self.offsets[-1] + shape.numel(length, cut))
         total = self.offsets[-1]
         self.nbytes = total * STORE_DTYPE.itemsize
-        self.path: Path | None = None
+        self.path: Path | None = None  # a spill file still to remove
+        self.on_disk = False
         if self.nbytes <= memory_budget_bytes:
             self.buffer = torch.empty(total, dtype=STORE_DTYPE, device=device)
             self.device = device
@@ -53,19 +54,19 @@ class ActivationCache:
             handle, name = tempfile.mkstemp(prefix="lks-activations-", suffix=".f32", dir=spill_dir)
             os.ftruncate(handle, self.nbytes)  # sparse: disk fills as entries are written
             os.close(handle)
-            self.path = Path(name)
             self.buffer = torch.from_file(name, shared=True, size=total, dtype=STORE_DTYPE)
             self.device = torch.device("cpu")
+            self.on_disk = True
+            try:  # the mapping keeps the data: no file is left behind, even after a kill -9
+                os.unlink(name)
+            except OSError:  # a platform that cannot unlink an open file: close() removes it
+                self.path = Path(name)
             log.info(
                 "activation cache of %.1f GiB exceeds the %.1f GiB budget: mapped from %s",
                 self.nbytes / 2**30,
                 memory_budget_bytes / 2**30,
                 name,
             )
-
-    @property
-    def on_disk(self) -> bool:
-        return self.path is not None
 
     def __len__(self) -> int:
         return len(self.cuts)

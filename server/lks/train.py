@@ -419,8 +419,6 @@ class Trainer:
                 stale += 1
             if epoch_loss < config.stop_loss or stale >= config.patience:
                 break
-        if cached is not None:
-            cached.close()
         with torch.no_grad():
             deltas = hypernet(features).detach()
         return TrainResult(

@@ -191,7 +191,7 @@ def test_training_spills_its_activation_cache_to_disk_with_the_same_result(
     tiny_model_dirs: dict[str, Path], tmp_path: Path
 ) -> None:
     """Past the memory budget the cached activations live in a mapped file: training reads the
-    same numbers, and the file is gone afterwards."""
+    same numbers, and no file is left behind."""
     backbone = _backbone(tiny_model_dirs, "llama")
     config = replace(CONFIG, epochs=3, min_steps=1)
     in_memory = Trainer(backbone, config).train(FACTS)
@@ -214,6 +214,7 @@ def test_activation_cache_gives_back_what_precompute_wrote(
         backbone, trainer.split, sequences, memory_budget_bytes=budget, spill_dir=tmp_path
     )
     assert cache.on_disk == (budget == 0)
+    assert list(tmp_path.iterdir()) == []  # a spill file is unlinked once mapped: nothing leaks
     for position, seq in enumerate(sequences):
         ids = torch.tensor([seq.ids], device=backbone.device)
         (expected,) = trainer.split.precompute(ids, torch.ones_like(ids), [cache.cuts[position]])
