@@ -135,6 +135,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         SentenceEncoder(),
         _train_config(args),
         progress=_progress_bar("training") if sys.stderr.isatty() else None,
+        cache_budget_bytes=settings.train_cache_mb << 20,
     )
     metrics = evaluate(backbone, [EvalItem(f) for f in parsed.facts], edit_set, fluency=False)
     manifest = PackStore(settings.packs_dir).publish(
@@ -179,6 +180,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         SentenceEncoder(),
         _train_config(args),
         progress=_progress_bar("training") if sys.stderr.isatty() else None,
+        cache_budget_bytes=settings.train_cache_mb << 20,
     )
     metrics = evaluate(backbone, items, edit_set)
     report = {
@@ -230,11 +232,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     _configure_logging(settings)
     store = JobStore.open(settings.jobs_database_url)
     backbone = load_backbone(settings)
-    config = WorkerConfig(
-        lease_seconds=settings.job_lease_seconds,
-        min_reliability=settings.publish_min_reliability,
-        min_locality=settings.publish_min_locality,
-    )
+    config = WorkerConfig.from_settings(settings)
     worker = Worker(store, PackStore(settings.packs_dir), backbone, config)
     if args.metrics_port:  # a worker process exports its own training metrics
         from prometheus_client import start_http_server

@@ -70,6 +70,11 @@ class Settings(BaseSettings):
     publish_min_reliability: float = Field(default=0.9, ge=0, le=1)
     publish_min_locality: float = Field(default=0.8, ge=0, le=1)
     max_facts_per_request: int = Field(default=1000, ge=1)
+    train_cache_mb: int = Field(
+        default=4096,
+        ge=0,
+        description="Training's cached activations beyond this live in a file mapped from disk.",
+    )
 
     # security
     max_body_bytes: int = Field(default=8 << 20, ge=1024, description="Largest request body.")

@@ -66,11 +66,7 @@ class ServerState:
             self.jobs,
             self.store,
             serving.backbone,
-            WorkerConfig(
-                lease_seconds=settings.job_lease_seconds,
-                min_reliability=settings.publish_min_reliability,
-                min_locality=settings.publish_min_locality,
-            ),
+            WorkerConfig.from_settings(settings),
             encoder_factory=serving.registry.gate_encoder,
             on_published=lambda _name, _version: self._count_swaps(serving.registry.refresh()),
             on_finished=self.metrics.observe_job,

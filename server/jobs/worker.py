@@ -30,10 +30,16 @@ from server.lks.evaluate import EvalItem, evaluate, top1_predictions
 from server.lks.facts import Fact
 from server.lks.gate import PLACEHOLDER, STATEMENT_PROBES, SentenceEncoder
 from server.lks.scope import encode
-from server.lks.train import Progress, TrainConfig, growth_selection
+from server.lks.train import (
+    DEFAULT_CACHE_BUDGET_BYTES,
+    Progress,
+    TrainConfig,
+    growth_selection,
+)
 from server.model.backbone import Backbone
 from server.packs import PackError, PackRef
 from server.packs.store import PackStore
+from server.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +60,16 @@ class WorkerConfig:
     min_locality: float = 0.8  # on the facts' own locality prompts and on held-out probes
     probe_limit: int = 120
     train: TrainConfig = field(default_factory=TrainConfig)
+    cache_budget_bytes: int = DEFAULT_CACHE_BUDGET_BYTES
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> WorkerConfig:
+        return cls(
+            lease_seconds=settings.job_lease_seconds,
+            min_reliability=settings.publish_min_reliability,
+            min_locality=settings.publish_min_locality,
+            cache_budget_bytes=settings.train_cache_mb << 20,
+        )
 
 
 def release_freed_memory() -> None:
@@ -166,6 +182,7 @@ class Worker:
             on_progress,
             warm_start=warm,
             train_on=train_on,
+            cache_budget_bytes=self.config.cache_budget_bytes,
         )
         metrics_extra = {
             "warm_start": 1.0 if warm is not None else 0.0,

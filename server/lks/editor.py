@@ -9,7 +9,13 @@ import torch
 from server.lks.apply import EditSet
 from server.lks.facts import Fact
 from server.lks.gate import ENCODER_NAME, RULE, THRESHOLD, GateTable, ScopeGate, SentenceEncoder
-from server.lks.train import ProgressCallback, TrainConfig, Trainer, TrainResult
+from server.lks.train import (
+    DEFAULT_CACHE_BUDGET_BYTES,
+    ProgressCallback,
+    TrainConfig,
+    Trainer,
+    TrainResult,
+)
 from server.model.backbone import Backbone
 from server.packs.format import BLOCKS_KEY, BackboneInfo, PackContent
 
@@ -29,10 +35,10 @@ def train_edits(
     *,
     warm_start: dict[str, torch.Tensor] | None = None,
     train_on: Sequence[int] | None = None,
+    cache_budget_bytes: int = DEFAULT_CACHE_BUDGET_BYTES,
 ) -> tuple[TrainResult, GateTable, EditSet]:
-    result = Trainer(backbone, config).train(
-        facts, progress, warm_start=warm_start, train_on=train_on
-    )
+    trainer = Trainer(backbone, config, cache_budget_bytes=cache_budget_bytes)
+    result = trainer.train(facts, progress, warm_start=warm_start, train_on=train_on)
     names = [(s.subject, *s.aliases) for s in result.scope.subjects]
     gate_table = GateTable.build(
         encoder,
