@@ -355,7 +355,9 @@ def general_ability(backbone: Backbone, edit_set: Any, path: Path) -> dict[str, 
     engine = BatchEngine(backbone)
     params = SamplingParams(max_tokens=8)
     plain = engine.generate([EngineRequest(r["prompt"], params) for r in rows])
-    edited = engine.generate([EngineRequest(r["prompt"], params, [edit_set]) for r in rows])
+    edited = engine.generate(
+        [EngineRequest(r["prompt"], params, edit_sets=[edit_set]) for r in rows]
+    )
     result: dict[str, Any] = {}
     for name in sorted({r["set"] for r in rows}):
         mine = [i for i, r in enumerate(rows) if r["set"] == name]
@@ -375,6 +377,26 @@ def general_ability(backbone: Backbone, edit_set: Any, path: Path) -> dict[str, 
             "answers_changed": sum(plain[i].text != edited[i].text for i in mine),
         }
     return result
+
+
+def edited_answers(
+    backbone: Backbone, edit_set: Any, facts: Sequence[Fact], *, tokens: int = 8
+) -> dict[str, Any]:
+    """The facts' own prompts through the serving engine with the pack: how often the gate
+    opened and the greedy answer starts with the new target."""
+    from server.engine.engine import BatchEngine, EngineRequest
+    from server.engine.sampling import SamplingParams
+
+    params = SamplingParams(max_tokens=tokens)
+    requests = [EngineRequest(f.prompt, params, edit_sets=[edit_set]) for f in facts]
+    outputs = BatchEngine(backbone).generate(requests)
+    return {
+        "prompts": len(facts),
+        "edits_applied": sum(bool(o.edits_applied) for o in outputs),
+        "starts_with_target": sum(
+            o.text.strip().startswith(f.target.strip()) for o, f in zip(outputs, facts, strict=True)
+        ),
+    }
 
 
 def cmd_serve(args: argparse.Namespace, settings: Settings, backbone: Backbone) -> dict:
@@ -413,6 +435,8 @@ def cmd_serve(args: argparse.Namespace, settings: Settings, backbone: Backbone) 
         "general_ability": general_ability(backbone, edit_set, args.ability),
     }
     items = dev_items(settings, args.zsre, args.counterfact)
+    sample = [it.fact for it in items[:: max(1, len(items) // args.check)]]
+    record["own_prompts"] = edited_answers(backbone, edit_set, sample)
     prompts = [it.fact.prompt for it in items[:: len(items) // args.requests]][: args.requests]
     server = start_server(packs_dir, args.port)
     url = f"http://127.0.0.1:{args.port}"
@@ -495,6 +519,13 @@ def report(directory: Path) -> str:
             f"| pack | {serve['pack_mib_on_disk']} MiB on disk, loads in "
             f"{serve['pack_load_seconds']} s, +{serve['pack_load_rss_mib']} MiB RSS |"
         )
+        if "own_prompts" in serve:
+            own = serve["own_prompts"]
+            lines.append(
+                f"| the pack on {own['prompts']} of its own prompts (greedy, through the engine) "
+                f"| gate open on {own['edits_applied']}, answer starts with the new target on "
+                f"{own['starts_with_target']} |"
+            )
         for name, row in serve["general_ability"].items():
             lines.append(
                 f"| general ability, {name} prompts ({row['prompts']}, "
@@ -535,6 +566,7 @@ def main() -> int:
     detect.add_argument("--repeat", type=int, default=3)
     serve = sub.add_parser("serve")
     serve.add_argument("--hypernet", type=Path, help="trained weights (default: train's)")
+    serve.add_argument("--check", type=int, default=200, help="own prompts to generate for")
     serve.add_argument("--zsre", type=int, default=8000)
     serve.add_argument("--counterfact", type=int, default=2000)
     serve.add_argument("--packs-dir", type=Path, help="reuse the pack built by an earlier run")

@@ -38,7 +38,10 @@ def train_edits(
     cache_budget_bytes: int = DEFAULT_CACHE_BUDGET_BYTES,
 ) -> tuple[TrainResult, GateTable, EditSet]:
     trainer = Trainer(backbone, config, cache_budget_bytes=cache_budget_bytes)
-    result = trainer.train(facts, progress, warm_start=warm_start, train_on=train_on)
+    if warm_start is not None and train_on is not None and not train_on:
+        result = trainer.apply_weights(facts, warm_start)  # nothing to train: the table only
+    else:
+        result = trainer.train(facts, progress, warm_start=warm_start, train_on=train_on)
     names = [(s.subject, *s.aliases) for s in result.scope.subjects]
     gate_table = GateTable.build(
         encoder,

@@ -307,6 +307,21 @@ class Trainer:
         self.split = PrefixSkippingSplit(backbone.model, self.layer)
         self.skip_prefixes = PrefixSkippingSplit.supports(backbone.model)
 
+    def apply_weights(self, facts: Sequence[Fact], weights: dict[str, torch.Tensor]) -> TrainResult:
+        """The subject table of `facts` under given hypernetwork weights, without training: a
+        grown pack's new subjects often need none, since the hypernetwork reads each subject's
+        new targets from its feature text."""
+        started = time.perf_counter()
+        scope = Scope.from_facts(facts)
+        hypernet = Hypernetwork(self.backbone.hidden_size, self.config.hypernet)
+        hypernet.load_state_dict(weights)
+        hypernet.to(self.backbone.device)
+        features = feature_states(self.backbone, self.split, scope)
+        with torch.no_grad():
+            deltas = hypernet(features).detach()
+        seconds = time.perf_counter() - started
+        return TrainResult(self.layer, scope, deltas, hypernet, self.config, 0, math.nan, seconds)
+
     def _sequences(self, facts: Sequence[Fact], scope: Scope) -> list[EncodedText]:
         index = scope.index()
         sequences = []

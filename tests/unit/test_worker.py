@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -132,7 +133,12 @@ def test_a_grown_fact_set_warm_starts_and_a_shrunk_one_does_not(
     assert worker.run_once()
     job = store.job(grown.job_id)
     assert job.published_version == 2 and job.metrics["warm_start"] == 1.0
-    assert job.metrics["trained_facts"] == 2  # too small a set for a replay sample: all of it
+    # the gate (no minimum here) took the previous weights as they are: nothing was trained,
+    # and the earlier subject keeps its block
+    assert job.metrics["trained_facts"] == 0
+    first_table = packs.load(PackRef("demo", 1)).content.table["blocks"]
+    grown_table = packs.load(PackRef("demo", 2)).content.table["blocks"]
+    torch.testing.assert_close(grown_table[0], first_table[0])
     shrunk = store.delete_fact("demo", first.fact_ids[0])
     assert worker.run_once()
     assert store.job(shrunk).metrics["warm_start"] == 0.0
@@ -201,3 +207,21 @@ def test_a_worker_process_exports_its_metrics(
         process.terminate()
         process.wait(timeout=30)
     assert store.jobs()[0].state == JobState.SUCCEEDED
+
+
+def test_a_grown_set_trains_when_the_previous_weights_miss_the_gate(
+    backbone: Backbone, tmp_path: Path
+) -> None:
+    store = JobStore.open(f"sqlite:///{tmp_path / 'jobs.db'}")
+    packs = PackStore(tmp_path / "packs")
+    worker = make_worker(store, packs, backbone, min_reliability=0.0)
+    assert worker.run_once() is False  # nothing queued
+    store.submit("demo", FACTS[:1])
+    assert worker.run_once()
+    worker.config = replace(worker.config, min_reliability=1.01)  # no table can pass now
+    grown = store.submit("demo", FACTS[1:])
+    assert worker.run_once()
+    job = store.job(grown.job_id)
+    assert job.state == "failed" and "quality gate" in (job.error or "")
+    assert job.metrics["trained_facts"] == 2  # the fallback trained (all of a set this small)
+    assert packs.versions("demo") == [1]
