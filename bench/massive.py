@@ -492,16 +492,22 @@ def report(directory: Path) -> str:
         )
     if grow:
         lines.append(
-            f"| add {grow['facts_added']} facts to {grow['facts_before']:,} (warm start, "
-            f"{grow['facts_trained']} trained) | {grow['grow_train_seconds']} s"
+            f"| add {grow['facts_added']} facts to {grow['facts_before']:,}: the previous "
+            f"weights as they are (the worker's first try) | new facts' reliability "
+            f"{grow['new_reliability_before']}, earlier facts unchanged; costs one feature pass "
+            f"over every subject ({grow['feature_pass_seconds']} s) |"
+        )
+        lines.append(
+            f"| ... or warm start + replay ({grow['facts_trained']} facts trained) | "
+            f"{grow['grow_train_seconds']} s"
             + (
                 f" ({grow['fraction_of_full']:.1%} of the full run)"
                 if "fraction_of_full" in grow
                 else ""
             )
-            + f"; new facts' reliability {grow['new_reliability_after']}; earlier facts' "
-            f"reliability {grow['old_reliability_before']} -> {grow['old_reliability_after']}, "
-            f"generality {grow['old_generality_before']} -> {grow['old_generality_after']} |"
+            + f"; new facts {grow['new_reliability_after']}; earlier facts' reliability "
+            f"{grow['old_reliability_before']} -> {grow['old_reliability_after']}, generality "
+            f"{grow['old_generality_before']} -> {grow['old_generality_after']} |"
         )
     if detect:
         lines.append(

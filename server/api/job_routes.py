@@ -120,7 +120,7 @@ async def list_facts(
     name: str,
     store: JobStoreDep,
     caller: CallerDep,
-    offset: int = Query(default=0, ge=0),
+    offset: int = Query(default=0, ge=0, le=2**31 - 1, description="Facts to skip."),
     limit: int = Query(default=100, ge=1, le=1000),
 ) -> FactPage:
     caller.require("read", [validate_name(name)])

@@ -116,6 +116,13 @@ def test_unknown_job_and_bad_pack_name(url: str) -> None:
     assert bad.status_code in (404, 422)
 
 
+def test_a_page_offset_beyond_any_database_integer_is_a_422(url: str) -> None:
+    """Found by the fuzzer: an offset of 2**63 overflowed SQLite (500)."""
+    response = httpx.get(f"{url}/v1/packs/news/facts", params={"offset": 2**63})
+    assert response.status_code == 422
+    assert "offset" in response.text
+
+
 def test_database_down_answers_503_and_serving_goes_on(
     tiny_model_dirs: dict[str, Path], tmp_path: Path
 ) -> None:
