@@ -39,6 +39,7 @@ from server.lks.datasets import dataset_path, load_items
 from server.lks.evaluate import EvalItem, top1_predictions
 from server.lks.facts import Fact
 from server.lks.scope import Scope, encode
+from server.lks.split import LayerSplit
 from server.lks.train import TrainConfig, Trainer, feature_states
 from server.model import Backbone, load_backbone
 from server.settings import Settings
@@ -160,7 +161,7 @@ def cmd_compare(args: argparse.Namespace, settings: Settings, backbone: Backbone
     goal = ours_rel - args.tolerance
     reference = ReferenceLoopTrainer(backbone, config)
     scope = Scope.from_facts(facts)
-    features = feature_states(backbone, trainer_split(backbone, reference.layer), scope)
+    features = feature_states(backbone, LayerSplit(backbone.model, reference.layer), scope)
     curve: list[dict[str, float]] = []
 
     def on_epoch(epoch: int, net: Any, seconds: float) -> bool:
@@ -223,7 +224,7 @@ def cmd_grow(args: argparse.Namespace, settings: Settings, backbone: Backbone) -
     weights = load_file(str(args.hypernet or default_weights(settings)))
     scope = Scope.from_facts(facts)
     started = time.perf_counter()
-    features = feature_states(backbone, trainer_split(backbone, layer), scope)
+    features = feature_states(backbone, LayerSplit(backbone.model, layer), scope)
     features_s = time.perf_counter() - started
     before_net = Hypernetwork(backbone.hidden_size, config.hypernet).to(backbone.device)
     before_net.load_state_dict(weights)
@@ -262,18 +263,9 @@ def cmd_grow(args: argparse.Namespace, settings: Settings, backbone: Backbone) -
     return record
 
 
-def trainer_split(backbone: Backbone, layer: int) -> Any:
-    from server.lks.split import LayerSplit
-
-    return LayerSplit(backbone.model, layer)
-
-
-def percentile(values: Sequence[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
-
-
 def cmd_detect(args: argparse.Namespace, settings: Settings, backbone: Backbone | None) -> dict:
+    from serve import percentile
+
     from server.lks.detect import SubjectIndex
 
     items = dev_items(settings, 8000, 2000)
@@ -326,7 +318,7 @@ def build_massive_pack(
     layer = config.resolve_layer(backbone.num_layers)
     scope = Scope.from_facts(facts)
     started = time.perf_counter()
-    features = feature_states(backbone, trainer_split(backbone, layer), scope)
+    features = feature_states(backbone, LayerSplit(backbone.model, layer), scope)
     hypernet = Hypernetwork(backbone.hidden_size, config.hypernet)
     hypernet.load_state_dict(load_file(str(hypernet_path)))
     with torch.no_grad():

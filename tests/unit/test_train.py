@@ -8,13 +8,14 @@ import torch
 import torch.nn.functional as F
 from factories import TEST_DEVICE, TINY_FACTS, TINY_TRAIN
 
+from server.lks.activation_cache import ActivationCache
 from server.lks.apply import EditSet
 from server.lks.evaluate import top1_predictions
 from server.lks.facts import Fact, LocalityPrompt
 from server.lks.hook import EditPlan
 from server.lks.hypernet import Hypernetwork
-from server.lks.scope import Scope, encode
-from server.lks.split import LayerSplit
+from server.lks.scope import EncodedText, Scope, encode
+from server.lks.split import LayerSplit, SplitSequence
 from server.lks.train import (
     TrainConfig,
     Trainer,
@@ -201,6 +202,28 @@ def test_training_spills_its_activation_cache_to_disk_with_the_same_result(
     assert list(tmp_path.iterdir()) == []
 
 
+def _assert_cached_like_a_full_pass(
+    backbone: Backbone,
+    trainer: Trainer,
+    cache: ActivationCache,
+    sequences: list[EncodedText],
+    position: int,
+) -> SplitSequence:
+    """The cache's entry equals the sequence's own unedited pass, cut at the same place."""
+    ids = torch.tensor([sequences[position].ids], device=backbone.device)
+    (expected,) = trainer.split.precompute(ids, torch.ones_like(ids), [cache.cuts[position]])
+    got = cache.get(position, backbone.device)
+    assert got.cut == expected.cut
+    torch.testing.assert_close(got.suffix_states, expected.suffix_states)
+    for got_kv, expected_kv in zip(
+        got.prefix_keys + got.prefix_values,
+        expected.prefix_keys + expected.prefix_values,
+        strict=True,
+    ):
+        torch.testing.assert_close(got_kv, expected_kv)
+    return got
+
+
 @pytest.mark.parametrize("budget", [2**30, 0], ids=["memory", "disk"])
 def test_activation_cache_gives_back_what_precompute_wrote(
     tiny_model_dirs: dict[str, Path], tmp_path: Path, budget: int
@@ -215,18 +238,9 @@ def test_activation_cache_gives_back_what_precompute_wrote(
     )
     assert cache.on_disk == (budget == 0)
     assert list(tmp_path.iterdir()) == []  # a spill file is unlinked once mapped: nothing leaks
-    for position, seq in enumerate(sequences):
-        ids = torch.tensor([seq.ids], device=backbone.device)
-        (expected,) = trainer.split.precompute(ids, torch.ones_like(ids), [cache.cuts[position]])
-        got = cache.get(position, backbone.device)
-        assert got.cut == expected.cut > 0
-        torch.testing.assert_close(got.suffix_states, expected.suffix_states)
-        for got_kv, expected_kv in zip(
-            got.prefix_keys + got.prefix_values,
-            expected.prefix_keys + expected.prefix_values,
-            strict=True,
-        ):
-            torch.testing.assert_close(got_kv, expected_kv)
+    for position in range(len(sequences)):
+        got = _assert_cached_like_a_full_pass(backbone, trainer, cache, sequences, position)
+        assert got.cut > 0
     cache.close()
     assert list(tmp_path.iterdir()) == []
 
@@ -278,14 +292,5 @@ def test_a_shared_prefix_is_computed_once_with_the_same_result(
     groups = shared_prefix_groups(sequences, cuts)
     assert groups == [(0, [20]), (8, list(range(20)))]  # "user : the capital of the city of"
     cache = split_sequences(backbone, trainer.split, sequences)
-    for position, seq in enumerate(sequences):
-        ids = torch.tensor([seq.ids], device=backbone.device)
-        (expected,) = trainer.split.precompute(ids, torch.ones_like(ids), [cuts[position]])
-        got = cache.get(position, backbone.device)
-        torch.testing.assert_close(got.suffix_states, expected.suffix_states)
-        for got_kv, expected_kv in zip(
-            got.prefix_keys + got.prefix_values,
-            expected.prefix_keys + expected.prefix_values,
-            strict=True,
-        ):
-            torch.testing.assert_close(got_kv, expected_kv)
+    for position in range(len(sequences)):
+        _assert_cached_like_a_full_pass(backbone, trainer, cache, sequences, position)
