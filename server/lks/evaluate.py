@@ -3,6 +3,7 @@ paper), generation exact-match and fluency, with the unedited baseline on the sa
 
 from __future__ import annotations
 
+import inspect
 import math
 import time
 from collections import Counter
@@ -15,7 +16,7 @@ import torch
 from server.lks.apply import EditSet
 from server.lks.facts import Fact
 from server.lks.hook import EditPlan
-from server.lks.scope import EncodedText, encode, pad_batch
+from server.lks.scope import EncodedText, encode, length_batches, pad_batch
 from server.model.backbone import Backbone
 
 
@@ -42,6 +43,12 @@ def _applied(
     return backbone.edit_hooks.at(table.layer).plan(plan)
 
 
+def _keeps_some_logits(model: torch.nn.Module) -> bool:
+    """Whether the model's forward can skip the output head at positions nobody reads (the
+    head is about a fifth of the default model's compute)."""
+    return "logits_to_keep" in inspect.signature(model.forward).parameters
+
+
 @torch.inference_mode()
 def top1_predictions(
     backbone: Backbone,
@@ -50,16 +57,23 @@ def top1_predictions(
     batch_size: int = 32,
 ) -> list[list[int]]:
     """The model's top-1 token at each sequence's `predict_at` positions, edited or not."""
-    results: list[list[int]] = []
+    results: list[list[int]] = [[] for _ in sequences]
     pad_id = int(backbone.tokenizer.pad_token_id)
-    for start in range(0, len(sequences), batch_size):
-        chunk = sequences[start : start + batch_size]
+    keep_some = _keeps_some_logits(backbone.model)
+    for batch in length_batches([len(s.ids) for s in sequences], batch_size):
+        chunk = [sequences[i] for i in batch]
         ids, mask = pad_batch(chunk, pad_id, backbone.device)
         edits = [(r, p, s) for r, seq in enumerate(chunk) for s, p in seq.edits]
+        positions = sorted({p for seq in chunk for p in seq.predict_at})
+        column = {p: i for i, p in enumerate(positions)} if keep_some else None
+        extra = (
+            {"logits_to_keep": torch.tensor(positions, device=backbone.device)} if keep_some else {}
+        )
         with _applied(backbone, table, edits):
-            logits = backbone.model(input_ids=ids, attention_mask=mask).logits
-        for row, seq in enumerate(chunk):
-            results.append(logits[row, seq.predict_at].argmax(-1).tolist())
+            logits = backbone.model(input_ids=ids, attention_mask=mask, **extra).logits
+        for row, (index, seq) in enumerate(zip(batch, chunk, strict=True)):
+            at = [column[p] for p in seq.predict_at] if column is not None else seq.predict_at
+            results[index] = logits[row, at].argmax(-1).tolist()
     return results
 
 
@@ -85,25 +99,26 @@ def greedy_generations(
     prompts: Sequence[str],
     table: EditSet | None,
     max_new_tokens: int = 24,
-    batch_size: int = 16,
+    batch_size: int = 64,
 ) -> list[str]:
     """Batched greedy generation with LEFT padding: the plan's positions shift by each row's
-    pad count, as a serving batch's do."""
+    pad count, as a serving batch's do. Prompts of similar length share a batch; on the CPU a
+    decode step of 64 rows costs little more than one of 16 (the weights are read once)."""
     tokenizer = backbone.tokenizer
-    outputs: list[str] = []
-    for start in range(0, len(prompts), batch_size):
-        chunk = prompts[start : start + batch_size]
-        encoded = [
-            encode(tokenizer, table.index, p, allow=table.allow)
-            if table is not None
-            else EncodedText(tokenizer(p)["input_ids"], [], [], [])
-            for p in chunk
-        ]
-        width = max(len(e.ids) for e in encoded)
-        ids = torch.full((len(chunk), width), int(tokenizer.pad_token_id), dtype=torch.long)
+    encoded = [
+        encode(tokenizer, table.index, p, allow=table.allow)
+        if table is not None
+        else EncodedText(tokenizer(p)["input_ids"], [], [], [])
+        for p in prompts
+    ]
+    outputs = [""] * len(prompts)
+    for batch in length_batches([len(e.ids) for e in encoded], batch_size):
+        width = max(len(encoded[i].ids) for i in batch)
+        ids = torch.full((len(batch), width), int(tokenizer.pad_token_id), dtype=torch.long)
         mask = torch.zeros_like(ids)
         edits = []
-        for row, enc in enumerate(encoded):
+        for row, index in enumerate(batch):
+            enc = encoded[index]
             pad = width - len(enc.ids)
             ids[row, pad:] = torch.tensor(enc.ids)
             mask[row, pad:] = 1
@@ -118,7 +133,9 @@ def greedy_generations(
                 pad_token_id=tokenizer.pad_token_id,
                 eos_token_id=backbone.eos_token_ids,
             )
-        outputs += tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
+        texts = tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
+        for index, text in zip(batch, texts, strict=True):
+            outputs[index] = text
     return outputs
 
 

@@ -98,6 +98,13 @@ def encode(
     return EncodedText(ids, edits, target_ids, predict_at)
 
 
+def length_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
+    """Index batches of similar lengths: padding a 15-token prompt to a 50-token chat form
+    would triple the work of a pass."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    return [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
+
+
 def pad_batch(
     sequences: Sequence[EncodedText], pad_id: int, device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor]:

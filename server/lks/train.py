@@ -24,7 +24,7 @@ from server.lks.detect import SubjectIndex
 from server.lks.facts import Fact
 from server.lks.hook import EditPlan
 from server.lks.hypernet import HypernetKind, Hypernetwork
-from server.lks.scope import EncodedText, Scope, encode, pad_batch
+from server.lks.scope import EncodedText, Scope, encode, length_batches, pad_batch
 from server.lks.split import LayerSplit, PrefixSkippingSplit
 from server.model.backbone import Backbone
 
@@ -116,13 +116,6 @@ def training_contexts(
     return contexts
 
 
-def _length_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
-    """Index batches of similar lengths: padding a 15-token prompt to a 50-token chat form
-    would triple the work of a precompute pass."""
-    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
-    return [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
-
-
 @torch.inference_mode()
 def feature_states(
     backbone: Backbone, split: LayerSplit, scope: Scope, batch_size: int = 32
@@ -131,7 +124,7 @@ def feature_states(
     tokenizer = backbone.tokenizer
     texts = [EncodedText(tokenizer(t)["input_ids"], [], [], []) for t in scope.feature_texts]
     features: list[torch.Tensor | None] = [None] * len(texts)
-    for batch in _length_batches([len(t.ids) for t in texts], batch_size):
+    for batch in length_batches([len(t.ids) for t in texts], batch_size):
         chunk = [texts[i] for i in batch]
         ids, mask = pad_batch(chunk, int(tokenizer.pad_token_id), backbone.device)
         hidden = split.states_at_layer(ids, mask)
@@ -164,7 +157,7 @@ def locality_sequences(
     head, base = backbone.model.get_output_embeddings(), backbone.model.base_model
     sequences: list[EncodedText | None] = [None] * len(encoded)
     references: list[torch.Tensor | None] = [None] * len(encoded)
-    for batch in _length_batches([len(e.ids) for e in encoded], batch_size):
+    for batch in length_batches([len(e.ids) for e in encoded], batch_size):
         grown = [list(encoded[i].ids) for i in batch]
         states: list[list[torch.Tensor]] = [[] for _ in batch]
         done = [False] * len(batch)
@@ -250,7 +243,7 @@ def split_sequences(
     for skipped, members in shared_prefix_groups(sequences, cuts):
         shared = split.prefix_cache(sequences[members[0]].ids[:skipped]) if skipped else None
         lengths = [len(sequences[i].ids) for i in members]
-        for local in _length_batches(lengths, batch_size):
+        for local in length_batches(lengths, batch_size):
             batch = [members[j] for j in local]
             rest = [EncodedText(sequences[i].ids[skipped:], [], [], []) for i in batch]
             ids, mask = pad_batch(rest, pad_id, backbone.device)

@@ -294,3 +294,28 @@ def test_a_shared_prefix_is_computed_once_with_the_same_result(
     cache = split_sequences(backbone, trainer.split, sequences)
     for position in range(len(sequences)):
         _assert_cached_like_a_full_pass(backbone, trainer, cache, sequences, position)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_evaluation_batches_answer_as_each_text_alone(
+    family: str, tiny_model_dirs: dict[str, Path]
+) -> None:
+    """Evaluation sorts texts by length into batches and reads logits only where a target is
+    predicted; each text must still get exactly its own answers, in the caller's order."""
+    from server.lks.evaluate import greedy_generations
+
+    backbone = _backbone(tiny_model_dirs, family)
+    result = Trainer(backbone, CONFIG).train(FACTS)
+    edit_set = EditSet(result.scope.subjects, result.deltas, result.layer)
+    texts = [
+        (FACTS[0].prompt, FACTS[0].target),
+        ("a much longer text that names no edited subject at all, then", "paris"),
+        (FACTS[1].prompt, FACTS[1].target),
+        ("short", "x"),
+    ]
+    sequences = [encode(backbone.tokenizer, edit_set.index, c, t) for c, t in texts]
+    alone = [top1_predictions(backbone, [s], edit_set)[0] for s in sequences]
+    assert top1_predictions(backbone, sequences, edit_set, batch_size=3) == alone
+    prompts = [c for c, _ in texts]
+    one_by_one = [greedy_generations(backbone, [p], edit_set, max_new_tokens=4)[0] for p in prompts]
+    assert greedy_generations(backbone, prompts, edit_set, max_new_tokens=4) == one_by_one
