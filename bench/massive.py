@@ -37,7 +37,7 @@ from safetensors.torch import load_file, save_file
 from server.lks.apply import EditSet
 from server.lks.datasets import dataset_path, load_items
 from server.lks.evaluate import EvalItem, top1_predictions
-from server.lks.facts import Fact
+from server.lks.facts import Fact, fact_key
 from server.lks.scope import Scope, encode
 from server.lks.split import LayerSplit
 from server.lks.train import TrainConfig, Trainer, feature_states
@@ -218,7 +218,7 @@ def cmd_grow(args: argparse.Namespace, settings: Settings, backbone: Backbone) -
     path = dataset_path(settings.data_dir, "counterfact")
     new_items = load_items(path, "dev", args.new, offset=args.counterfact)
     facts = [it.fact for it in old_items + new_items]
-    learned = {(f.subject, f.prompt, f.target) for f in facts[: len(old_items)]}
+    learned = {fact_key(f) for f in facts[: len(old_items)]}
     config = TrainConfig()
     layer = config.resolve_layer(backbone.num_layers)
     weights = load_file(str(args.hypernet or default_weights(settings)))

@@ -27,7 +27,7 @@ from server.jobs.store import JobStore, JobView, StoreUnavailableError
 from server.lks.apply import EditSet, prime_gates
 from server.lks.editor import backbone_info, pack_content, train_edits
 from server.lks.evaluate import EvalItem, evaluate, top1_predictions
-from server.lks.facts import Fact
+from server.lks.facts import Fact, FactKey, fact_key
 from server.lks.gate import PLACEHOLDER, STATEMENT_PROBES, SentenceEncoder
 from server.lks.scope import encode
 from server.lks.train import (
@@ -175,10 +175,10 @@ class Worker:
         # A grown set first tries the previous hypernetwork as it is (it reads new targets from
         # the feature texts, and earlier facts keep their blocks), then trains on the new facts
         # plus a replay sample of the learned ones.
-        plans: list[list[int] | None] = [None]
+        plans: list[tuple[bool, list[int] | None]] = [(False, None)]  # (apply_only, train_on)
         if warm is not None:
-            plans = [[], growth_selection(facts, learned)]
-        for train_on in plans:
+            plans = [(True, None), (False, growth_selection(facts, learned))]
+        for apply_only, train_on in plans:
             result, gate_table, edit_set = train_edits(
                 self.backbone,
                 facts,
@@ -187,9 +187,10 @@ class Worker:
                 on_progress,
                 warm_start=warm,
                 train_on=train_on,
+                apply_only=apply_only,
                 cache_budget_bytes=self.config.cache_budget_bytes,
             )
-            trained = len(facts) if train_on is None else len(train_on)
+            trained = 0 if apply_only else len(facts) if train_on is None else len(train_on)
             metrics_extra = {
                 "warm_start": 1.0 if warm is not None else 0.0,
                 "trained_facts": float(trained),
@@ -204,7 +205,7 @@ class Worker:
             )
             if passed:
                 break
-            if train_on == []:
+            if apply_only:
                 log.info("pack %s: the previous weights miss the gate; training", job.pack)
         if not passed:
             self.store.finish(
@@ -252,7 +253,7 @@ class Worker:
 
     def _warm_start(
         self, pack: str, facts: list[Fact]
-    ) -> tuple[dict[str, torch.Tensor] | None, set[tuple[str, str, str]]]:
+    ) -> tuple[dict[str, torch.Tensor] | None, set[FactKey]]:
         """The latest version's hypernetwork and the facts it learned, when every one of them
         is still wanted (the fact set only grew) and it was trained on this backbone with the
         same shape."""
@@ -264,8 +265,8 @@ class Worker:
         except PackError as exc:
             log.warning("pack %s@%d unreadable, training from scratch: %s", pack, versions[-1], exc)
             return None, set()
-        wanted = {(f.subject, f.prompt, f.target) for f in facts}
-        learned = {(f["subject"], f["prompt"], f["target"]) for f in previous.content.facts}
+        wanted = {fact_key(f) for f in facts}
+        learned = {fact_key(f) for f in previous.content.facts}
         compatible = (
             previous.manifest.backbone.fingerprint == self.backbone.fingerprint
             and previous.content.layer == self.config.train.resolve_layer(self.backbone.num_layers)

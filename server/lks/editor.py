@@ -35,11 +35,15 @@ def train_edits(
     *,
     warm_start: dict[str, torch.Tensor] | None = None,
     train_on: Sequence[int] | None = None,
+    apply_only: bool = False,
     cache_budget_bytes: int = DEFAULT_CACHE_BUDGET_BYTES,
 ) -> tuple[TrainResult, GateTable, EditSet]:
+    """`apply_only` with `warm_start`: no training, the given weights build the subject table
+    (a grown fact set first tries the previous version's hypernetwork as it is)."""
     trainer = Trainer(backbone, config, cache_budget_bytes=cache_budget_bytes)
-    if warm_start is not None and train_on is not None and not train_on:
-        result = trainer.apply_weights(facts, warm_start)  # nothing to train: the table only
+    if apply_only:
+        assert warm_start is not None, "apply_only needs the weights to apply (warm_start)"
+        result = trainer.apply_weights(facts, warm_start)
     else:
         result = trainer.train(facts, progress, warm_start=warm_start, train_on=train_on)
     names = [(s.subject, *s.aliases) for s in result.scope.subjects]

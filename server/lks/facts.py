@@ -13,6 +13,15 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 MAX_TEXT_CHARS = 1000
 MIN_SUBJECT_CHARS = 2
 
+FactKey = tuple[str, str, str]  # (subject, prompt, target)
+
+
+def fact_key(record: Fact | dict[str, Any]) -> FactKey:
+    """What makes two facts the same edit, for a parsed fact or one stored in a pack."""
+    if isinstance(record, Fact):
+        return (record.subject, record.prompt, record.target)
+    return (record["subject"], record["prompt"], record["target"])
+
 
 class LocalityPrompt(BaseModel):
     model_config = ConfigDict(extra="forbid")

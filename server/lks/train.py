@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from server.lks.activation_cache import ActivationCache
 from server.lks.detect import SubjectIndex
-from server.lks.facts import Fact
+from server.lks.facts import Fact, FactKey, fact_key
 from server.lks.hook import EditPlan
 from server.lks.hypernet import HypernetKind, Hypernetwork
 from server.lks.scope import EncodedText, Scope, encode, length_batches, pad_batch
@@ -264,7 +264,7 @@ def split_sequences(
 
 def growth_selection(
     facts: Sequence[Fact],
-    learned: set[tuple[str, str, str]],
+    learned: set[FactKey],
     *,
     replay_per_new: int = 4,
     min_replay: int = 256,
@@ -273,8 +273,8 @@ def growth_selection(
     """What a warm-started run trains on when a fact set grows: every fact the previous
     version did not learn, plus a random replay sample of the learned ones, so that the shared
     hypernetwork keeps what it knew. None when the replay would be most of the set anyway."""
-    new = [i for i, f in enumerate(facts) if (f.subject, f.prompt, f.target) not in learned]
-    old = [i for i, f in enumerate(facts) if (f.subject, f.prompt, f.target) in learned]
+    new = [i for i, f in enumerate(facts) if fact_key(f) not in learned]
+    old = [i for i, f in enumerate(facts) if fact_key(f) in learned]
     replay = max(min_replay, replay_per_new * len(new))
     if not new or len(new) + replay >= len(facts) // 2:
         return None

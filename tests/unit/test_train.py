@@ -11,7 +11,7 @@ from factories import TEST_DEVICE, TINY_FACTS, TINY_TRAIN
 from server.lks.activation_cache import ActivationCache
 from server.lks.apply import EditSet
 from server.lks.evaluate import top1_predictions
-from server.lks.facts import Fact, LocalityPrompt
+from server.lks.facts import Fact, LocalityPrompt, fact_key
 from server.lks.hook import EditPlan
 from server.lks.hypernet import Hypernetwork
 from server.lks.scope import EncodedText, Scope, encode
@@ -251,13 +251,13 @@ def _numbered_facts(count: int) -> list[Fact]:
 
 def test_growth_trains_the_new_facts_and_a_replay_sample() -> None:
     facts = _numbered_facts(2000)
-    learned = {(f.subject, f.prompt, f.target) for f in facts[:1900]}
+    learned = {fact_key(f) for f in facts[:1900]}
     chosen = growth_selection(facts, learned, replay_per_new=4, min_replay=50)
     assert chosen is not None and len(chosen) == 100 + 400
     assert set(range(1900, 2000)) <= set(chosen)  # every new fact
     assert chosen == growth_selection(facts, learned, replay_per_new=4, min_replay=50)  # seeded
     # nothing new, or a replay that would be half the set: train on everything
-    assert growth_selection(facts, {(f.subject, f.prompt, f.target) for f in facts}) is None
+    assert growth_selection(facts, {fact_key(f) for f in facts}) is None
     assert growth_selection(facts, learned, replay_per_new=10, min_replay=50) is None
 
 
