@@ -25,7 +25,7 @@ import torch
 from server.jobs.models import JobState
 from server.jobs.store import JobStore, JobView, StoreUnavailableError
 from server.lks.apply import EditSet, prime_gates
-from server.lks.editor import backbone_info, pack_content, train_edits
+from server.lks.editor import KnownParts, backbone_info, pack_content, train_edits
 from server.lks.evaluate import EvalItem, evaluate, top1_predictions
 from server.lks.facts import Fact, FactKey, fact_key
 from server.lks.gate import PLACEHOLDER, STATEMENT_PROBES, SentenceEncoder
@@ -171,7 +171,7 @@ class Worker:
             beat(0.9 * event.fraction, eta)  # the last 10%: checking and publishing
 
         beat(0.0, None)
-        warm, learned = self._warm_start(job.pack, facts)
+        warm, learned, known = self._warm_start(job.pack, facts)
         # A grown set first tries the previous hypernetwork as it is (it reads new targets from
         # the feature texts, and earlier facts keep their blocks), then trains on the new facts
         # plus a replay sample of the learned ones.
@@ -188,6 +188,7 @@ class Worker:
                 warm_start=warm,
                 train_on=train_on,
                 apply_only=apply_only,
+                known=known,
                 cache_budget_bytes=self.config.cache_budget_bytes,
             )
             trained = 0 if apply_only else len(facts) if train_on is None else len(train_on)
@@ -253,18 +254,19 @@ class Worker:
 
     def _warm_start(
         self, pack: str, facts: list[Fact]
-    ) -> tuple[dict[str, torch.Tensor] | None, set[FactKey]]:
-        """The latest version's hypernetwork and the facts it learned, when every one of them
-        is still wanted (the fact set only grew) and it was trained on this backbone with the
-        same shape."""
+    ) -> tuple[dict[str, torch.Tensor] | None, set[FactKey], KnownParts]:
+        """The latest version's hypernetwork, the facts it learned and the parts it computed,
+        when every one of those facts is still wanted (the fact set only grew) and it was
+        trained on this backbone with the same shape."""
         versions = self.packs.versions(pack)
+        nothing: tuple[None, set[FactKey], KnownParts] = (None, set(), KnownParts())
         if not versions:
-            return None, set()
+            return nothing
         try:
             previous = self.packs.load(PackRef(pack, versions[-1]))
         except PackError as exc:
             log.warning("pack %s@%d unreadable, training from scratch: %s", pack, versions[-1], exc)
-            return None, set()
+            return nothing
         wanted = {fact_key(f) for f in facts}
         learned = {fact_key(f) for f in previous.content.facts}
         compatible = (
@@ -273,7 +275,7 @@ class Worker:
             and previous.content.training.get("hypernet") == self.config.train.hypernet
         )
         if not compatible or not learned <= wanted:
-            return None, set()
+            return nothing
         log.info(
             "pack %s: warm start from version %d (%d of %d facts learned)",
             pack,
@@ -281,7 +283,7 @@ class Worker:
             len(learned),
             len(wanted),
         )
-        return previous.content.hypernet, learned
+        return previous.content.hypernet, learned, KnownParts.from_content(previous.content)
 
     def _check(self, facts: list[Fact], edit_set: EditSet) -> dict[str, float]:
         """The quality gate's figures: reliability on the pack's own facts (teacher-forced

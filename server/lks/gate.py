@@ -16,7 +16,7 @@ import importlib.util
 import re
 import threading
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -144,6 +144,11 @@ def mask_subject(text: str, names: Sequence[str]) -> str:
     return text
 
 
+def masked_prompts(prompts: Sequence[str], subject_names: Sequence[Sequence[str]]) -> list[str]:
+    """What the gate embeds for each fact: its prompt with the subject's names masked."""
+    return [mask_subject(p, names) for p, names in zip(prompts, subject_names, strict=True)]
+
+
 def is_question(text: str) -> bool:
     return text.rstrip().endswith("?")
 
@@ -201,9 +206,18 @@ class GateTable:
         prompts: Sequence[str],
         subject_names: Sequence[Sequence[str]],
         fact_rows: Sequence[int],
+        known: Mapping[str, torch.Tensor] | None = None,
     ) -> GateTable:
-        masked = [mask_subject(p, names) for p, names in zip(prompts, subject_names, strict=True)]
-        embeddings = encoder.encode(masked)
+        """`known`: masked prompt -> embedding from an earlier version, not encoded again."""
+        masked = masked_prompts(prompts, subject_names)
+        known = known or {}
+        missing = list(dict.fromkeys(m for m in masked if m not in known))
+        fresh = dict(zip(missing, encoder.encode(missing), strict=True)) if missing else {}
+        embeddings = (
+            torch.stack([known[m] if m in known else fresh[m] for m in masked])
+            if masked
+            else encoder.encode([])
+        )
         questions = encoder.encode(QUESTION_PROBES)
         statements = encoder.encode(STATEMENT_PROBES)
         is_q = torch.tensor([is_question(m) for m in masked], dtype=torch.bool)

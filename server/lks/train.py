@@ -12,7 +12,7 @@ import logging
 import math
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -118,11 +118,18 @@ def training_contexts(
 
 @torch.inference_mode()
 def feature_states(
-    backbone: Backbone, split: LayerSplit, scope: Scope, batch_size: int = 32
+    backbone: Backbone,
+    split: LayerSplit,
+    scope: Scope,
+    batch_size: int = 32,
+    *,
+    rows: Sequence[int] | None = None,
 ) -> torch.Tensor:
-    """The hypernetwork's input: layer-L state of each subject's feature text's last token."""
+    """The hypernetwork's input: layer-L state of each subject's feature text's last token
+    [S, H], or of the given subject `rows` only [len(rows), H]."""
     tokenizer = backbone.tokenizer
-    texts = [EncodedText(tokenizer(t)["input_ids"], [], [], []) for t in scope.feature_texts]
+    wanted = scope.feature_texts if rows is None else [scope.feature_texts[r] for r in rows]
+    texts = [EncodedText(tokenizer(t)["input_ids"], [], [], []) for t in wanted]
     features: list[torch.Tensor | None] = [None] * len(texts)
     for batch in length_batches([len(t.ids) for t in texts], batch_size):
         chunk = [texts[i] for i in batch]
@@ -300,18 +307,39 @@ class Trainer:
         self.split = PrefixSkippingSplit(backbone.model, self.layer)
         self.skip_prefixes = PrefixSkippingSplit.supports(backbone.model)
 
-    def apply_weights(self, facts: Sequence[Fact], weights: dict[str, torch.Tensor]) -> TrainResult:
+    def apply_weights(
+        self,
+        facts: Sequence[Fact],
+        weights: dict[str, torch.Tensor],
+        known_blocks: Mapping[str, torch.Tensor] | None = None,
+    ) -> TrainResult:
         """The subject table of `facts` under given hypernetwork weights, without training: a
         grown pack's new subjects often need none, since the hypernetwork reads each subject's
-        new targets from its feature text."""
+        new targets from its feature text. `known_blocks` (feature text -> block under these
+        same weights, from the previous version) are reused as they are, so only subjects
+        that are new or gained a fact cost a forward pass."""
         started = time.perf_counter()
         scope = Scope.from_facts(facts)
         hypernet = Hypernetwork(self.backbone.hidden_size, self.config.hypernet)
         hypernet.load_state_dict(weights)
         hypernet.to(self.backbone.device)
-        features = feature_states(self.backbone, self.split, scope)
-        with torch.no_grad():
-            deltas = hypernet(features).detach()
+        known = known_blocks or {}
+        todo = [r for r, text in enumerate(scope.feature_texts) if text not in known]
+        deltas = torch.empty(len(scope.subjects), self.backbone.hidden_size)
+        for row, text in enumerate(scope.feature_texts):
+            if text in known:
+                deltas[row] = known[text]
+        if todo:
+            features = feature_states(self.backbone, self.split, scope, rows=todo)
+            with torch.no_grad():
+                deltas[todo] = hypernet(features).detach().float().cpu()
+        deltas = deltas.to(self.backbone.device)
+        log.info(
+            "applying weights: %d of %d subjects computed, %d reused",
+            len(todo),
+            len(scope.subjects),
+            len(scope.subjects) - len(todo),
+        )
         seconds = time.perf_counter() - started
         return TrainResult(self.layer, scope, deltas, hypernet, self.config, 0, math.nan, seconds)
 

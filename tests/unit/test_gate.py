@@ -2,6 +2,7 @@
 ships): it opens for paraphrases of the edited relation and stays shut for other questions."""
 
 import pytest
+import torch
 
 from server.lks.gate import GateTable, ScopeGate, SentenceEncoder, mask_subject, sentence_around
 
@@ -67,3 +68,14 @@ def test_table_round_trips_through_tensors(gate: ScopeGate) -> None:
     tensors = gate.table.to_tensors()
     assert GateTable.from_tensors(tensors) is not None
     assert GateTable.from_tensors({"blocks": tensors["gate.fact_rows"]}) is None
+
+
+def test_known_prompt_embeddings_are_reused_and_the_rest_encoded(gate: ScopeGate) -> None:
+    """A grown pack's gate table takes the earlier version's embeddings as they are."""
+    marker = torch.full((gate.table.prompt_embeddings.shape[1],), 0.5)
+    known = {mask_subject(FACTS[0][1], [FACTS[0][0]]): marker}
+    table = GateTable.build(
+        gate.encoder, [p for _, p in FACTS], [[s] for s, _ in FACTS], [0, 1], known=known
+    )
+    assert torch.equal(table.prompt_embeddings[0], marker)
+    torch.testing.assert_close(table.prompt_embeddings[1], gate.table.prompt_embeddings[1])

@@ -319,3 +319,18 @@ def test_evaluation_batches_answer_as_each_text_alone(
     prompts = [c for c, _ in texts]
     one_by_one = [greedy_generations(backbone, [p], edit_set, max_new_tokens=4)[0] for p in prompts]
     assert greedy_generations(backbone, prompts, edit_set, max_new_tokens=4) == one_by_one
+
+
+def test_applying_weights_reuses_known_blocks(tiny_model_dirs: dict[str, Path]) -> None:
+    backbone = _backbone(tiny_model_dirs, "llama")
+    trainer = Trainer(backbone, CONFIG)
+    result = trainer.train(FACTS)
+    weights = result.hypernet.state_dict()
+    fresh = trainer.apply_weights(FACTS, weights)
+    torch.testing.assert_close(fresh.deltas, result.deltas)  # same weights, same table
+    marker = torch.full((backbone.hidden_size,), 7.0)
+    reused = trainer.apply_weights(
+        FACTS, weights, known_blocks={result.scope.feature_texts[0]: marker}
+    )
+    assert torch.equal(reused.deltas[0].cpu(), marker)  # taken as it is, not recomputed
+    torch.testing.assert_close(reused.deltas[1:], fresh.deltas[1:])
