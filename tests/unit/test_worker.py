@@ -125,7 +125,7 @@ def test_a_grown_fact_set_warm_starts_and_a_shrunk_one_does_not(
 ) -> None:
     store = JobStore.open(f"sqlite:///{tmp_path / 'jobs.db'}")
     packs = PackStore(tmp_path / "packs")
-    worker = make_worker(store, packs, backbone, min_reliability=0.0)
+    worker = make_worker(store, packs, backbone, min_reliability=0.0, growth_check_sample=0)
     first = store.submit("demo", FACTS[:1])
     assert worker.run_once()
     assert store.job(first.job_id).metrics["warm_start"] == 0.0
@@ -136,6 +136,7 @@ def test_a_grown_fact_set_warm_starts_and_a_shrunk_one_does_not(
     # the gate (no minimum here) took the previous weights as they are: nothing was trained,
     # and the earlier subject keeps its block
     assert job.metrics["trained_facts"] == 0
+    assert job.metrics["checked_facts"] == 1  # the new fact; its reused neighbour was checked
     first_table = packs.load(PackRef("demo", 1)).content.table["blocks"]
     grown_table = packs.load(PackRef("demo", 2)).content.table["blocks"]
     # reused from version 1 as they are (no forward pass for the unchanged subject)
