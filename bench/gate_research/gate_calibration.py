@@ -1,4 +1,4 @@
-"""Scope-gate calibration study.  Run:  /work/main/.venv/bin/python bench/gate_research/gate_calibration.py
+"""Scope-gate calibration study.  Run:  .venv/bin/python bench/gate_research/gate_calibration.py
 Dev items only (0..7999).  Eval packs: N=100 at offsets 0,1000,..,7000.  Constants of every rule are fitted
 ONCE on disjoint 'train' packs (offsets 500,1500,..,7500) of BOTH datasets jointly, then frozen.
 """
@@ -8,7 +8,7 @@ torch.set_num_threads(1)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import enc, templates as T
 
-DATA = '/work/shared/data'
+DATA = os.environ.get('LKS_DATA_DIR', os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', '..', '..', 'shared', 'data'))
 DSETS = ['zsre', 'counterfact']
 N = 100
 EVAL_OFF = [k * 1000 for k in range(8)]
