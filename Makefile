@@ -44,9 +44,10 @@ lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
+QUALITY_SIZES ?= 10 100 1000 2000
 bench-quality: install
 	@echo ">> training and evaluating fresh packs on the test split (heldout protocol)"
-	bench/quality.sh $(N) | tee bench/quality.jsonl | $(BIN)/python bench/quality_table.py
+	bench/quality.sh $(QUALITY_SIZES) | tee bench/quality.jsonl | $(BIN)/python bench/quality_table.py
 
 bench-serve: install
 	@echo ">> lks serve on loopback vs Hugging Face generate (about 7 minutes on 2 CPU cores)"
