@@ -211,7 +211,6 @@ def teacher_forced(
 def cmd_grow(args: argparse.Namespace, settings: Settings, backbone: Backbone) -> dict[str, Any]:
     """Add facts to a trained pack by warm start on the new facts plus a replay sample, and
     check the earlier facts before and after."""
-    from server.lks.hypernet import Hypernetwork
     from server.lks.train import growth_selection
 
     old_items = dev_items(settings, args.zsre, args.counterfact)
@@ -219,30 +218,23 @@ def cmd_grow(args: argparse.Namespace, settings: Settings, backbone: Backbone) -
     new_items = load_items(path, "dev", args.new, offset=args.counterfact)
     facts = [it.fact for it in old_items + new_items]
     learned = {fact_key(f) for f in facts[: len(old_items)]}
-    config = TrainConfig()
-    layer = config.resolve_layer(backbone.num_layers)
     weights = load_file(str(args.hypernet or default_weights(settings)))
-    scope = Scope.from_facts(facts)
-    started = time.perf_counter()
-    features = feature_states(backbone, LayerSplit(backbone.model, layer), scope)
-    features_s = time.perf_counter() - started
-    before_net = Hypernetwork(backbone.hidden_size, config.hypernet).to(backbone.device)
-    before_net.load_state_dict(weights)
-    with torch.no_grad():
-        before = before_net(features)
+    trainer = Trainer(backbone, TrainConfig())
+    applied = trainer.apply_weights(facts, weights)  # the worker's first try: no training
+    scope, layer, before = applied.scope, applied.layer, applied.deltas
     sample = old_items[:: max(1, len(old_items) // args.check)]
     reliability_pairs = [(it.fact.prompt, it.fact.target) for it in sample]
     generality_pairs = [(it.generality, it.fact.target) for it in sample if it.generality]
     new_pairs = [(it.fact.prompt, it.fact.target) for it in new_items]
     train_on = growth_selection(facts, learned)
     assert train_on is not None, "the growth is too large for a replay: retrain instead"
-    result = Trainer(backbone, config).train(facts, warm_start=weights, train_on=train_on)
+    result = trainer.train(facts, warm_start=weights, train_on=train_on)
     record = {
         "facts_before": len(old_items),
         "facts_added": len(new_items),
         "facts_trained": len(train_on),
         "grow_train_seconds": round(result.seconds, 1),
-        "feature_pass_seconds": round(features_s, 1),
+        "feature_pass_seconds": round(applied.seconds, 1),
         "epochs_run": result.epochs_run,
         "old_sample": len(sample),
     }
@@ -306,31 +298,18 @@ def cmd_detect(args: argparse.Namespace, settings: Settings, backbone: Backbone 
 def build_massive_pack(
     facts: Sequence[Fact], backbone: Backbone, hypernet_path: Path, packs_dir: Path, name: str
 ) -> dict[str, Any]:
-    """Publish the 10,000-fact pack from trained hypernetwork weights: feature states, subject
-    table and gate table are recomputed here (the deltas are a function of the weights)."""
-    from server.lks.editor import backbone_info, pack_content
-    from server.lks.gate import GateTable, SentenceEncoder
-    from server.lks.hypernet import Hypernetwork
-    from server.lks.train import TrainResult
+    """Publish the 10,000-fact pack from trained hypernetwork weights: the subject table and
+    the gate table are recomputed (the blocks are a function of the weights), as the worker's
+    growth does with `apply_only`."""
+    from server.lks.editor import backbone_info, pack_content, train_edits
+    from server.lks.gate import SentenceEncoder
     from server.packs import PackStore
 
-    config = TrainConfig()
-    layer = config.resolve_layer(backbone.num_layers)
-    scope = Scope.from_facts(facts)
     started = time.perf_counter()
-    features = feature_states(backbone, LayerSplit(backbone.model, layer), scope)
-    hypernet = Hypernetwork(backbone.hidden_size, config.hypernet)
-    hypernet.load_state_dict(load_file(str(hypernet_path)))
-    with torch.no_grad():
-        deltas = hypernet(features)
-    names = [(s.subject, *s.aliases) for s in scope.subjects]
-    gate = GateTable.build(
-        SentenceEncoder(),
-        [f.prompt for f in facts],
-        [names[row] for row in scope.fact_rows],
-        scope.fact_rows,
+    weights = load_file(str(hypernet_path))
+    result, gate, _ = train_edits(
+        backbone, facts, SentenceEncoder(), TrainConfig(), warm_start=weights, apply_only=True
     )
-    result = TrainResult(layer, scope, deltas, hypernet, config, 0, float("nan"), 0.0)
     manifest = PackStore(packs_dir).publish(
         name, pack_content(result, gate, facts), backbone_info(backbone)
     )

@@ -44,11 +44,16 @@ def run(tag, qp, sp, thr=G.THRESHOLD):
     rows = [json.loads(l) for l in open(os.path.join(ROOT, 'bench', 'general_ability.jsonl')) if l.strip()]
     for r in rows:
         for m in SCOPE_INDEX.find(r['prompt']):
-            opened += gate.opens(r['prompt'], m.start, m.end, m.row, NAMES[m.row])
+            score = gate.score(r['prompt'], m.start, m.end, m.row, NAMES[m.row])
+            opened += score >= G.THRESHOLD
+            if score >= G.THRESHOLD:
+                print(f"  {tag}: opens {score:+.3f} {r['prompt']!r} for the edit {PROMPTS_OF[m.row]}")
     print(f"{tag}: zsre open gen/loc {out['zsre'][0]:.3f}/{out['zsre'][1]:.3f}  CF {out['counterfact'][0]:.3f}/{out['counterfact'][1]:.3f}  general-ability opens {opened}", flush=True)
 s = Settings()
 items = load_items(dataset_path(s.data_dir, 'zsre'), 'dev', 8000) + load_items(dataset_path(s.data_dir, 'counterfact'), 'dev', 2000)
 scope = Scope.from_facts([it.fact for it in items]); SCOPE_INDEX = scope.index(); NAMES = [(x.subject, *x.aliases) for x in scope.subjects]
+PROMPTS_OF = {}
+for it, row in zip(items, scope.fact_rows): PROMPTS_OF.setdefault(row, []).append(it.fact.prompt)
 TABLE10 = GateTable.build(enc, [it.fact.prompt for it in items], [NAMES[r] for r in scope.fact_rows], scope.fact_rows)
 Q0, S0 = G.QUESTION_PROBES, G.STATEMENT_PROBES
 run('base', Q0, S0)

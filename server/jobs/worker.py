@@ -208,19 +208,19 @@ class Worker:
                 cache_budget_bytes=self.config.cache_budget_bytes,
             )
             trained = 0 if apply_only else len(facts) if train_on is None else len(train_on)
-            metrics_extra = {
-                "warm_start": 1.0 if warm is not None else 0.0,
-                "trained_facts": float(trained),
-            }
-            last_beat = 0.0
-            beat(0.9, None)
             checked = (
                 facts_to_check(facts, result.scope, known, self.config.growth_check_sample)
                 if apply_only
                 else facts
             )
-            metrics_extra["checked_facts"] = float(len(checked))
-            metrics = {**self._check(checked, edit_set), **metrics_extra}
+            last_beat = 0.0
+            beat(0.9, None)
+            metrics = {
+                **self._check(checked, edit_set),
+                "warm_start": 1.0 if warm is not None else 0.0,
+                "trained_facts": float(trained),
+                "checked_facts": float(len(checked)),
+            }
             passed = (
                 metrics["reliability"] >= self.config.min_reliability
                 and metrics.get("locality", 1.0) >= self.config.min_locality

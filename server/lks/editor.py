@@ -55,10 +55,7 @@ class KnownParts:
         gate = GateTable.from_tensors(content.table)
         embeddings: dict[str, torch.Tensor] = {}
         if gate is not None and gate.prompt_embeddings.shape[0] == len(facts):
-            names = [(s.subject, *s.aliases) for s in scope.subjects]
-            masked = masked_prompts(
-                [f.prompt for f in facts], [names[row] for row in scope.fact_rows]
-            )
+            masked = masked_prompts([f.prompt for f in facts], scope.fact_names())
             embeddings = dict(zip(masked, gate.prompt_embeddings, strict=True))
         return cls(dict(zip(scope.feature_texts, deltas, strict=True)), embeddings)
 
@@ -86,11 +83,10 @@ def train_edits(
         result = trainer.apply_weights(facts, warm_start, known_blocks=known.blocks)
     else:
         result = trainer.train(facts, progress, warm_start=warm_start, train_on=train_on)
-    names = [(s.subject, *s.aliases) for s in result.scope.subjects]
     gate_table = GateTable.build(
         encoder,
         [f.prompt for f in facts],
-        [names[row] for row in result.scope.fact_rows],
+        result.scope.fact_names(),
         result.scope.fact_rows,
         known=known.prompt_embeddings,
     )

@@ -40,6 +40,11 @@ class Scope:
     def index(self, *, case_insensitive: bool = False) -> SubjectIndex:
         return subject_index(self.subjects, case_insensitive=case_insensitive)
 
+    def fact_names(self) -> list[tuple[str, ...]]:
+        """Each fact's subject names (the subject and its aliases): what the gate masks."""
+        names = [(s.subject, *s.aliases) for s in self.subjects]
+        return [names[row] for row in self.fact_rows]
+
 
 def subject_index(
     subjects: Sequence[SubjectEntry], *, case_insensitive: bool = False

@@ -324,11 +324,13 @@ class Trainer:
         hypernet.load_state_dict(weights)
         hypernet.to(self.backbone.device)
         known = known_blocks or {}
-        todo = [r for r, text in enumerate(scope.feature_texts) if text not in known]
         deltas = torch.empty(len(scope.subjects), self.backbone.hidden_size)
+        todo = []  # rows whose feature text no earlier version computed
         for row, text in enumerate(scope.feature_texts):
             if text in known:
                 deltas[row] = known[text]
+            else:
+                todo.append(row)
         if todo:
             features = feature_states(self.backbone, self.split, scope, rows=todo)
             with torch.no_grad():
