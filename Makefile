@@ -14,7 +14,7 @@ export PIP_FIND_LINKS ?= /opt/wheels
 endif
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: install serve test test-unit lint format clean bench-quality bench-serve bench-train bench-load bench-massive
+.PHONY: install serve test test-unit lint format clean bench-quality bench-serve bench-train bench-load bench-massive relation-head
 
 $(STAMP): pyproject.toml Makefile
 	@echo ">> installing lks-server into $(VENV)"
@@ -71,6 +71,10 @@ bench-massive: install
 	$(MASSIVE) serve --out bench/massive
 	$(MASSIVE) compare --out bench/massive
 	$(MASSIVE) report --out bench/massive | tee bench/massive.md
+
+relation-head: install
+	@echo ">> fitting the scope gate's relation head on dev items (about 3 minutes on 2 CPU cores)"
+	$(BIN)/python bench/fit_relation_head.py --out server/lks/relation_head.safetensors
 
 format: install
 	$(BIN)/ruff check --fix .

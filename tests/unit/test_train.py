@@ -14,11 +14,12 @@ from server.lks.evaluate import top1_predictions
 from server.lks.facts import Fact, LocalityPrompt, fact_key
 from server.lks.hook import EditPlan
 from server.lks.hypernet import Hypernetwork
-from server.lks.scope import EncodedText, Scope, encode
+from server.lks.scope import EncodedText, Scope, encode, join_target
 from server.lks.split import LayerSplit, SplitSequence
 from server.lks.train import (
     TrainConfig,
     Trainer,
+    after_target_sequences,
     feature_states,
     growth_selection,
     locality_sequences,
@@ -174,6 +175,48 @@ def test_locality_loss_is_kl_from_the_unedited_model(
     expected = F.kl_div(edited, unedited, log_target=True, reduction="batchmean")
     assert expected > 1e-3  # the edit does move this prompt's answer
     torch.testing.assert_close(loss, expected, atol=1e-5, rtol=1e-4)
+
+
+def test_after_target_sequences_continue_the_new_answer(tiny_model_dirs: dict[str, Path]) -> None:
+    """Each fact's prompt + new target, continued by the unedited model: the KL positions start
+    at the target's last token, so the target itself stays the cross-entropy's business."""
+    backbone = _backbone(tiny_model_dirs, "llama")
+    scope = Scope.from_facts(FACTS)
+    sequences, references = after_target_sequences(backbone, scope.index(), FACTS, 2)
+    assert len(sequences) == len(references) == len(FACTS)
+    for fact, seq, reference in zip(FACTS, sequences, references, strict=True):
+        text_ids = backbone.tokenizer(join_target(fact.prompt, fact.target))["input_ids"]
+        assert seq.ids[: len(text_ids)] == text_ids
+        assert seq.edits and all(position < len(text_ids) for _, position in seq.edits)
+        assert seq.predict_at[0] == len(text_ids) - 1
+        assert len(seq.target_ids) == len(seq.predict_at) == reference.shape[0] <= 2
+
+
+def test_kl_terms_are_weighted_per_sequence(tiny_model_dirs: dict[str, Path]) -> None:
+    backbone = _backbone(tiny_model_dirs, "llama")
+    trainer = Trainer(backbone, CONFIG)
+    scope = Scope.from_facts(FACTS)
+    sequences, references = after_target_sequences(backbone, scope.index(), FACTS, 2)
+    torch.manual_seed(0)
+    hypernet = Hypernetwork(backbone.hidden_size).to(backbone.device)
+    torch.nn.init.normal_(hypernet.net.weight, std=0.5)
+    features = feature_states(backbone, trainer.split, scope)
+    cached = split_sequences(backbone, trainer.split, sequences)
+    with torch.no_grad():
+        one = trainer._loss(hypernet, features, sequences, references, cached, [0], [1.0] * 2)
+        three = trainer._loss(hypernet, features, sequences, references, cached, [0], [3.0] * 2)
+        none = trainer._loss(hypernet, features, sequences, references, cached, [0], [0.0] * 2)
+    assert one > 1e-6  # the edit moves the continuation
+    torch.testing.assert_close(three, 3 * one)
+    assert float(none) == 0.0
+
+
+def test_continuation_term_is_opt_in(tiny_model_dirs: dict[str, Path]) -> None:
+    backbone = _backbone(tiny_model_dirs, "llama")
+    config = replace(CONFIG, epochs=1, min_steps=1)
+    plain = Trainer(backbone, config).train(FACTS)
+    steered = Trainer(backbone, replace(config, continuation_weight=1.0)).train(FACTS)
+    assert not torch.equal(plain.deltas, steered.deltas)  # the extra sequences took part
 
 
 def test_training_counts_the_locality_prompts_it_used(tiny_model_dirs: dict[str, Path]) -> None:

@@ -1,0 +1,116 @@
+"""Fit the scope gate's relation head (server/lks/relation_head.safetensors) on dev items.
+
+Each zsRE and CounterFact dev item gives an edit prompt, its paraphrase (the gate should open)
+and another question about the same subject (it should stay shut). The head is fitted on items
+1,000-7,999 of both datasets; its threshold is the best balanced accuracy on items 0-999, which
+the fit never saw; the test split is never read. About 6 minutes on 2 CPU cores.
+
+    .venv/bin/python bench/fit_relation_head.py [--out server/lks/relation_head.safetensors]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from pathlib import Path
+
+import torch
+
+from server.lks.datasets import dataset_path, load_items
+from server.lks.gate import ENCODER_NAME, SentenceEncoder
+from server.lks.relation_fit import (
+    Probes,
+    RelationExample,
+    RelationPairs,
+    auc,
+    balanced_threshold,
+    fit_relation_head,
+    pair_scores,
+)
+from server.lks.relation_head import HEAD_FILE, RelationHead
+from server.settings import Settings
+
+DATASETS = ("zsre", "counterfact")
+FIT_ITEMS = (1000, 8000)  # dev items the head learns from
+THRESHOLD_ITEMS = (0, 1000)  # dev items that pick the threshold and report the figures
+
+
+def examples(settings: Settings, dataset: str, first: int, end: int) -> list[RelationExample]:
+    items = load_items(dataset_path(settings.data_dir, dataset), "dev", end - first, first)
+    return [
+        RelationExample(it.fact.subject, it.fact.prompt, it.generality, it.locality_prompt)
+        for it in items
+        if it.generality and it.locality_prompt
+    ]
+
+
+def open_rates(positive: torch.Tensor, negative: torch.Tensor, threshold: float) -> dict:
+    return {
+        "paraphrase_open": round(float((positive >= threshold).float().mean()), 4),
+        "other_open": round(float((negative >= threshold).float().mean()), 4),
+        "auc": round(auc(positive, negative), 4),
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=HEAD_FILE)
+    parser.add_argument("--steps", type=int, default=3000)
+    parser.add_argument("--identity-weight", type=float, default=1.0)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    log = logging.getLogger("fit_relation_head")
+    torch.manual_seed(args.seed)
+    settings = Settings()
+    identity = RelationHead.identity(384)
+    encoder = SentenceEncoder(relation_head=identity)
+    started = time.perf_counter()
+    fit_sets, held_sets = [], {}
+    for dataset in DATASETS:
+        fit_sets.append(RelationPairs.encode(encoder, examples(settings, dataset, *FIT_ITEMS)))
+        held_sets[dataset] = RelationPairs.encode(
+            encoder, examples(settings, dataset, *THRESHOLD_ITEMS)
+        )
+    probes = Probes.encode(encoder)
+    log.info("encoded %d fit and %d threshold examples in %.0f s",
+             sum(map(len, fit_sets)), sum(map(len, held_sets.values())),
+             time.perf_counter() - started)  # fmt: skip
+    started = time.perf_counter()
+    weight = fit_relation_head(
+        fit_sets, probes, steps=args.steps, identity_weight=args.identity_weight, seed=args.seed
+    )
+    log.info("fitted the head in %.0f s", time.perf_counter() - started)
+    report: dict[str, dict] = {}
+    for name, head_weight, fixed in (("identity", identity.weight, identity.threshold),
+                                     ("head", weight, None)):  # fmt: skip
+        with torch.no_grad():
+            scores = {
+                ds: pair_scores(head_weight, pairs, probes) for ds, pairs in held_sets.items()
+            }
+        positive = torch.cat([p for p, _ in scores.values()])
+        negative = torch.cat([n for _, n in scores.values()])
+        threshold = fixed if fixed is not None else balanced_threshold(positive, negative)
+        report[name] = {"threshold": round(threshold, 4)} | {
+            ds: open_rates(p, n, threshold) for ds, (p, n) in scores.items()
+        }
+    head = RelationHead(weight, report["head"]["threshold"])
+    metadata = {
+        "encoder": ENCODER_NAME,
+        "fit_items": f"dev {FIT_ITEMS[0]}-{FIT_ITEMS[1] - 1} of {', '.join(DATASETS)}",
+        "threshold_items": f"dev {THRESHOLD_ITEMS[0]}-{THRESHOLD_ITEMS[1] - 1}",
+        "steps": str(args.steps),
+        "identity_weight": str(args.identity_weight),
+        "seed": str(args.seed),
+        "dev_report": json.dumps(report),
+    }
+    head.save(args.out, metadata)
+    print(json.dumps(report, indent=1))
+    log.info("wrote %s", args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
