@@ -17,6 +17,7 @@ from server.lks.detect import SubjectIndex, SubjectMatch, last_token_position
 from server.lks.gate import GateTable, ScopeGate, SentenceEncoder
 from server.lks.scope import subject_index
 from server.model.backbone import Backbone
+from server.packs.errors import PackCorruptError
 from server.packs.format import BLOCKS_KEY, Pack, SubjectEntry, check_compatible
 
 
@@ -82,7 +83,10 @@ def load_edit_set(pack: Pack, backbone: Backbone, encoder: SentenceEncoder | Non
         hidden_size=backbone.hidden_size,
         num_layers=backbone.num_layers,
     )
-    table = GateTable.from_tensors(pack.content.table)
+    try:
+        table = GateTable.from_tensors(pack.content.table)
+    except ValueError as exc:
+        raise PackCorruptError(f"pack {pack.ref}: {exc}") from None
     gate = None
     if table is not None:
         if encoder is None:

@@ -238,12 +238,24 @@ class GateTable:
         return {f"gate.{k}": getattr(self, k) for k in self.TENSOR_KEYS + self.HEAD_KEYS}
 
     @classmethod
+    def in_tensors(cls, tensors: Mapping[str, torch.Tensor]) -> bool:
+        """Whether a pack's table holds a gate (packs without one edit on every match)."""
+        return all(f"gate.{k}" in tensors for k in cls.TENSOR_KEYS)
+
+    @classmethod
     def from_tensors(cls, tensors: dict[str, torch.Tensor]) -> GateTable | None:
-        if not all(f"gate.{k}" in tensors for k in cls.TENSOR_KEYS):
+        """None without a gate; ValueError for a head that cannot score this table."""
+        if not cls.in_tensors(tensors):
             return None
         fields = {k: tensors[f"gate.{k}"] for k in cls.TENSOR_KEYS}
         if all(f"gate.{k}" in tensors for k in cls.HEAD_KEYS):
             fields.update({k: tensors[f"gate.{k}"] for k in cls.HEAD_KEYS})
+            dim = fields["prompt_embeddings"].shape[1]
+            if fields["head"].shape != (dim, dim) or fields["threshold"].numel() != 1:
+                raise ValueError(
+                    f"gate.head must be [{dim}, {dim}] and gate.threshold one number; got "
+                    f"{tuple(fields['head'].shape)} and {tuple(fields['threshold'].shape)}"
+                )
         else:  # built before the relation head: scored as it was calibrated, raw embeddings
             identity = RelationHead.identity(fields["prompt_embeddings"].shape[1])
             fields.update(head=identity.weight, threshold=torch.tensor(identity.threshold))

@@ -92,7 +92,7 @@ class PackRegistry:
     def _load(self, ref: PackRef) -> LoadedPack:
         started = time.perf_counter()
         pack = self.store.load(ref)
-        gated = GateTable.from_tensors(pack.content.table) is not None
+        gated = GateTable.in_tensors(pack.content.table)
         edit_set = load_edit_set(pack, self.backbone, self.gate_encoder() if gated else None)
         nbytes = sum(t.numel() * t.element_size() for t in pack.content.table.values())
         seconds = time.perf_counter() - started

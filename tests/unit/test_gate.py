@@ -106,3 +106,9 @@ def test_tables_from_before_the_head_score_with_the_identity(gate: ScopeGate) ->
     assert old is not None
     assert torch.equal(old.head, torch.eye(384))
     assert float(old.threshold) == pytest.approx(IDENTITY_THRESHOLD)
+
+
+def test_a_head_of_the_wrong_shape_is_refused(gate: ScopeGate) -> None:
+    tensors = gate.table.to_tensors() | {"gate.head": torch.eye(384)[:, :10]}
+    with pytest.raises(ValueError, match=r"gate.head must be \[384, 384\]"):
+        GateTable.from_tensors(tensors)

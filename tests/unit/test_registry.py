@@ -4,13 +4,16 @@ of newly published versions (and never of broken ones)."""
 from __future__ import annotations
 
 import threading
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
+import torch
 from factories import publish_subject_pack
 
+from server.lks.editor import backbone_info
 from server.model import Backbone, load_backbone
-from server.packs import PackNotFoundError, PackRef, PackStore
+from server.packs import PackCorruptError, PackNotFoundError, PackRef, PackStore
 from server.packs.registry import PackRegistry
 from server.settings import Settings
 
@@ -89,3 +92,28 @@ def test_refresh_swaps_in_new_versions_and_skips_broken_ones(
     assert registry.loaded() == []
     with pytest.raises(PackNotFoundError):
         registry.unload("nothing")
+
+
+def test_a_pack_whose_gate_head_cannot_score_its_table_is_refused(
+    backbone: Backbone, tmp_path: Path
+) -> None:
+    """A damaged gate is a corrupt pack, named as such, not a crash inside serving."""
+    store = PackStore(tmp_path)
+    manifest = publish_subject_pack(store, "a", backbone, ["france"], seed=1)
+    pack = store.load(PackRef("a", manifest.version))
+    dim = 384
+    gate = {
+        "gate.prompt_embeddings": torch.zeros(1, dim),
+        "gate.fact_rows": torch.zeros(1, dtype=torch.long),
+        "gate.prompt_hubness": torch.zeros(1),
+        "gate.prompt_is_question": torch.zeros(1, dtype=torch.bool),
+        "gate.question_probes": torch.zeros(2, dim),
+        "gate.statement_probes": torch.zeros(2, dim),
+        "gate.head": torch.zeros(dim, 7),
+        "gate.threshold": torch.tensor(0.0),
+    }
+    content = replace(pack.content, table={**pack.content.table, **gate})
+    store.publish("b", content, backbone_info(backbone))
+    registry = PackRegistry(store, backbone)
+    with pytest.raises(PackCorruptError, match=r"pack b@1: gate.head must be \[384, 384\]"):
+        registry.get(PackRef("b"))
