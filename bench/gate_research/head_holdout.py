@@ -1,6 +1,10 @@
 """Relation hold-out: k-means clusters of masked edit prompts stand in for relations; the head is
-trained on items of some clusters and evaluated on items of held-out clusters (dev only)."""
+trained on items of some clusters and evaluated on items of held-out clusters (dev only).
+Run: .venv/bin/python bench/gate_research/head_holdout.py [--per-dataset]
+  default: clusters over both datasets' prompts together (a relation is held out of both);
+  --per-dataset: clusters and held-out folds chosen for each dataset on its own."""
 import os, sys, torch, numpy as np
+PER_DATASET = '--per-dataset' in sys.argv
 sys.argv = sys.argv[:1]
 exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'head_exp.py')).read().split("evaluate(torch.eye(384)")[0])
 def kmeans(X, k, iters=30, seed=0):
@@ -10,13 +14,19 @@ def kmeans(X, k, iters=30, seed=0):
         C = torch.stack([F.normalize(X[a == j].mean(0), dim=0) if (a == j).any() else C[j] for j in range(k)])
     return a
 K = 40
-joint = kmeans(torch.cat([E[('zsre','p')], E[('counterfact','p')]]), K)
-assign = {'zsre': joint[:8000], 'counterfact': joint[8000:]}
+if PER_DATASET:
+    assign = {ds: kmeans(E[(ds, 'p')], K) for ds in ['zsre', 'counterfact']}
+else:
+    joint = kmeans(torch.cat([E[('zsre','p')], E[('counterfact','p')]]), K)
+    assign = {'zsre': joint[:8000], 'counterfact': joint[8000:]}
 for ds in assign: print(ds, 'cluster sizes', sorted(torch.bincount(assign[ds], minlength=K).tolist())[::-1][:10], '...')
 E0 = dict(E)
 for fold in range(3):
     g = torch.Generator().manual_seed(100 + fold)
-    hc = set(torch.randperm(K, generator=g)[:K // 4].tolist()); held = {ds: hc for ds in assign}
+    if PER_DATASET:
+        held = {ds: set(torch.randperm(K, generator=g)[:K // 4].tolist()) for ds in assign}
+    else:
+        hc = set(torch.randperm(K, generator=g)[:K // 4].tolist()); held = {ds: hc for ds in assign}
     # training: items 1000-7999 outside held clusters; eval: items 200-999 inside held clusters
     tr = {ds: [i for i in range(1000, 8000) if int(assign[ds][i]) not in held[ds]] for ds in assign}
     ev = {ds: [i for i in range(200, 1000) if int(assign[ds][i]) in held[ds]] for ds in assign}
