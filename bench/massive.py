@@ -8,6 +8,9 @@ Subcommands, each printing one JSON object (and writing it under --out when give
              facts: time to the same reliability
     grow     add 100 facts to the trained 10,000-fact hypernetwork (warm start + replay) and
              check the earlier facts before and after
+    grow-published
+             the worker's growth: the pack serve published, grown by 100 facts with the same
+             weights, reusing its blocks and gate embeddings (only new subjects cost a pass)
     detect   subject detection over the 10,000 subjects plus one alias each: per-prompt cost
     serve    a real `lks serve` with the 10,000-subject pack vs no pack at concurrency 1, and
              the pack's load time and memory
@@ -255,6 +258,58 @@ def cmd_grow(args: argparse.Namespace, settings: Settings, backbone: Backbone) -
     return record
 
 
+def cmd_grow_published(
+    args: argparse.Namespace, settings: Settings, backbone: Backbone
+) -> dict[str, Any]:
+    """The worker's growth at 10,000 facts: the published pack's weights applied to the grown
+    fact set, reusing the blocks and gate embeddings the published version computed (only the
+    new subjects cost a forward pass). Needs the pack `serve --packs-dir` published."""
+    from server.lks.editor import KnownParts, train_edits
+    from server.lks.gate import SentenceEncoder
+    from server.packs import PackStore
+    from server.packs.names import PackRef
+
+    store = PackStore(args.packs_dir)
+    assert store.versions("massive"), f"no massive pack in {args.packs_dir}: run serve first"
+    pack = store.load(store.resolve(PackRef("massive")))
+    known = KnownParts.from_content(pack.content)
+    old_items = dev_items(settings, args.zsre, args.counterfact)
+    new_items = load_items(
+        dataset_path(settings.data_dir, "counterfact"), "dev", args.new, offset=args.counterfact
+    )
+    facts = [it.fact for it in old_items + new_items]
+    weights = load_file(str(args.hypernet or default_weights(settings)))
+    started = time.perf_counter()
+    result, _, _ = train_edits(
+        backbone, facts, SentenceEncoder(), TrainConfig(), warm_start=weights,
+        apply_only=True, known=known,
+    )  # fmt: skip
+    seconds = time.perf_counter() - started
+    old_texts = [t for t in result.scope.feature_texts if t in known.blocks]
+    row_of = {t: row for row, t in enumerate(result.scope.feature_texts)}
+    difference = max(
+        float((result.deltas[row_of[t]] - known.blocks[t].to(result.deltas)).abs().max())
+        for t in old_texts
+    )
+    new_pairs = [(it.fact.prompt, it.fact.target) for it in new_items]
+    record: dict[str, Any] = {
+        "facts_before": len(old_items),
+        "facts_added": len(new_items),
+        "subjects_reused": len(old_texts),
+        "subjects_computed": len(result.scope.feature_texts) - len(old_texts),
+        "grow_seconds": round(seconds, 1),
+        "earlier_blocks_max_difference": difference,
+        "new_reliability": teacher_forced(
+            backbone, result.scope, result.layer, result.deltas, new_pairs
+        ),
+    }
+    if args.full_train_json:
+        full = json.loads(args.full_train_json.read_text())
+        record["full_train_seconds"] = full["train_seconds"]
+        record["fraction_of_full"] = round(seconds / full["train_seconds"], 4)
+    return record
+
+
 def cmd_detect(args: argparse.Namespace, settings: Settings, backbone: Backbone | None) -> dict:
     from serve import percentile
 
@@ -441,6 +496,7 @@ def report(directory: Path) -> str:
         return json.loads(path.read_text()) if path.is_file() else {}
 
     train, compare, grow = load("train"), load("compare"), load("grow")
+    grow_published = load("grow_published")
     detect, serve = load("detect"), load("serve")
     lines = ["| what | measured |", "|---|---|"]
     if train:
@@ -479,6 +535,17 @@ def report(directory: Path) -> str:
             + f"; new facts {grow['new_reliability_after']}; earlier facts' reliability "
             f"{grow['old_reliability_before']} -> {grow['old_reliability_after']}, generality "
             f"{grow['old_generality_before']} -> {grow['old_generality_after']} |"
+        )
+    if grow_published:
+        fraction = grow_published.get("fraction_of_full")
+        lines.append(
+            f"| ... or, as the worker does, the previous weights reusing the published version's "
+            f"blocks and gate embeddings | {grow_published['grow_seconds']} s"
+            + (f" ({fraction:.1%} of the full run)" if fraction is not None else "")
+            + f": {grow_published['subjects_computed']} new subjects computed, "
+            f"{grow_published['subjects_reused']:,} reused (blocks differ by at most "
+            f"{grow_published['earlier_blocks_max_difference']:.1e}); new facts' reliability "
+            f"{grow_published['new_reliability']} |"
         )
     if detect:
         lines.append(
@@ -539,6 +606,13 @@ def main() -> int:
     grow.add_argument("--new", type=int, default=100, help="CounterFact dev facts to add")
     grow.add_argument("--check", type=int, default=1000, help="earlier facts to check")
     grow.add_argument("--full-train-json", type=Path, help="the full run's train.json")
+    grow_published = sub.add_parser("grow-published")
+    grow_published.add_argument("--packs-dir", type=Path, required=True, help="serve's pack store")
+    grow_published.add_argument("--hypernet", type=Path, help="trained weights (default: train's)")
+    grow_published.add_argument("--zsre", type=int, default=8000)
+    grow_published.add_argument("--counterfact", type=int, default=2000)
+    grow_published.add_argument("--new", type=int, default=100, help="CounterFact dev facts to add")
+    grow_published.add_argument("--full-train-json", type=Path, help="the full run's train.json")
     detect = sub.add_parser("detect")
     detect.add_argument("--repeat", type=int, default=3)
     serve = sub.add_parser("serve")
@@ -553,7 +627,7 @@ def main() -> int:
     serve.add_argument("--requests", type=int, default=16)
     serve.add_argument("--tokens", type=int, default=32)
     serve.add_argument("--port", type=int, default=8766)
-    for command in (train, compare, grow, detect, serve):
+    for command in (train, compare, grow, grow_published, detect, serve):
         command.add_argument("--out", type=Path, help="write the JSON result (and files) here")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
@@ -567,6 +641,7 @@ def main() -> int:
         "train": cmd_train,
         "compare": cmd_compare,
         "grow": cmd_grow,
+        "grow-published": cmd_grow_published,
         "detect": cmd_detect,
         "serve": cmd_serve,
     }
@@ -575,7 +650,7 @@ def main() -> int:
     print(text)
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / f"{args.command}.json").write_text(text + "\n")
+        (args.out / f"{args.command.replace('-', '_')}.json").write_text(text + "\n")
     return 0
 
 

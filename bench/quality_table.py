@@ -14,6 +14,7 @@ COLUMNS = [
     ("fluency_edited", "fluency edited"),
     ("fluency_unedited", "fluency unedited"),
     ("train_seconds", "train s"),
+    ("gate_threshold", "gate threshold"),
 ]
 
 
@@ -24,12 +25,13 @@ def main() -> None:
     for row in rows:
         cells = []
         for key, _ in COLUMNS:
-            value = row[key]
-            cells.append(
-                f"{value:.3f}"
-                if isinstance(value, float) and key != "train_seconds"
-                else str(value)
-            )
+            value = row.get(key, "-")  # rows from before a column existed
+            if key == "gate_threshold" and isinstance(value, float):
+                cells.append(f"{value:.4f}")
+            elif isinstance(value, float) and key != "train_seconds":
+                cells.append(f"{value:.3f}")
+            else:
+                cells.append(str(value))
         print("| " + " | ".join(cells) + " |")
 
 

@@ -174,7 +174,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     except (FileNotFoundError, ValueError) as exc:
         raise CLIError(str(exc)) from None
     backbone = load_backbone(settings)
-    result, _gate, edit_set = train_edits(
+    result, gate, edit_set = train_edits(
         backbone,
         training_facts(items, args.protocol),
         SentenceEncoder(),
@@ -192,6 +192,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         **{k: round(v, 4) for k, v in metrics.items()},
         "train_seconds": round(result.seconds, 1),
         "epochs_run": result.epochs_run,
+        # which relation head the gate used (generality and locality depend on it)
+        "gate_threshold": round(float(gate.threshold), 4),
     }
     if args.json:
         print(json.dumps(report))

@@ -1,8 +1,10 @@
 """How many of bench/general_ability.jsonl's prompts open an edit of the 10,000-fact pack
 (zsRE dev 0-7999 + CounterFact dev 0-1999), with the shipped relation head and with the identity
 (the rule before it). Only the gate table is needed: an edit that does not open changes nothing.
-Run: .venv/bin/python bench/gate_research/general_opens.py"""
+Run: .venv/bin/python bench/gate_research/general_opens.py [head.safetensors ...]
+(the shipped head when none is named)"""
 import json, os, sys, torch
+from pathlib import Path
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', '..')
 sys.path.insert(0, ROOT)
 from server.lks.gate import SentenceEncoder, GateTable, ScopeGate
@@ -21,7 +23,8 @@ shipped = SentenceEncoder()
 prompts_of = {}
 for f, r in zip(facts, scope.fact_rows): prompts_of.setdefault(r, []).append(f.prompt)
 index = subject_index(scope.subjects)
-for tag, head in [('identity', RelationHead.identity(384)), ('head', shipped.relation_head)]:
+heads = [(p, RelationHead.load(Path(p))) for p in sys.argv[1:]] or [('head', shipped.relation_head)]
+for tag, head in [('identity', RelationHead.identity(384)), *heads]:
     enc = SentenceEncoder(relation_head=head)
     table = GateTable.build(enc, [f.prompt for f in facts], names, scope.fact_rows)
     gate = ScopeGate(table, enc)

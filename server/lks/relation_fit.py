@@ -4,13 +4,16 @@ subject masked, scored exactly as the gate scores them (CSLS in the head's space
 
 from __future__ import annotations
 
+import math
+from collections import Counter, defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
 
 from server.lks.gate import (
+    PLACEHOLDER,
     QUESTION_PROBES,
     STATEMENT_PROBES,
     SentenceEncoder,
@@ -28,6 +31,137 @@ class RelationExample:
     prompt: str  # the edit prompt
     paraphrase: str  # asks the same relation
     other: str  # asks something else about the same subject
+
+
+class _UnionFind:
+    def __init__(self) -> None:
+        self.parent: dict[str, str] = {}
+
+    def find(self, item: str) -> str:
+        self.parent.setdefault(item, item)
+        while self.parent[item] != item:
+            self.parent[item] = self.parent[self.parent[item]]
+            item = self.parent[item]
+        return item
+
+    def union(self, a: str, b: str) -> None:
+        self.parent[self.find(a)] = self.find(b)
+
+
+def _target_cosine(a: Counter[str], b: Counter[str]) -> float:
+    dot = sum(count * b[target] for target, count in a.items() if target in b)
+    return dot / math.sqrt(sum(v * v for v in a.values()) * sum(v * v for v in b.values()))
+
+
+def relation_groups(
+    examples: Sequence[RelationExample],
+    targets: Sequence[str],
+    encoder: SentenceEncoder,
+    *,
+    target_overlap: float = 0.5,
+    same_wording: float = 0.9,
+) -> dict[str, int]:
+    """Masked prompt template -> relation group, without relation labels: an edit prompt and
+    its paraphrase ask the same relation (linked); groups whose targets look alike
+    (`target_overlap`, cosine of target counts) or with two near-identical wordings
+    (`same_wording`, encoder cosine) are merged. Merging errs towards one group: a relation
+    split in two would make its own paraphrases negatives, a merge only loses some."""
+    links = _UnionFind()
+    templates: dict[str, str] = {}  # prompt template -> its group's root after linking
+    for example in examples:
+        prompt = mask_subject(example.prompt, [example.subject])
+        links.find(prompt)
+        templates[prompt] = prompt
+        if example.paraphrase:
+            links.union(prompt, mask_subject(example.paraphrase, [example.subject]))
+    target_counts: dict[str, Counter[str]] = defaultdict(Counter)
+    for example, target in zip(examples, targets, strict=True):
+        target_counts[links.find(mask_subject(example.prompt, [example.subject]))][target] += 1
+    roots = list(target_counts)
+    for i, a in enumerate(roots):
+        for b in roots[i + 1 :]:
+            if _target_cosine(target_counts[a], target_counts[b]) > target_overlap:
+                links.union(a, b)
+    names = sorted(templates)
+    with torch.no_grad():
+        embeddings = encoder.encode(names)
+    close = (embeddings @ embeddings.T) > same_wording
+    for i, j in close.nonzero().tolist():
+        if i < j:
+            links.union(names[i], names[j])
+    group_ids: dict[str, int] = {}
+    return {name: group_ids.setdefault(links.find(name), len(group_ids)) for name in names}
+
+
+# words whose loss leaves the relation a template asks: only content words are dropped
+# fmt: off
+FUNCTION_WORDS = frozenset({
+    "a", "an", "the", "of", "in", "on", "at", "to", "for", "by", "from", "with", "as", "and",
+    "or", "is", "was", "are", "were", "be", "been", "it", "its", "that", "which", "who", "whose",
+    "what", "where", "when", "does", "do", "did", "they", "he", "she", "his", "her", "their",
+})
+# fmt: on
+
+
+def dropped_word_variants(template: str) -> list[str]:
+    """The template once per content word, without it ("X is a twin city of" -> "X is a city
+    of", "X is a twin of"): a near miss that keeps the wording and changes the question."""
+    words = template.split()
+    return [
+        " ".join(words[:i] + words[i + 1 :])
+        for i, word in enumerate(words)
+        if PLACEHOLDER not in word and word.lower().strip("?,.:'") not in FUNCTION_WORDS
+    ]
+
+
+def near_miss_examples(
+    examples: Sequence[RelationExample],
+    groups: dict[str, int],
+    encoder: SentenceEncoder,
+    *,
+    per_template: int = 5,
+    drop_words: bool = True,
+    same_wording: float = 0.9,
+    seed: int = 0,
+) -> list[RelationExample]:
+    """Each example again, its `other` now one of the near misses that read most like its own
+    prompt template, with its subject: prompt templates of another relation group ("X is a
+    twin city of" vs "X worked in the city of") and, with `drop_words`, the template less one
+    content word, unless that reads like a real template (`same_wording`). They share the
+    words that matter to the encoder and ask something else."""
+    names = sorted(groups)
+    group_of = torch.tensor([groups[name] for name in names])
+    with torch.no_grad():
+        embeddings = encoder.encode(names)
+        variants = sorted(
+            {v for name in names for v in dropped_word_variants(name)} - set(names)
+            if drop_words
+            else set()
+        )
+        if variants:
+            variant_embeddings = encoder.encode(variants)
+            reads_like_a_template = (variant_embeddings @ embeddings.T).amax(1) > same_wording
+            keep = (~reads_like_a_template).nonzero().flatten().tolist()
+            variants = [variants[i] for i in keep]
+            embeddings_all = torch.cat([embeddings, variant_embeddings[keep]])
+        else:
+            embeddings_all = embeddings
+    candidates = names + variants
+    similarity = embeddings @ embeddings_all.T  # [templates, templates + variants]
+    same_group = group_of[:, None] == group_of[None, :]
+    similarity[:, : len(names)][same_group] = -math.inf
+    nearest = similarity.topk(min(per_template, len(candidates) - 1), dim=1).indices
+    row_of = {name: row for row, name in enumerate(names)}
+    generator = torch.Generator().manual_seed(seed)
+    mined = []
+    for example in examples:
+        row = row_of.get(mask_subject(example.prompt, [example.subject]))
+        if row is None:
+            continue
+        pick = nearest[row, int(torch.randint(0, nearest.shape[1], (1,), generator=generator))]
+        other = candidates[int(pick)].replace(PLACEHOLDER, example.subject, 1)
+        mined.append(replace(example, other=other))
+    return mined
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 from factories import make_backbone_info, make_content
 
+from server.lks.relation_head import RelationHead
 from server.packs import PackStore
 
 
@@ -123,6 +124,8 @@ def test_eval_trains_and_reports_under_the_chosen_protocol(
     assert main([*argv, "--protocol", protocol, "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["protocol"] == protocol
+    # the row says which gate calibration its generality and locality were measured with
+    assert report["gate_threshold"] == round(RelationHead.load().threshold, 4)
     expected = [[i["locality"]["prompt"]] for i in items] if protocol == "reference" else [[], []]
     assert trained_on == expected
     assert main([*argv, "--protocol", protocol]) == 0

@@ -12,13 +12,16 @@ from server.lks.relation_head import IDENTITY_THRESHOLD, RelationHead
 FACTS = [
     ("Danielle Darrieux", "What is the native language of Danielle Darrieux?"),
     ("Atlanta Flames", "The home city of Atlanta Flames is"),
+    ("Lyon", "Lyon is a twin city of"),
 ]
 
 
 @pytest.fixture(scope="module")
 def gate() -> ScopeGate:
     encoder = SentenceEncoder()
-    table = GateTable.build(encoder, [p for _, p in FACTS], [[s] for s, _ in FACTS], [0, 1])
+    table = GateTable.build(
+        encoder, [p for _, p in FACTS], [[s] for s, _ in FACTS], list(range(len(FACTS)))
+    )
     return ScopeGate(table, encoder)
 
 
@@ -36,6 +39,8 @@ def _opens(gate: ScopeGate, text: str, row: int) -> bool:
         ("Fact: What is the native language of Danielle Darrieux?", 0),
         ("The home city of Atlanta Flames is", 1),
         ("Atlanta Flames is based in the city of", 1),
+        ("The twin city of Lyon is", 2),
+        ("What is the twin city of Lyon? It is", 2),
     ],
 )
 def test_opens_for_the_edited_relation(gate: ScopeGate, text: str, row: int) -> None:
@@ -49,6 +54,9 @@ def test_opens_for_the_edited_relation(gate: ScopeGate, text: str, row: int) -> 
         ("When was Danielle Darrieux born?", 0),
         ("The founder of Atlanta Flames is", 1),
         ("Atlanta Flames won the championship in the year", 1),
+        # one word apart from the edit prompt: the near misses the head is fitted against
+        ("Lyon is a city in", 2),
+        ("Lyon is located in the country of", 2),
     ],
 )
 def test_stays_shut_for_other_relations(gate: ScopeGate, text: str, row: int) -> None:

@@ -12,8 +12,11 @@ from server.lks.relation_fit import (
     RelationPairs,
     auc,
     balanced_threshold,
+    dropped_word_variants,
     fit_relation_head,
+    near_miss_examples,
     pair_scores,
+    relation_groups,
 )
 from server.lks.relation_head import RelationHead
 
@@ -92,3 +95,67 @@ def test_fits_on_real_encoder_output() -> None:
     weight = fit_relation_head([pairs], Probes.encode(encoder), steps=2, batch_size=2)
     assert weight.shape == (384, 384)
     assert not torch.equal(weight, torch.eye(384))
+
+
+def _templated(subject: str, prompt: str, paraphrase: str) -> RelationExample:
+    fill = lambda template: template.replace("X", subject)  # noqa: E731
+    return RelationExample(subject, fill(prompt), fill(paraphrase), f"When was {subject} born?")
+
+
+# (example, target): two twin-city wordings linked only through a paraphrase, a "died in"
+# relation, a "named after" relation in two wordings that no paraphrase links
+TEMPLATED = [
+    (_templated("Kyoto", "The twin city of X is", "X is a twin city of"), "Kiev"),
+    (_templated("Lyon", "X is a twin city of", "What is the twin city of X? It is"), "Prague"),
+    (_templated("Marie Curie", "X died in", "X passed away in"), "Paris"),
+    (_templated("Leo Tolstoy", "X passed away in", "X's life ended in"), "Moscow"),
+    (_templated("Victoria Park", "X, named after", "X, which is named after"), "Victoria"),
+    (_templated("St Peter Port", "X was named after", "X was called after"), "Peter"),
+]
+
+
+def test_relation_groups_link_paraphrases_and_keep_relations_apart() -> None:
+    encoder = SentenceEncoder(relation_head=RelationHead.identity(384))
+    examples, targets = zip(*TEMPLATED, strict=True)
+    groups = relation_groups(examples, targets, encoder)
+    assert groups["The twin city of X is"] == groups["X is a twin city of"]  # via a paraphrase
+    assert groups["X died in"] == groups["X passed away in"]
+    # near-identical wordings merge even though no paraphrase links them
+    assert groups["X, named after"] == groups["X was named after"]
+    assert groups["X is a twin city of"] != groups["X died in"]
+    assert groups["X died in"] != groups["X was named after"]
+    # relations whose targets look alike merge: a split relation would become its own negative
+    merged = relation_groups(examples, ["Paris"] * len(examples), encoder)
+    assert len(set(merged.values())) == 1
+
+
+def test_near_misses_come_from_another_relation_with_the_subject() -> None:
+    encoder = SentenceEncoder(relation_head=RelationHead.identity(384))
+    examples, targets = zip(*TEMPLATED, strict=True)
+    groups = relation_groups(examples, targets, encoder)
+    mask = lambda example, text: text.replace(example.subject, "X")  # noqa: E731
+    for drop_words in (False, True):
+        mined = near_miss_examples(examples, groups, encoder, per_template=2, drop_words=drop_words)
+        assert len(mined) == len(examples)
+        for example, near in zip(examples, mined, strict=True):
+            assert (near.subject, near.prompt, near.paraphrase) == (
+                example.subject,
+                example.prompt,
+                example.paraphrase,
+            )
+            assert example.subject in near.other
+            own_group = groups[mask(example, example.prompt)]
+            template = mask(example, near.other)
+            if template in groups:
+                assert groups[template] != own_group
+            else:  # a real template less one word, never one of its own relation's wordings
+                assert drop_words
+                sources = [t for t in groups if template in dropped_word_variants(t)]
+                assert sources, f"{template!r} is neither a template nor a variant of one"
+                assert template not in {t for t, g in groups.items() if g == own_group}
+
+
+def test_dropped_word_variants_keep_function_words_and_the_subject() -> None:
+    assert dropped_word_variants("X is a twin city of") == ["X is a city of", "X is a twin of"]
+    assert dropped_word_variants("What is the capital of X?") == ["What is the of X?"]
+    assert dropped_word_variants("X is in") == []
