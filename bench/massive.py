@@ -539,8 +539,9 @@ def report(directory: Path) -> str:
     if grow_published:
         fraction = grow_published.get("fraction_of_full")
         lines.append(
-            f"| ... or, as the worker does, the previous weights reusing the published version's "
-            f"blocks and gate embeddings | {grow_published['grow_seconds']} s"
+            f"| add {grow_published['facts_added']} facts to {grow_published['facts_before']:,} "
+            f"as the worker does: the previous weights, reusing the published version's blocks "
+            f"and gate embeddings | {grow_published['grow_seconds']} s"
             + (f" ({fraction:.1%} of the full run)" if fraction is not None else "")
             + f": {grow_published['subjects_computed']} new subjects computed, "
             f"{grow_published['subjects_reused']:,} reused (blocks differ by at most "
