@@ -66,23 +66,21 @@ def relation_groups(
     (`target_overlap`, cosine of target counts) or with two near-identical wordings
     (`same_wording`, encoder cosine) are merged. Merging errs towards one group: a relation
     split in two would make its own paraphrases negatives, a merge only loses some."""
+    prompts = [mask_subject(e.prompt, [e.subject]) for e in examples]
     links = _UnionFind()
-    templates: dict[str, str] = {}  # prompt template -> its group's root after linking
-    for example in examples:
-        prompt = mask_subject(example.prompt, [example.subject])
+    for example, prompt in zip(examples, prompts, strict=True):
         links.find(prompt)
-        templates[prompt] = prompt
         if example.paraphrase:
             links.union(prompt, mask_subject(example.paraphrase, [example.subject]))
     target_counts: dict[str, Counter[str]] = defaultdict(Counter)
-    for example, target in zip(examples, targets, strict=True):
-        target_counts[links.find(mask_subject(example.prompt, [example.subject]))][target] += 1
+    for prompt, target in zip(prompts, targets, strict=True):
+        target_counts[links.find(prompt)][target] += 1
     roots = list(target_counts)
     for i, a in enumerate(roots):
         for b in roots[i + 1 :]:
             if _target_cosine(target_counts[a], target_counts[b]) > target_overlap:
                 links.union(a, b)
-    names = sorted(templates)
+    names = sorted(set(prompts))
     with torch.no_grad():
         embeddings = encoder.encode(names)
     close = (embeddings @ embeddings.T) > same_wording
