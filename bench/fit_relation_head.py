@@ -25,13 +25,13 @@ import torch
 from server.lks.datasets import dataset_path, load_items
 from server.lks.gate import ENCODER_NAME, SentenceEncoder
 from server.lks.relation_fit import (
+    NearMisses,
     Probes,
     RelationExample,
     RelationPairs,
     auc,
     balanced_threshold,
     fit_relation_head,
-    near_miss_examples,
     pair_scores,
     relation_groups,
 )
@@ -92,11 +92,12 @@ def main() -> int:
         held_sets[dataset] = RelationPairs.encode(encoder, held_examples)
         if dataset in args.near_misses:
             groups = relation_groups(fit_examples, targets, encoder)
-            mined = near_miss_examples(fit_examples, groups, encoder, seed=args.seed)
+            near_misses = NearMisses.find(groups, encoder)
+            mined = near_misses.examples(fit_examples, seed=args.seed)
             log.info("%s: %d relation groups, %d near-miss examples", dataset,
                      len(set(groups.values())), len(mined))  # fmt: skip
             fit_sets.append(RelationPairs.encode(encoder, mined))
-            held_mined = near_miss_examples(held_examples, groups, encoder, seed=args.seed)
+            held_mined = near_misses.examples(held_examples, seed=args.seed)
             held_sets[f"{dataset}_near_miss"] = RelationPairs.encode(encoder, held_mined)
     probes = Probes.encode(encoder)
     log.info("encoded %d fit and %d threshold examples in %.0f s",

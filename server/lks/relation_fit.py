@@ -112,54 +112,64 @@ def dropped_word_variants(template: str) -> list[str]:
     ]
 
 
-def near_miss_examples(
-    examples: Sequence[RelationExample],
-    groups: dict[str, int],
-    encoder: SentenceEncoder,
-    *,
-    per_template: int = 5,
-    drop_words: bool = True,
-    same_wording: float = 0.9,
-    seed: int = 0,
-) -> list[RelationExample]:
-    """Each example again, its `other` now one of the near misses that read most like its own
-    prompt template, with its subject: prompt templates of another relation group ("X is a
-    twin city of" vs "X worked in the city of") and, with `drop_words`, the template less one
-    content word, unless that reads like a real template (`same_wording`). They share the
-    words that matter to the encoder and ask something else."""
-    names = sorted(groups)
-    group_of = torch.tensor([groups[name] for name in names])
-    with torch.no_grad():
-        embeddings = encoder.encode(names)
-        variants = sorted(
-            {v for name in names for v in dropped_word_variants(name)} - set(names)
+@dataclass(frozen=True)
+class NearMisses:
+    """For each prompt template, the near misses that read most like it: prompt templates of
+    another relation group ("X is a twin city of" vs "X worked in the city of") and, with
+    `drop_words`, templates less one content word, unless that reads like a real template
+    (`same_wording`). They share the words that matter to the encoder and ask something else.
+    Found once per set of groups; `examples` draws from them for any examples."""
+
+    rows: dict[str, int]  # prompt template -> its row of `nearest`
+    candidates: list[str]  # templates, then the kept dropped-word variants
+    nearest: torch.Tensor  # [templates, per_template] indices into candidates
+
+    @classmethod
+    def find(
+        cls,
+        groups: dict[str, int],
+        encoder: SentenceEncoder,
+        *,
+        per_template: int = 5,
+        drop_words: bool = True,
+        same_wording: float = 0.9,
+    ) -> NearMisses:
+        names = sorted(groups)
+        group_of = torch.tensor([groups[name] for name in names])
+        variants = (
+            sorted({v for name in names for v in dropped_word_variants(name)} - set(names))
             if drop_words
-            else set()
+            else []
         )
-        if variants:
-            variant_embeddings = encoder.encode(variants)
-            reads_like_a_template = (variant_embeddings @ embeddings.T).amax(1) > same_wording
-            keep = (~reads_like_a_template).nonzero().flatten().tolist()
-            variants = [variants[i] for i in keep]
-            embeddings_all = torch.cat([embeddings, variant_embeddings[keep]])
-        else:
+        with torch.no_grad():
+            embeddings = encoder.encode(names)
             embeddings_all = embeddings
-    candidates = names + variants
-    similarity = embeddings @ embeddings_all.T  # [templates, templates + variants]
-    same_group = group_of[:, None] == group_of[None, :]
-    similarity[:, : len(names)][same_group] = -math.inf
-    nearest = similarity.topk(min(per_template, len(candidates) - 1), dim=1).indices
-    row_of = {name: row for row, name in enumerate(names)}
-    generator = torch.Generator().manual_seed(seed)
-    mined = []
-    for example in examples:
-        row = row_of.get(mask_subject(example.prompt, [example.subject]))
-        if row is None:
-            continue
-        pick = nearest[row, int(torch.randint(0, nearest.shape[1], (1,), generator=generator))]
-        other = candidates[int(pick)].replace(PLACEHOLDER, example.subject, 1)
-        mined.append(replace(example, other=other))
-    return mined
+            if variants:
+                variant_embeddings = encoder.encode(variants)
+                reads_like_a_template = (variant_embeddings @ embeddings.T).amax(1) > same_wording
+                keep = (~reads_like_a_template).nonzero().flatten().tolist()
+                variants = [variants[i] for i in keep]
+                embeddings_all = torch.cat([embeddings, variant_embeddings[keep]])
+        candidates = names + variants
+        similarity = embeddings @ embeddings_all.T  # [templates, templates + variants]
+        same_group = group_of[:, None] == group_of[None, :]
+        similarity[:, : len(names)][same_group] = -math.inf
+        nearest = similarity.topk(min(per_template, len(candidates) - 1), dim=1).indices
+        return cls({name: row for row, name in enumerate(names)}, candidates, nearest)
+
+    def examples(self, examples: Sequence[RelationExample], seed: int = 0) -> list[RelationExample]:
+        """Each example whose prompt template is known again, its `other` now one of its
+        template's near misses (drawn at random, seeded) with its subject."""
+        generator = torch.Generator().manual_seed(seed)
+        mined = []
+        for example in examples:
+            row = self.rows.get(mask_subject(example.prompt, [example.subject]))
+            if row is None:
+                continue
+            draw = int(torch.randint(0, self.nearest.shape[1], (1,), generator=generator))
+            other = self.candidates[int(self.nearest[row, draw])]
+            mined.append(replace(example, other=other.replace(PLACEHOLDER, example.subject, 1)))
+        return mined
 
 
 @dataclass(frozen=True)
