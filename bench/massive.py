@@ -211,17 +211,24 @@ def teacher_forced(
     return round(sum(scores) / len(scores), 4)
 
 
+def growth_inputs(
+    args: argparse.Namespace, settings: Settings
+) -> tuple[list[EvalItem], list[EvalItem], dict[str, torch.Tensor]]:
+    """(the pack's items, the --new CounterFact dev items after them, the trained weights)."""
+    old_items = dev_items(settings, args.zsre, args.counterfact)
+    path = dataset_path(settings.data_dir, "counterfact")
+    new_items = load_items(path, "dev", args.new, offset=args.counterfact)
+    return old_items, new_items, load_file(str(args.hypernet or default_weights(settings)))
+
+
 def cmd_grow(args: argparse.Namespace, settings: Settings, backbone: Backbone) -> dict[str, Any]:
     """Add facts to a trained pack by warm start on the new facts plus a replay sample, and
     check the earlier facts before and after."""
     from server.lks.train import growth_selection
 
-    old_items = dev_items(settings, args.zsre, args.counterfact)
-    path = dataset_path(settings.data_dir, "counterfact")
-    new_items = load_items(path, "dev", args.new, offset=args.counterfact)
+    old_items, new_items, weights = growth_inputs(args, settings)
     facts = [it.fact for it in old_items + new_items]
     learned = {fact_key(f) for f in facts[: len(old_items)]}
-    weights = load_file(str(args.hypernet or default_weights(settings)))
     trainer = Trainer(backbone, TrainConfig())
     applied = trainer.apply_weights(facts, weights)  # the worker's first try: no training
     scope, layer, before = applied.scope, applied.layer, applied.deltas
@@ -273,12 +280,8 @@ def cmd_grow_published(
     assert store.versions("massive"), f"no massive pack in {args.packs_dir}: run serve first"
     pack = store.load(store.resolve(PackRef("massive")))
     known = KnownParts.from_content(pack.content)
-    old_items = dev_items(settings, args.zsre, args.counterfact)
-    new_items = load_items(
-        dataset_path(settings.data_dir, "counterfact"), "dev", args.new, offset=args.counterfact
-    )
+    old_items, new_items, weights = growth_inputs(args, settings)
     facts = [it.fact for it in old_items + new_items]
-    weights = load_file(str(args.hypernet or default_weights(settings)))
     started = time.perf_counter()
     result, _, _ = train_edits(
         backbone, facts, SentenceEncoder(), TrainConfig(), warm_start=weights,
@@ -600,27 +603,22 @@ def main() -> int:
     compare.add_argument("--max-reference-epochs", type=int, default=20)
     compare.add_argument("--max-reference-seconds", type=float, default=3600)
     compare.add_argument("--stop-ratio", type=float, default=3.5, help="x our training time")
-    grow = sub.add_parser("grow")
-    grow.add_argument("--hypernet", type=Path, help="trained weights (default: train's)")
-    grow.add_argument("--zsre", type=int, default=8000)
-    grow.add_argument("--counterfact", type=int, default=2000)
-    grow.add_argument("--new", type=int, default=100, help="CounterFact dev facts to add")
+    # the trained pack and its growth: shared by grow, grow-published and serve
+    pack_args = argparse.ArgumentParser(add_help=False)
+    pack_args.add_argument("--hypernet", type=Path, help="trained weights (default: train's)")
+    pack_args.add_argument("--zsre", type=int, default=8000)
+    pack_args.add_argument("--counterfact", type=int, default=2000)
+    growth_args = argparse.ArgumentParser(add_help=False, parents=[pack_args])
+    growth_args.add_argument("--new", type=int, default=100, help="CounterFact dev facts to add")
+    growth_args.add_argument("--full-train-json", type=Path, help="the full run's train.json")
+    grow = sub.add_parser("grow", parents=[growth_args])
     grow.add_argument("--check", type=int, default=1000, help="earlier facts to check")
-    grow.add_argument("--full-train-json", type=Path, help="the full run's train.json")
-    grow_published = sub.add_parser("grow-published")
+    grow_published = sub.add_parser("grow-published", parents=[growth_args])
     grow_published.add_argument("--packs-dir", type=Path, required=True, help="serve's pack store")
-    grow_published.add_argument("--hypernet", type=Path, help="trained weights (default: train's)")
-    grow_published.add_argument("--zsre", type=int, default=8000)
-    grow_published.add_argument("--counterfact", type=int, default=2000)
-    grow_published.add_argument("--new", type=int, default=100, help="CounterFact dev facts to add")
-    grow_published.add_argument("--full-train-json", type=Path, help="the full run's train.json")
     detect = sub.add_parser("detect")
     detect.add_argument("--repeat", type=int, default=3)
-    serve = sub.add_parser("serve")
-    serve.add_argument("--hypernet", type=Path, help="trained weights (default: train's)")
+    serve = sub.add_parser("serve", parents=[pack_args])
     serve.add_argument("--check", type=int, default=200, help="own prompts to generate for")
-    serve.add_argument("--zsre", type=int, default=8000)
-    serve.add_argument("--counterfact", type=int, default=2000)
     serve.add_argument("--packs-dir", type=Path, help="reuse the pack built by an earlier run")
     serve.add_argument(
         "--ability", type=Path, default=Path(__file__).with_name("general_ability.jsonl")

@@ -3,35 +3,29 @@
 import json
 import sys
 
-COLUMNS = [
-    ("dataset", "data"),
-    ("n", "N"),
-    ("reliability", "rel"),
-    ("generality", "gen"),
-    ("locality", "loc"),
-    ("exact_match", "exact"),
-    ("baseline_reliability", "baseline"),
-    ("fluency_edited", "fluency edited"),
-    ("fluency_unedited", "fluency unedited"),
-    ("train_seconds", "train s"),
-    ("gate_threshold", "gate threshold"),
+METRIC, AS_IS = "{:.3f}", "{}"
+COLUMNS = [  # (key, title, format)
+    ("dataset", "data", AS_IS),
+    ("n", "N", AS_IS),
+    ("reliability", "rel", METRIC),
+    ("generality", "gen", METRIC),
+    ("locality", "loc", METRIC),
+    ("exact_match", "exact", METRIC),
+    ("baseline_reliability", "baseline", METRIC),
+    ("fluency_edited", "fluency edited", METRIC),
+    ("fluency_unedited", "fluency unedited", METRIC),
+    ("train_seconds", "train s", AS_IS),
+    ("gate_threshold", "gate threshold", "{:.4f}"),
 ]
 
 
 def main() -> None:
     rows = [json.loads(line) for line in sys.stdin if line.strip()]
-    print("| " + " | ".join(title for _, title in COLUMNS) + " |")
+    print("| " + " | ".join(title for _, title, _ in COLUMNS) + " |")
     print("|" + "---|" * len(COLUMNS))
     for row in rows:
-        cells = []
-        for key, _ in COLUMNS:
-            value = row.get(key, "-")  # rows from before a column existed
-            if key == "gate_threshold" and isinstance(value, float):
-                cells.append(f"{value:.4f}")
-            elif isinstance(value, float) and key != "train_seconds":
-                cells.append(f"{value:.3f}")
-            else:
-                cells.append(str(value))
+        # a row from before a column existed shows "-" there
+        cells = [fmt.format(row[key]) if key in row else "-" for key, _, fmt in COLUMNS]
         print("| " + " | ".join(cells) + " |")
 
 
