@@ -66,6 +66,9 @@ class TrainConfig:
     # stop steering (without it, edited continuations repeat the target).
     continuation_weight: float = 0.0
     continuation_positions: int = 3
+    # unlikelihood of the new target's first token at those same positions (where the unedited
+    # model does not say it itself): a narrower cure for the repetition than the KL.
+    repetition_weight: float = 0.0
 
     def resolve_layer(self, num_layers: int) -> int:
         layer = self.layer if self.layer is not None else round(0.6 * num_layers)
@@ -181,6 +184,18 @@ def after_target_sequences(
     one would."""
     texts = dict.fromkeys(join_target(f.prompt, f.target) for f in facts)
     return continued_sequences(backbone, index, list(texts), positions, batch_size)
+
+
+def repeated_tokens(
+    backbone: Backbone, index: SubjectIndex, facts: Sequence[Fact], after: Sequence[EncodedText]
+) -> list[int]:
+    """For each of `after_target_sequences`, the first token of the target it follows: what an
+    edited model that keeps steering says again."""
+    first: dict[tuple[int, ...], int] = {}
+    for fact in facts:
+        encoded = encode(backbone.tokenizer, index, fact.prompt, fact.target)
+        first.setdefault(tuple(encoded.ids), encoded.target_ids[0])
+    return [first[tuple(seq.ids[: seq.predict_at[0] + 1])] for seq in after]
 
 
 @torch.inference_mode()
@@ -425,8 +440,15 @@ class Trainer:
         )
         after, continued = (
             after_target_sequences(backbone, scope.index(), trained, config.continuation_positions)
-            if config.continuation_weight > 0
+            if config.continuation_weight > 0 or config.repetition_weight > 0
             else ([], [])
+        )
+        # the token each sequence must not predict again (after-target sequences only)
+        avoid: list[int | None] = [None] * (len(sequences) + len(local))
+        avoid += (
+            repeated_tokens(backbone, scope.index(), trained, after)
+            if config.repetition_weight > 0
+            else [None] * len(after)
         )
         references: list[torch.Tensor | None] = [None] * len(sequences)
         references += [*unedited, *continued]
@@ -480,7 +502,7 @@ class Trainer:
             for start in range(0, len(order), config.batch_size):
                 batch = order[start : start + config.batch_size]
                 loss = self._loss(
-                    hypernet, features, sequences, references, cached, batch, kl_weights
+                    hypernet, features, sequences, references, cached, batch, kl_weights, avoid
                 )
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
@@ -532,10 +554,13 @@ class Trainer:
         cached: ActivationCache | None,
         batch: Sequence[int],
         kl_weights: Sequence[float] | None = None,
+        avoid: Sequence[int | None] | None = None,
     ) -> torch.Tensor:
         """Cross-entropy on the edits' targets plus KL(unedited || edited) on the sequences with
         a reference (locality prompts, continuations after the target), each weighted by its
-        `kl_weights` entry (default: locality_weight), averaged over their positions."""
+        `kl_weights` entry (default: locality_weight), averaged over their positions; plus the
+        unlikelihood -log(1 - p) of each sequence's `avoid` token at its KL positions (those
+        where the unedited model does not predict it), weighted by repetition_weight."""
         backbone = self.backbone
         chunk = [sequences[i] for i in batch]
         rows, positions, subject_rows = [], [], []
@@ -543,6 +568,8 @@ class Trainer:
         is_edit: list[bool] = []
         kept: list[torch.Tensor] = []  # unedited final states of the KL positions
         kept_weights: list[float] = []  # one per KL position
+        avoid_at: list[int] = []  # KL positions where `avoid_token` is penalised
+        avoid_token: list[int] = []
         for row, seq in enumerate(chunk):
             for subject_row, position in seq.edits:
                 rows.append(row)
@@ -558,6 +585,13 @@ class Trainer:
                 weight = (
                     self.config.locality_weight if kl_weights is None else kl_weights[batch[row]]
                 )
+                token = None if avoid is None else avoid[batch[row]]
+                if token is not None:
+                    offset = len(kept_weights)
+                    for j, said in enumerate(seq.target_ids):
+                        if said != token:  # the unedited model says it here: leave it
+                            avoid_at.append(offset + j)
+                            avoid_token.append(token)
                 kept_weights += [weight] * reference.shape[0]
         device = backbone.device
         # the hypernetwork runs on this batch's subjects only: its cost must not grow with
@@ -600,6 +634,12 @@ class Trainer:
             kl = F.kl_div(edited, unedited, log_target=True, reduction="none").sum(-1)  # [P]
             weights = torch.tensor(kept_weights, device=device, dtype=kl.dtype)
             loss = loss + (weights * kl).mean()
+            if avoid_at:
+                said = edited[
+                    torch.tensor(avoid_at, device=device), torch.tensor(avoid_token, device=device)
+                ]
+                unlikely = -torch.log1p(-said.exp().clamp(max=1 - 1e-6))
+                loss = loss + self.config.repetition_weight * unlikely.mean()
         if self.config.delta_l2 > 0:
             loss = loss + self.config.delta_l2 * plan.deltas.pow(2).mean()
         return loss

@@ -23,6 +23,7 @@ from server.lks.train import (
     feature_states,
     growth_selection,
     locality_sequences,
+    repeated_tokens,
     shared_prefix_groups,
     split_sequences,
 )
@@ -211,12 +212,57 @@ def test_kl_terms_are_weighted_per_sequence(tiny_model_dirs: dict[str, Path]) ->
     assert float(none) == 0.0
 
 
+def test_repetition_term_is_the_unlikelihood_of_saying_the_target_again(
+    tiny_model_dirs: dict[str, Path],
+) -> None:
+    """After prompt + target, the repetition term costs -log(1 - p(target's first token)) at the
+    continuation positions, as the full model with the edit hook computes p, skipping positions
+    where the unedited model itself goes on with that token."""
+    backbone = _backbone(tiny_model_dirs, "llama")
+    trainer = Trainer(backbone, replace(CONFIG, repetition_weight=2.0))
+    scope = Scope.from_facts(FACTS)
+    sequences, references = after_target_sequences(backbone, scope.index(), FACTS, 3)
+    avoid = repeated_tokens(backbone, scope.index(), FACTS, sequences)
+    for fact, token in zip(FACTS, avoid, strict=True):
+        assert (
+            token
+            == encode(backbone.tokenizer, scope.index(), fact.prompt, fact.target).target_ids[0]
+        )
+    torch.manual_seed(0)
+    hypernet = Hypernetwork(backbone.hidden_size).to(backbone.device)
+    torch.nn.init.normal_(hypernet.net.weight, std=0.5)
+    features = feature_states(backbone, trainer.split, scope)
+    cached = split_sequences(backbone, trainer.split, sequences)
+    no_kl = [0.0] * len(sequences)
+    with torch.no_grad():
+        loss = trainer._loss(hypernet, features, sequences, references, cached, [0], no_kl, avoid)
+        seq = sequences[0]
+        plan = EditPlan.build(
+            [(0, position, hypernet(features)[row]) for row, position in seq.edits],
+            hidden_size=backbone.hidden_size,
+            device=backbone.device,
+        )
+        ids = torch.tensor([seq.ids], device=backbone.device)
+        with backbone.edit_hooks.at(trainer.layer).plan(plan):
+            edited = backbone.model(input_ids=ids).logits[0, seq.predict_at].softmax(-1)
+        without = Trainer(backbone, CONFIG)._loss(
+            hypernet, features, sequences, references, cached, [0], no_kl, [None] * len(sequences)
+        )
+    counted = [j for j, said in enumerate(seq.target_ids) if said != avoid[0]]
+    assert counted  # the unedited model does not simply repeat the target here
+    expected = 2.0 * -torch.log1p(-edited[counted, avoid[0]]).mean()
+    torch.testing.assert_close(loss, expected, atol=1e-5, rtol=1e-4)
+    assert float(without) == 0.0
+
+
 def test_continuation_term_is_opt_in(tiny_model_dirs: dict[str, Path]) -> None:
     backbone = _backbone(tiny_model_dirs, "llama")
     config = replace(CONFIG, epochs=1, min_steps=1)
     plain = Trainer(backbone, config).train(FACTS)
     steered = Trainer(backbone, replace(config, continuation_weight=1.0)).train(FACTS)
     assert not torch.equal(plain.deltas, steered.deltas)  # the extra sequences took part
+    unrepeated = Trainer(backbone, replace(config, repetition_weight=1.0)).train(FACTS)
+    assert not torch.equal(plain.deltas, unrepeated.deltas)
 
 
 def test_training_counts_the_locality_prompts_it_used(tiny_model_dirs: dict[str, Path]) -> None:
