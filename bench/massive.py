@@ -545,7 +545,7 @@ def report(directory: Path) -> str:
             f"| add {grow_published['facts_added']} facts to {grow_published['facts_before']:,} "
             f"as the worker does: the previous weights, reusing the published version's blocks "
             f"and gate embeddings | {grow_published['grow_seconds']} s"
-            + (f" ({fraction:.1%} of the full run)" if fraction is not None else "")
+            + (f" ({fraction * 100:.2g}% of the full run)" if fraction is not None else "")
             + f": {grow_published['subjects_computed']} new subjects computed, "
             f"{grow_published['subjects_reused']:,} reused (blocks differ by at most "
             f"{grow_published['earlier_blocks_max_difference']:.1e}); new facts' reliability "
