@@ -398,8 +398,7 @@ class Trainer:
         seconds = time.perf_counter() - started
         return TrainResult(self.layer, scope, deltas, hypernet, self.config, 0, math.nan, seconds)
 
-    def _sequences(self, facts: Sequence[Fact], scope: Scope) -> list[EncodedText]:
-        index = scope.index()
+    def _sequences(self, facts: Sequence[Fact], index: SubjectIndex) -> list[EncodedText]:
         sequences = []
         for fact in facts:
             for context, templated in training_contexts(self.backbone, fact, self.config):
@@ -432,21 +431,22 @@ class Trainer:
         scope = Scope.from_facts(facts)
         trained = facts if train_on is None else [facts[i] for i in train_on]
         assert trained, "train_on selects no facts"
-        sequences = self._sequences(trained, scope)
+        index = scope.index()  # one automaton for every kind of training sequence
+        sequences = self._sequences(trained, index)
         local, unedited = (
-            locality_sequences(backbone, scope.index(), trained, config.locality_positions)
+            locality_sequences(backbone, index, trained, config.locality_positions)
             if config.locality_weight > 0
             else ([], [])
         )
         after, continued = (
-            after_target_sequences(backbone, scope.index(), trained, config.continuation_positions)
+            after_target_sequences(backbone, index, trained, config.continuation_positions)
             if config.continuation_weight > 0 or config.repetition_weight > 0
             else ([], [])
         )
         # the token each sequence must not predict again (after-target sequences only)
         avoid: list[int | None] = [None] * (len(sequences) + len(local))
         avoid += (
-            repeated_tokens(backbone, scope.index(), trained, after)
+            repeated_tokens(backbone, index, trained, after)
             if config.repetition_weight > 0
             else [None] * len(after)
         )

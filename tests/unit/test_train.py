@@ -255,7 +255,7 @@ def test_repetition_term_is_the_unlikelihood_of_saying_the_target_again(
     assert float(without) == 0.0
 
 
-def test_continuation_term_is_opt_in(tiny_model_dirs: dict[str, Path]) -> None:
+def test_after_target_terms_are_opt_in(tiny_model_dirs: dict[str, Path]) -> None:
     backbone = _backbone(tiny_model_dirs, "llama")
     config = replace(CONFIG, epochs=1, min_steps=1)
     plain = Trainer(backbone, config).train(FACTS)
