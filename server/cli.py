@@ -97,7 +97,8 @@ def _progress_bar(total_label: str) -> Callable[[Any], None]:
 def _train_config(args: argparse.Namespace) -> Any:
     from server.lks.train import TrainConfig
 
-    overrides = {k: getattr(args, k) for k in ("epochs", "lr", "layer", "seed")}
+    names = ("epochs", "lr", "layer", "seed", "continuation_weight", "repetition_weight")
+    overrides = {k: getattr(args, k) for k in names}
     return TrainConfig(**{k: v for k, v in overrides.items() if v is not None})
 
 
@@ -174,11 +175,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     except (FileNotFoundError, ValueError) as exc:
         raise CLIError(str(exc)) from None
     backbone = load_backbone(settings)
+    config = _train_config(args)
     result, gate, edit_set = train_edits(
         backbone,
         training_facts(items, args.protocol),
         SentenceEncoder(),
-        _train_config(args),
+        config,
         progress=_progress_bar("training") if sys.stderr.isatty() else None,
         cache_budget_bytes=settings.train_cache_mb << 20,
     )
@@ -192,6 +194,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
         **{k: round(v, 4) for k, v in metrics.items()},
         "train_seconds": round(result.seconds, 1),
         "epochs_run": result.epochs_run,
+        # the after-target terms change fluency and generality: each row says what it used
+        "continuation_weight": config.continuation_weight,
+        "repetition_weight": config.repetition_weight,
         # which relation head the gate used (generality and locality depend on it)
         "gate_threshold": round(float(gate.threshold), 4),
     }
@@ -327,6 +332,16 @@ def build_parser() -> argparse.ArgumentParser:
         command.add_argument("--lr", type=float, help="hypernetwork learning rate")
         command.add_argument("--layer", type=int, help="decoder layer to edit")
         command.add_argument("--seed", type=int)
+        command.add_argument(
+            "--continuation-weight",
+            type=float,
+            help="KL to the unedited continuation after each new target (default 0: off)",
+        )
+        command.add_argument(
+            "--repetition-weight",
+            type=float,
+            help="unlikelihood of saying the new target again after it (default 0: off)",
+        )
 
     train = commands.add_parser("train", help="train a new version of a pack from facts (JSONL)")
     train.add_argument("--facts", required=True, help='JSONL: {"subject","prompt","target"} a line')

@@ -113,17 +113,24 @@ def test_eval_trains_and_reports_under_the_chosen_protocol(
     }.items():
         monkeypatch.setenv(f"LKS_{name}", str(value))
     trained_on: list[list[str]] = []
+    configs: list[Any] = []
     real_train_edits = server.lks.editor.train_edits
 
-    def spy(backbone: Any, facts: Any, *args: Any, **kwargs: Any) -> Any:
+    def spy(backbone: Any, facts: Any, encoder: Any, config: Any, **kwargs: Any) -> Any:
         trained_on.extend([p.prompt for p in f.locality] for f in facts)
-        return real_train_edits(backbone, facts, *args, **kwargs)
+        configs.append(config)
+        return real_train_edits(backbone, facts, encoder, config, **kwargs)
 
     monkeypatch.setattr(server.lks.editor, "train_edits", spy)
     argv = ["eval", "--dataset", "tiny", "--n", "2", "--epochs", "1", "--layer", "1"]
-    assert main([*argv, "--protocol", protocol, "--json"]) == 0
+    # an after-target term reaches training and the row, which says what it used
+    weight = 0.5 if protocol == "heldout" else None
+    terms = ["--repetition-weight", str(weight)] if weight is not None else []
+    assert main([*argv, *terms, "--protocol", protocol, "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["protocol"] == protocol
+    assert configs[0].repetition_weight == report["repetition_weight"] == (weight or 0.0)
+    assert report["continuation_weight"] == 0.0
     # the row says which gate calibration its generality and locality were measured with
     assert report["gate_threshold"] == round(RelationHead.load().threshold, 4)
     expected = [[i["locality"]["prompt"]] for i in items] if protocol == "reference" else [[], []]
