@@ -94,6 +94,17 @@ def _progress_bar(total_label: str) -> Callable[[Any], None]:
     return update
 
 
+def _weight(text: str) -> float:
+    """A loss weight from the command line: a number, 0 or more."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value >= 0:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"{text} must be 0 or more")
+    return value
+
+
 def _train_config(args: argparse.Namespace) -> Any:
     from server.lks.train import TrainConfig
 
@@ -334,12 +345,12 @@ def build_parser() -> argparse.ArgumentParser:
         command.add_argument("--seed", type=int)
         command.add_argument(
             "--continuation-weight",
-            type=float,
+            type=_weight,
             help="KL to the unedited continuation after each new target (default 0: off)",
         )
         command.add_argument(
             "--repetition-weight",
-            type=float,
+            type=_weight,
             help="unlikelihood of saying the new target again after it (default 0: off)",
         )
 

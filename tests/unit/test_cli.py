@@ -137,3 +137,15 @@ def test_eval_trains_and_reports_under_the_chosen_protocol(
     assert trained_on == expected
     assert main([*argv, "--protocol", protocol]) == 0
     assert re.search(rf"^ +protocol  {protocol} \(training ", capsys.readouterr().out, re.M)
+
+
+@pytest.mark.parametrize("value", ["-1", "nan", "lots"])
+def test_a_bad_loss_weight_is_refused_before_anything_loads(
+    value: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from server.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["eval", "--dataset", "zsre", "--repetition-weight", value])
+    assert exit_info.value.code == 2
+    assert "--repetition-weight" in capsys.readouterr().err
