@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 import torch
+from harness import hf_generate_latencies
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from server.engine.engine import BatchEngine, EngineRequest
@@ -65,22 +66,6 @@ def timed_generate(engine: BatchEngine, requests: list[EngineRequest]) -> tuple[
     return time.perf_counter() - start, sum(o.tokens for o in outputs)
 
 
-def hf_generate(backbone: Backbone, prompts: list[str], tokens: int) -> tuple[float, int]:
-    """The reference cost per token: plain `model.generate`, one request at a time."""
-    seconds, produced = 0.0, 0
-    for prompt in prompts:
-        inputs = backbone.tokenizer(prompt, return_tensors="pt").to(backbone.device)
-        start = time.perf_counter()
-        output = backbone.model.generate(
-            **inputs, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False
-        )
-        if backbone.device.type == "cuda":
-            torch.cuda.synchronize()
-        seconds += time.perf_counter() - start
-        produced += output.shape[1] - inputs["input_ids"].shape[1]
-    return seconds, produced
-
-
 def run(backbone: Backbone, args: argparse.Namespace) -> list[dict]:
     names = subject_names(args.subjects)
     generator = torch.Generator().manual_seed(1)
@@ -101,12 +86,12 @@ def run(backbone: Backbone, args: argparse.Namespace) -> list[dict]:
         for _, sets in variants:  # warm-up
             engine.generate([EngineRequest(p, params, edit_sets=sets) for p in prompts[:batch]])
         if batch == 1:
-            hf_generate(backbone, prompts[:2], args.tokens)  # warm-up
             variants.insert(0, ("HF generate", ()))
         for label, sets in variants:
             requests = [EngineRequest(p, params, edit_sets=sets) for p in prompts]
             if label == "HF generate":
-                seconds, tokens = hf_generate(backbone, prompts, args.tokens)
+                seconds = sum(hf_generate_latencies(backbone, prompts, args.tokens))
+                tokens = len(prompts) * args.tokens
             elif batch == 1:  # concurrency 1: one request after another
                 pairs = [timed_generate(engine, [r]) for r in requests]
                 seconds, tokens = sum(p[0] for p in pairs), sum(p[1] for p in pairs)

@@ -1,4 +1,5 @@
-"""What the benchmarks share: a real `lks serve` process on loopback."""
+"""What the benchmarks share: a real `lks serve` process on loopback, and the plain Hugging Face
+`generate` baseline they are measured against."""
 
 from __future__ import annotations
 
@@ -9,6 +10,9 @@ import time
 from pathlib import Path
 
 import httpx
+import torch
+
+from server.model import Backbone
 
 
 def start_server(packs_dir: Path, port: int) -> subprocess.Popen[bytes]:
@@ -28,3 +32,32 @@ def start_server(packs_dir: Path, port: int) -> subprocess.Popen[bytes]:
         time.sleep(0.2)
     process.kill()
     raise RuntimeError("lks serve did not become ready")
+
+
+def hf_generate_latencies(backbone: Backbone, prompts: list[str], tokens: int) -> list[float]:
+    """Seconds for each prompt through plain `model.generate`, one at a time, exactly `tokens`
+    greedy new tokens each, after one warm-up call (as the server gets one)."""
+    tokenizer, model = backbone.tokenizer, backbone.model
+    synchronize = torch.cuda.synchronize if backbone.device.type == "cuda" else lambda: None
+
+    def generate(prompt: str, new_tokens: int) -> int:
+        ids = tokenizer(prompt, return_tensors="pt").to(backbone.device)
+        with torch.inference_mode():
+            out = model.generate(
+                **ids,
+                max_new_tokens=new_tokens,
+                min_new_tokens=new_tokens,
+                do_sample=False,
+                pad_token_id=tokenizer.pad_token_id,
+            )
+        synchronize()
+        return out.shape[1] - ids["input_ids"].shape[1]
+
+    generate(prompts[0], 4)
+    latencies = []
+    for prompt in prompts:
+        started = time.perf_counter()
+        produced = generate(prompt, tokens)
+        latencies.append(time.perf_counter() - started)
+        assert produced == tokens, f"generate gave {produced} tokens, {tokens} asked"
+    return latencies

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import httpx
 import torch
-from harness import start_server
+from harness import hf_generate_latencies, start_server
 
 from server.lks.datasets import dataset_path, load_items
 from server.lks.editor import backbone_info
@@ -89,28 +89,7 @@ def build_pack(
 
 
 def hf_baseline(backbone: Backbone, prompts: list[str], tokens: int) -> Row:
-    tokenizer, model = backbone.tokenizer, backbone.model
-    latencies = []
-    with torch.inference_mode():  # warm-up, as the server gets one
-        model.generate(
-            **tokenizer(prompts[0], return_tensors="pt").to(backbone.device),
-            max_new_tokens=4,
-            do_sample=False,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-    for prompt in prompts:
-        ids = tokenizer(prompt, return_tensors="pt").to(backbone.device)
-        started = time.perf_counter()
-        with torch.inference_mode():
-            out = model.generate(
-                **ids,
-                max_new_tokens=tokens,
-                min_new_tokens=tokens,
-                do_sample=False,
-                pad_token_id=tokenizer.pad_token_id,
-            )
-        latencies.append(time.perf_counter() - started)
-        assert out.shape[1] - ids["input_ids"].shape[1] == tokens
+    latencies = hf_generate_latencies(backbone, prompts, tokens)
     total = sum(latencies)
     return Row(
         "HF generate (no server)",
