@@ -633,7 +633,9 @@ class Trainer:
             edited = logits[~edit].log_softmax(-1)
             kl = F.kl_div(edited, unedited, log_target=True, reduction="none").sum(-1)  # [P]
             weights = torch.tensor(kept_weights, device=device, dtype=kl.dtype)
-            loss = loss + (weights * kl).mean()
+            # averaged over the positions whose term is on: the after-target sequences that
+            # only the repetition term uses (weight 0) must not dilute the locality KL
+            loss = loss + (weights * kl).sum() / (weights > 0).sum().clamp(min=1)
             if avoid_at:
                 said = edited[
                     torch.tensor(avoid_at, device=device), torch.tensor(avoid_token, device=device)

@@ -212,9 +212,12 @@ def test_kl_terms_are_weighted_per_sequence(tiny_model_dirs: dict[str, Path]) ->
         one = trainer._loss(hypernet, features, sequences, references, cached, [0], [1.0] * 2)
         three = trainer._loss(hypernet, features, sequences, references, cached, [0], [3.0] * 2)
         none = trainer._loss(hypernet, features, sequences, references, cached, [0], [0.0] * 2)
+        both = trainer._loss(hypernet, features, sequences, references, cached, [0, 1], [1.0, 0.0])
     assert one > 1e-6  # the edit moves the continuation
     torch.testing.assert_close(three, 3 * one)
     assert float(none) == 0.0
+    # a sequence whose KL is off (kept for the repetition term alone) does not dilute the others
+    torch.testing.assert_close(both, one)
 
 
 def test_repetition_term_is_the_unlikelihood_of_saying_the_target_again(
