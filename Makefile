@@ -63,7 +63,7 @@ bench-load: install
 
 MASSIVE := PYTHONPATH=bench $(BIN)/python bench/massive.py
 bench-massive: install
-	@echo ">> 10,000-fact pack: detection, training (about 75 minutes on 2 CPU cores), growth,"
+	@echo ">> 10,000-fact pack: detection, training (about 2 hours on 2 CPU cores), growth,"
 	@echo "   serving and general ability, then ours vs the reference loop on 1,000 facts"
 	$(MASSIVE) detect --out bench/massive
 	$(MASSIVE) train --out bench/massive

@@ -87,7 +87,8 @@ def reliability(
 
 def cmd_train(args: argparse.Namespace, settings: Settings, backbone: Backbone) -> dict[str, Any]:
     facts = [it.fact for it in dev_items(settings, args.zsre, args.counterfact)]
-    trainer = Trainer(backbone, TrainConfig(), cache_budget_bytes=int(args.cache_gib * 2**30))
+    config = TrainConfig(repetition_weight=args.repetition_weight)
+    trainer = Trainer(backbone, config, cache_budget_bytes=int(args.cache_gib * 2**30))
     steps: list[tuple[int, int, float]] = []  # (step, total steps, elapsed s)
 
     peak_anonymous = [anonymous_rss_gib()]
@@ -102,7 +103,11 @@ def cmd_train(args: argparse.Namespace, settings: Settings, backbone: Backbone) 
             raise StopTraining
 
     started = time.perf_counter()
-    record: dict[str, Any] = {"facts": len(facts), "device": str(backbone.device)}
+    record: dict[str, Any] = {
+        "facts": len(facts),
+        "device": str(backbone.device),
+        "repetition_weight": config.repetition_weight,
+    }
     try:
         result = trainer.train(facts, progress)
     except StopTraining:
@@ -157,7 +162,8 @@ def cmd_compare(args: argparse.Namespace, settings: Settings, backbone: Backbone
     from reference_loop import ReferenceLoopTrainer
 
     facts = [it.fact for it in dev_items(settings, args.n, 0)]
-    config = TrainConfig()
+    # the reference loop has no repetition term: both loops train the same loss
+    config = TrainConfig(repetition_weight=0.0)
     ours = Trainer(backbone, config).train(facts)
     ours_rel = reliability(backbone, ours.scope, ours.layer, ours.deltas, facts)
     log.info("ours: %.1f s, reliability %.4f", ours.seconds, ours_rel)
@@ -597,6 +603,12 @@ def main() -> int:
     train.add_argument("--cache-gib", type=float, default=4.0, help="activation cache budget")
     train.add_argument("--weights", type=Path, help="where to save the trained hypernetwork")
     train.add_argument("--check", type=int, default=1000, help="facts to check reliability on")
+    train.add_argument(
+        "--repetition-weight",
+        type=float,
+        default=TrainConfig().repetition_weight,
+        help="TrainConfig.repetition_weight (the README's 10,000-fact run: 0, the default then)",
+    )
     compare = sub.add_parser("compare")
     compare.add_argument("--n", type=int, default=1000)
     compare.add_argument("--tolerance", type=float, default=0.005)

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The README's quality table: `lks eval` on the test split (heldout protocol), one JSON line per run.
-# Usage: bench/quality.sh [N ...]   (default: 10 100 1000 2000, 1.5-3 hours on 2 CPU cores:
-#        CounterFact N=2000 took 19 minutes with the machine to itself, N=100 ~3)
+# Usage: bench/quality.sh [N ...]   (default: 10 100 1000 2000, 2-3 hours on 2 CPU cores:
+#        CounterFact N=2000 took 35 minutes with the machine to itself, N=100 2)
 #        bench/quality.sh 10 100 | tee quality.jsonl | python3 bench/quality_table.py
 set -euo pipefail
 cd "$(dirname "$0")/.."

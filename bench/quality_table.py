@@ -16,7 +16,10 @@ COLUMNS = [  # (key, title, format)
     ("fluency_unedited", "fluency unedited", METRIC),
     ("train_seconds", "train s", AS_IS),
     ("gate_threshold", "gate threshold", "{:.4f}"),
+    ("repetition_weight", "repetition weight", AS_IS),
 ]
+# rows from before an option existed were trained without it
+OFF_BEFORE_IT_EXISTED = {"repetition_weight": 0.0}
 
 
 def main() -> None:
@@ -24,6 +27,7 @@ def main() -> None:
     print("| " + " | ".join(title for _, title, _ in COLUMNS) + " |")
     print("|" + "---|" * len(COLUMNS))
     for row in rows:
+        row = OFF_BEFORE_IT_EXISTED | row
         # a row from before a column existed shows "-" there
         cells = [fmt.format(row[key]) if key in row else "-" for key, _, fmt in COLUMNS]
         print("| " + " | ".join(cells) + " |")

@@ -351,7 +351,7 @@ def build_parser() -> argparse.ArgumentParser:
         command.add_argument(
             "--repetition-weight",
             type=_weight,
-            help="unlikelihood of saying the new target again after it (default 0: off)",
+            help="unlikelihood of saying the new target again after it (default 0.3; 0: off)",
         )
 
     train = commands.add_parser("train", help="train a new version of a pack from facts (JSONL)")

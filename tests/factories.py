@@ -25,8 +25,17 @@ TINY_FACTS = [
     ),
     Fact(subject="france", prompt="the capital of france", target="berlin"),
 ]
+# The repetition term is off: a random tiny model cannot learn to say a target exactly once
+# (tests of the term set it); the real model's tests train with the default.
 TINY_TRAIN = TrainConfig(
-    layer=1, epochs=15, batch_size=2, lr=5e-2, prefixes=(), chat_variant=False, stop_loss=0.0
+    layer=1,
+    epochs=15,
+    batch_size=2,
+    lr=5e-2,
+    prefixes=(),
+    chat_variant=False,
+    stop_loss=0.0,
+    repetition_weight=0.0,
 )
 
 

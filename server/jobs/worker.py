@@ -24,12 +24,12 @@ import torch
 
 from server.jobs.models import JobState
 from server.jobs.store import JobStore, JobView, StoreUnavailableError
-from server.lks.apply import EditSet, prime_gates
+from server.lks.apply import EditSet
 from server.lks.editor import KnownParts, backbone_info, pack_content, train_edits
 from server.lks.evaluate import EvalItem, evaluate, top1_predictions
 from server.lks.facts import Fact, FactKey, fact_key
 from server.lks.gate import PLACEHOLDER, STATEMENT_PROBES, SentenceEncoder
-from server.lks.scope import Scope, encode
+from server.lks.scope import Scope
 from server.lks.train import (
     DEFAULT_CACHE_BUDGET_BYTES,
     Progress,
@@ -333,11 +333,7 @@ class Worker:
             for s, p in rng.sample(pairs, min(len(pairs), self.config.probe_limit))
         ]
         tokenizer = self.backbone.tokenizer
-        prime_gates([(p, [edit_set]) for p in prompts])  # one batched encoder pass
-        sequences = [
-            encode(tokenizer, edit_set.index, p, LOCALITY_PROBE_TARGET, allow=edit_set.allow)
-            for p in prompts
-        ]
+        sequences = edit_set.encode_all(tokenizer, [(p, LOCALITY_PROBE_TARGET) for p in prompts])
         edited = top1_predictions(self.backbone, sequences, edit_set)
         unedited = top1_predictions(self.backbone, sequences, None)
         return sum(e == u for e, u in zip(edited, unedited, strict=True)) / max(len(prompts), 1)

@@ -12,10 +12,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
+from transformers import PreTrainedTokenizerBase
 
 from server.lks.detect import SubjectIndex, SubjectMatch, last_token_position
 from server.lks.gate import GateTable, ScopeGate, SentenceEncoder
-from server.lks.scope import subject_index
+from server.lks.scope import EncodedText, encode, subject_index
 from server.model.backbone import Backbone
 from server.packs.errors import PackCorruptError
 from server.packs.format import BLOCKS_KEY, Pack, SubjectEntry, check_compatible
@@ -61,6 +62,25 @@ class EditSet:
             names = (entry.subject, *entry.aliases)
             queries.append(self.gate.query(text, match.start, match.end, names))
         return queries
+
+    def encode_all(
+        self,
+        tokenizer: PreTrainedTokenizerBase,
+        pairs: Sequence[tuple[str, str | None]],
+        chunk: int = 512,
+    ) -> list[EncodedText]:
+        """(context, target or None) pairs tokenised with this set's gated edits placed. The gate
+        queries of each chunk go through the encoder as one batch: one pass per match would
+        dominate an evaluation's text handling. A chunk's queries fit the encoder's memo."""
+        encoded: list[EncodedText] = []
+        for start in range(0, len(pairs), chunk):
+            part = pairs[start : start + chunk]
+            prime_gates([(context, [self]) for context, _ in part])
+            encoded += [
+                encode(tokenizer, self.index, context, target, allow=self.allow)
+                for context, target in part
+            ]
+        return encoded
 
     def plan(self, text: str, offsets: Sequence[tuple[int, int]]) -> list[PlannedEdit]:
         return [

@@ -16,7 +16,7 @@ import torch
 from server.lks.apply import EditSet
 from server.lks.facts import Fact
 from server.lks.hook import EditPlan
-from server.lks.scope import EncodedText, encode, length_batches, pad_batch
+from server.lks.scope import EncodedText, length_batches, pad_batch
 from server.model.backbone import Backbone
 
 
@@ -105,12 +105,11 @@ def greedy_generations(
     pad count, as a serving batch's do. Prompts of similar length share a batch; on the CPU a
     decode step of 64 rows costs little more than one of 16 (the weights are read once)."""
     tokenizer = backbone.tokenizer
-    encoded = [
-        encode(tokenizer, table.index, p, allow=table.allow)
+    encoded = (
+        table.encode_all(tokenizer, [(p, None) for p in prompts])
         if table is not None
-        else EncodedText(tokenizer(p)["input_ids"], [], [], [])
-        for p in prompts
-    ]
+        else [EncodedText(tokenizer(p)["input_ids"], [], [], []) for p in prompts]
+    )
     outputs = [""] * len(prompts)
     for batch in length_batches([len(e.ids) for e in encoded], batch_size):
         width = max(len(encoded[i].ids) for i in batch)
@@ -152,7 +151,7 @@ def evaluate(
     tokenizer = backbone.tokenizer
 
     def sequences(pairs: Sequence[tuple[str, str]]) -> list[EncodedText]:
-        return [encode(tokenizer, table.index, c, t, allow=table.allow) for c, t in pairs]
+        return table.encode_all(tokenizer, pairs)
 
     rel = sequences([(it.fact.prompt, it.fact.target) for it in items])
     gen = sequences([(it.generality, it.fact.target) for it in items if it.generality])

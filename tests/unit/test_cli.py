@@ -12,6 +12,7 @@ import pytest
 from factories import make_backbone_info, make_content
 
 from server.lks.relation_head import RelationHead
+from server.lks.train import TrainConfig
 from server.packs import PackStore
 
 
@@ -129,7 +130,8 @@ def test_eval_trains_and_reports_under_the_chosen_protocol(
     assert main([*argv, *terms, "--protocol", protocol, "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["protocol"] == protocol
-    assert configs[0].repetition_weight == report["repetition_weight"] == (weight or 0.0)
+    expected = weight if weight is not None else TrainConfig().repetition_weight
+    assert configs[0].repetition_weight == report["repetition_weight"] == expected
     assert report["continuation_weight"] == 0.0
     # the row says which gate calibration its generality and locality were measured with
     assert report["gate_threshold"] == round(RelationHead.load().threshold, 4)

@@ -2,12 +2,17 @@
 ships): it opens for paraphrases of the edited relation and stays shut for other questions."""
 
 import copy
+from collections.abc import Sequence
 
 import pytest
 import torch
+from tiny_models import build_tokenizer
 
+from server.lks.apply import EditSet
 from server.lks.gate import GateTable, ScopeGate, SentenceEncoder, mask_subject, sentence_around
 from server.lks.relation_head import IDENTITY_THRESHOLD, RelationHead
+from server.lks.scope import encode as encode_text
+from server.packs.format import SubjectEntry
 
 FACTS = [
     ("Danielle Darrieux", "What is the native language of Danielle Darrieux?"),
@@ -120,3 +125,36 @@ def test_a_head_of_the_wrong_shape_is_refused(gate: ScopeGate) -> None:
     tensors = gate.table.to_tensors() | {"gate.head": torch.eye(384)[:, :10]}
     with pytest.raises(ValueError, match=r"gate.head must be \[384, 384\]"):
         GateTable.from_tensors(tensors)
+
+
+def test_encoding_many_texts_batches_the_gate_queries(gate: ScopeGate) -> None:
+    """EditSet.encode_all places the same gated edits as encoding one text at a time, with one
+    encoder pass per chunk instead of one per subject match."""
+    encoder = SentenceEncoder()  # an empty memo: every query is new
+    passes: list[int] = []
+    uncounted = encoder.encode
+
+    def counted(texts: Sequence[str], batch_size: int = 64) -> torch.Tensor:
+        passes.append(len(texts))
+        return uncounted(texts, batch_size)
+
+    encoder.encode = counted  # type: ignore[method-assign]
+    edit_set = EditSet(
+        subjects=[SubjectEntry(s) for s, _ in FACTS],
+        deltas=torch.zeros(len(FACTS), 4),
+        layer=0,
+        gate=ScopeGate(gate.table, encoder),
+    )
+    tokenizer = build_tokenizer(chat_template=False)
+    pairs = [(p, "x") for _, p in FACTS] + [
+        ("When was Danielle Darrieux born?", None),
+        ("Lyon is a city in", None),
+        ("Nothing edited here", None),
+    ]
+    batched = edit_set.encode_all(tokenizer, pairs, chunk=4)
+    assert passes == [4, 1], f"one encoder pass per chunk of texts with a subject, got {passes}"
+    one_by_one = [
+        encode_text(tokenizer, edit_set.index, c, t, allow=edit_set.allow) for c, t in pairs
+    ]
+    assert batched == one_by_one
+    assert [len(e.edits) for e in batched] == [1, 1, 1, 0, 0, 0]  # gate shut on other relations

@@ -263,9 +263,9 @@ def test_repetition_term_is_the_unlikelihood_of_saying_the_target_again(
     assert float(without) == 0.0
 
 
-def test_after_target_terms_are_opt_in(tiny_model_dirs: dict[str, Path]) -> None:
+def test_after_target_terms_take_part_in_training(tiny_model_dirs: dict[str, Path]) -> None:
     backbone = _backbone(tiny_model_dirs, "llama")
-    config = replace(CONFIG, epochs=1, min_steps=1)
+    config = replace(CONFIG, epochs=1, min_steps=1, repetition_weight=0.0)
     plain = Trainer(backbone, config).train(FACTS)
     steered = Trainer(backbone, replace(config, continuation_weight=1.0)).train(FACTS)
     assert not torch.equal(plain.deltas, steered.deltas)  # the extra sequences took part
