@@ -38,7 +38,7 @@ def main() -> int:
     pairs += [(it.locality_prompt, it.locality_target) for it in items if it.locality_prompt]
 
     def fresh_set() -> EditSet:  # an empty memo each time: no run reads another's embeddings
-        gate = ScopeGate(table, SentenceEncoder(relation_head=encoder.relation_head))
+        gate = ScopeGate(table, SentenceEncoder())  # scores with the table's own head
         blocks = table.prompt_embeddings.new_zeros(len(scope.subjects), 1)
         return EditSet(scope.subjects, blocks, layer=0, gate=gate)
 

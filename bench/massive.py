@@ -235,7 +235,7 @@ def cmd_grow(args: argparse.Namespace, settings: Settings, backbone: Backbone) -
     old_items, new_items, weights = growth_inputs(args, settings)
     facts = [it.fact for it in old_items + new_items]
     learned = {fact_key(f) for f in facts[: len(old_items)]}
-    trainer = Trainer(backbone, TrainConfig())
+    trainer = Trainer(backbone, TrainConfig(repetition_weight=args.repetition_weight))
     applied = trainer.apply_weights(facts, weights)  # the worker's first try: no training
     scope, layer, before = applied.scope, applied.layer, applied.deltas
     sample = old_items[:: max(1, len(old_items) // args.check)]
@@ -253,6 +253,7 @@ def cmd_grow(args: argparse.Namespace, settings: Settings, backbone: Backbone) -
         "feature_pass_seconds": round(applied.seconds, 1),
         "epochs_run": result.epochs_run,
         "old_sample": len(sample),
+        "repetition_weight": args.repetition_weight,
     }
     for label, deltas in (("before", before), ("after", result.deltas)):
         record[f"old_reliability_{label}"] = teacher_forced(
@@ -514,7 +515,8 @@ def report(directory: Path) -> str:
             f"{train['device']} | {train.get('train_seconds', '?')} s, {train.get('epochs_run')} "
             f"epochs, reliability {train.get('reliability')} on {train.get('reliability_sample')} "
             f"of them, peak RSS {train['peak_rss_gib']} GiB (anonymous "
-            f"{train.get('peak_anonymous_rss_gib', '?')} GiB; the rest is the mapped cache) |"
+            f"{train.get('peak_anonymous_rss_gib', '?')} GiB; the rest is the mapped cache), "
+            f"repetition weight {train.get('repetition_weight', 0.0)} |"
         )
     if compare:
         bound = ">= " if compare["speedup_is_lower_bound"] else ""
@@ -595,7 +597,15 @@ def main() -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     table = sub.add_parser("report", help="print the Markdown table from --out's JSON files")
     table.add_argument("--out", type=Path, default=Path(__file__).with_name("massive"))
-    train = sub.add_parser("train")
+    # what train and grow train with (grow's replay should match the run it grows)
+    loss_args = argparse.ArgumentParser(add_help=False)
+    loss_args.add_argument(
+        "--repetition-weight",
+        type=float,
+        default=TrainConfig().repetition_weight,
+        help="TrainConfig.repetition_weight (the README's 10,000-fact run: 0, the default then)",
+    )
+    train = sub.add_parser("train", parents=[loss_args])
     train.add_argument("--zsre", type=int, default=8000)
     train.add_argument("--counterfact", type=int, default=2000)
     train.add_argument("--max-steps", type=int, default=0, help="stop early and extrapolate")
@@ -603,12 +613,6 @@ def main() -> int:
     train.add_argument("--cache-gib", type=float, default=4.0, help="activation cache budget")
     train.add_argument("--weights", type=Path, help="where to save the trained hypernetwork")
     train.add_argument("--check", type=int, default=1000, help="facts to check reliability on")
-    train.add_argument(
-        "--repetition-weight",
-        type=float,
-        default=TrainConfig().repetition_weight,
-        help="TrainConfig.repetition_weight (the README's 10,000-fact run: 0, the default then)",
-    )
     compare = sub.add_parser("compare")
     compare.add_argument("--n", type=int, default=1000)
     compare.add_argument("--tolerance", type=float, default=0.005)
@@ -623,7 +627,7 @@ def main() -> int:
     growth_args = argparse.ArgumentParser(add_help=False, parents=[pack_args])
     growth_args.add_argument("--new", type=int, default=100, help="CounterFact dev facts to add")
     growth_args.add_argument("--full-train-json", type=Path, help="the full run's train.json")
-    grow = sub.add_parser("grow", parents=[growth_args])
+    grow = sub.add_parser("grow", parents=[growth_args, loss_args])
     grow.add_argument("--check", type=int, default=1000, help="earlier facts to check")
     grow_published = sub.add_parser("grow-published", parents=[growth_args])
     grow_published.add_argument("--packs-dir", type=Path, required=True, help="serve's pack store")
