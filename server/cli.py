@@ -6,6 +6,7 @@ Errors end the command with one line on stderr and a non-zero exit, never a trac
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
@@ -174,11 +175,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     from server.lks.datasets import dataset_path, describe_protocol, load_items, training_facts
     from server.lks.editor import train_edits
-    from server.lks.evaluate import evaluate
+    from server.lks.evaluate import GenerationSample, evaluate
     from server.lks.gate import SentenceEncoder
     from server.model import load_backbone
 
     hf_logging.disable_progress_bar()
+    if args.samples is not None and not args.samples.parent.is_dir():  # before, not after, training
+        raise CLIError(f"--samples: no such directory {args.samples.parent}")
     try:
         items = load_items(
             dataset_path(settings.data_dir, args.dataset), args.split, args.n, args.offset
@@ -195,7 +198,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
         progress=_progress_bar("training") if sys.stderr.isatty() else None,
         cache_budget_bytes=settings.train_cache_mb << 20,
     )
-    metrics = evaluate(backbone, items, edit_set)
+    samples: list[GenerationSample] = []
+    metrics = evaluate(backbone, items, edit_set, samples=samples)
+    if args.samples is not None:
+        with args.samples.open("w") as out:
+            out.writelines(json.dumps(dataclasses.asdict(s)) + "\n" for s in samples)
     report = {
         "dataset": args.dataset,
         "split": args.split,
@@ -379,6 +386,12 @@ def build_parser() -> argparse.ArgumentParser:
         "so locality is measured on prompts training saw",
     )
     evaluate.add_argument("--json", action="store_true", help="print one JSON object")
+    evaluate.add_argument(
+        "--samples",
+        type=Path,
+        metavar="PATH",
+        help="write each item's edited and unedited generations (JSONL) to PATH",
+    )
     add_train_options(evaluate)
     evaluate.set_defaults(handler=cmd_eval)
 

@@ -28,6 +28,19 @@ class EvalItem:
     locality_target: str | None = None
 
 
+@dataclass(frozen=True)
+class GenerationSample:
+    """One item's greedy generations, edited and unedited: what the exact-match and fluency
+    figures are averaged from, kept so a drop can be read rather than guessed."""
+
+    prompt: str
+    target: str
+    edited: str
+    unedited: str
+    fluency_edited: float
+    fluency_unedited: float
+
+
 def _mean(values: Sequence[float]) -> float:
     return sum(values) / len(values) if values else math.nan
 
@@ -145,8 +158,10 @@ def evaluate(
     *,
     fluency: bool = True,
     generations: bool = True,
+    samples: list[GenerationSample] | None = None,
 ) -> dict[str, float]:
-    """Teacher-forced metrics; with `generations`, also greedy exact match (and `fluency`)."""
+    """Teacher-forced metrics; with `generations`, also greedy exact match (and `fluency`).
+    `samples`, when given with `fluency`, receives each item's generations."""
     started = time.perf_counter()
     tokenizer = backbone.tokenizer
 
@@ -192,7 +207,19 @@ def evaluate(
     )
     if fluency:
         base_text = greedy_generations(backbone, prompts, None)
-        metrics["fluency_edited"] = _mean([ngram_entropy(t) for t in edited_text])
-        metrics["fluency_unedited"] = _mean([ngram_entropy(t) for t in base_text])
+        edited_fluency = [ngram_entropy(t) for t in edited_text]
+        base_fluency = [ngram_entropy(t) for t in base_text]
+        metrics["fluency_edited"] = _mean(edited_fluency)
+        metrics["fluency_unedited"] = _mean(base_fluency)
+        if samples is not None:
+            samples += [
+                GenerationSample(it.fact.prompt, it.fact.target, *texts, *scores)
+                for it, texts, scores in zip(
+                    items,
+                    zip(edited_text, base_text, strict=True),
+                    zip(edited_fluency, base_fluency, strict=True),
+                    strict=True,
+                )
+            ]
     metrics["eval_seconds"] = time.perf_counter() - started
     return metrics

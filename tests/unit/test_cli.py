@@ -127,9 +127,20 @@ def test_eval_trains_and_reports_under_the_chosen_protocol(
     # an after-target term reaches training and the row, which says what it used
     weight = 0.5 if protocol == "heldout" else None
     terms = ["--repetition-weight", str(weight)] if weight is not None else []
-    assert main([*argv, *terms, "--protocol", protocol, "--json"]) == 0
+    samples_path = tmp_path / "samples.jsonl"
+    samples_arg = ["--samples", str(samples_path)]
+    assert main([*argv, *terms, *samples_arg, "--protocol", protocol, "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["protocol"] == protocol
+    # the per-item generations are what the row's exact match and fluency average
+    samples = [json.loads(line) for line in samples_path.read_text().splitlines()]
+    assert [(s["prompt"], s["target"]) for s in samples] == [
+        (i["prompt"], i["target"]) for i in items
+    ]
+    for key in ("fluency_edited", "fluency_unedited"):
+        assert round(sum(s[key] for s in samples) / len(samples), 4) == report[key]
+    exact = [s["edited"].strip().startswith(s["target"]) for s in samples]
+    assert sum(exact) / len(exact) == report["exact_match"]
     expected = weight if weight is not None else TrainConfig().repetition_weight
     assert configs[0].repetition_weight == report["repetition_weight"] == expected
     assert report["continuation_weight"] == 0.0
@@ -139,6 +150,16 @@ def test_eval_trains_and_reports_under_the_chosen_protocol(
     assert trained_on == expected
     assert main([*argv, "--protocol", protocol]) == 0
     assert re.search(rf"^ +protocol  {protocol} \(training ", capsys.readouterr().out, re.M)
+
+
+def test_eval_refuses_a_samples_path_it_could_not_write_before_training(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from server.cli import main
+
+    missing = tmp_path / "no-such-dir" / "samples.jsonl"
+    assert main(["eval", "--dataset", "zsre", "--n", "2", "--samples", str(missing)]) != 0
+    assert f"no such directory {missing.parent}" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("value", ["-1", "nan", "lots"])
