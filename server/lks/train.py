@@ -120,6 +120,19 @@ class TrainResult:
         return record
 
 
+@dataclass(frozen=True)
+class TrainingSequence:
+    """One sequence an epoch reads, with what its loss holds it to: without a `reference`,
+    cross-entropy on its targets (an edit to learn); with one, KL to those unedited final states
+    [P, H] at its predict positions, weighted by `kl_weight` (locality prompts, continuations
+    after the target), and the unlikelihood of `avoid` there (the repetition term)."""
+
+    text: EncodedText
+    reference: torch.Tensor | None = None
+    kl_weight: float = 0.0
+    avoid: int | None = None
+
+
 def training_contexts(
     backbone: Backbone, fact: Fact, config: TrainConfig
 ) -> list[tuple[str, bool]]:
@@ -434,7 +447,6 @@ class Trainer:
         trained = facts if train_on is None else [facts[i] for i in train_on]
         assert trained, "train_on selects no facts"
         index = scope.index()  # one automaton for every kind of training sequence
-        sequences = self._sequences(trained, index)
         local, unedited = (
             locality_sequences(backbone, index, trained, config.locality_positions)
             if config.locality_weight > 0
@@ -445,25 +457,27 @@ class Trainer:
             if config.continuation_weight > 0 or config.repetition_weight > 0
             else ([], [])
         )
-        # the token each sequence must not predict again (after-target sequences only)
-        avoid: list[int | None] = [None] * (len(sequences) + len(local))
-        avoid += (
-            repeated_tokens(backbone, index, trained, after)
+        # the token each after-target sequence must not predict again
+        avoid: list[int | None] = (
+            list(repeated_tokens(backbone, index, trained, after))
             if config.repetition_weight > 0
             else [None] * len(after)
         )
-        references: list[torch.Tensor | None] = [None] * len(sequences)
-        references += [*unedited, *continued]
-        kl_weights = [0.0] * len(sequences)
-        kl_weights += [config.locality_weight] * len(local)
-        kl_weights += [config.continuation_weight] * len(after)
-        sequences += local + after
+        sequences = [TrainingSequence(s) for s in self._sequences(trained, index)]
+        sequences += [
+            TrainingSequence(s, reference, config.locality_weight)
+            for s, reference in zip(local, unedited, strict=True)
+        ]
+        sequences += [
+            TrainingSequence(s, reference, config.continuation_weight, token)
+            for s, reference, token in zip(after, continued, avoid, strict=True)
+        ]
         features = feature_states(backbone, self.split, scope)
         cached = (
             split_sequences(
                 backbone,
                 self.split,
-                sequences,
+                [s.text for s in sequences],
                 memory_budget_bytes=self.cache_budget_bytes,
                 spill_dir=self.spill_dir,
             )
@@ -503,9 +517,7 @@ class Trainer:
             losses = []
             for start in range(0, len(order), config.batch_size):
                 batch = order[start : start + config.batch_size]
-                loss = self._loss(
-                    hypernet, features, sequences, references, cached, batch, kl_weights, avoid
-                )
+                loss = self._loss(hypernet, features, sequences, cached, batch)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
@@ -551,20 +563,16 @@ class Trainer:
         self,
         hypernet: Hypernetwork,
         features: torch.Tensor,
-        sequences: Sequence[EncodedText],
-        references: Sequence[torch.Tensor | None],
+        sequences: Sequence[TrainingSequence],
         cached: ActivationCache | None,
         batch: Sequence[int],
-        kl_weights: Sequence[float] | None = None,
-        avoid: Sequence[int | None] | None = None,
     ) -> torch.Tensor:
         """Cross-entropy on the edits' targets plus KL(unedited || edited) on the sequences with
-        a reference (locality prompts, continuations after the target), each weighted by its
-        `kl_weights` entry (default: locality_weight), averaged over their positions; plus the
+        a reference, each weighted by its `kl_weight`, averaged over their positions; plus the
         unlikelihood -log(1 - p) of each sequence's `avoid` token at its KL positions (those
         where the unedited model does not predict it), weighted by repetition_weight."""
         backbone = self.backbone
-        chunk = [sequences[i] for i in batch]
+        chunk = [sequences[i].text for i in batch]
         rows, positions, subject_rows = [], [], []
         predict_rows, predict_at, targets = [], [], []
         is_edit: list[bool] = []
@@ -572,7 +580,9 @@ class Trainer:
         kept_weights: list[float] = []  # one per KL position
         avoid_at: list[int] = []  # KL positions where `avoid_token` is penalised
         avoid_token: list[int] = []
-        for row, seq in enumerate(chunk):
+        for row, index in enumerate(batch):
+            sequence = sequences[index]
+            seq = sequence.text
             for subject_row, position in seq.edits:
                 rows.append(row)
                 positions.append(position)
@@ -580,21 +590,18 @@ class Trainer:
             predict_rows += [row] * len(seq.predict_at)
             predict_at += seq.predict_at
             targets += seq.target_ids
-            reference = references[batch[row]]
+            reference = sequence.reference
             is_edit += [reference is None] * len(seq.predict_at)
             if reference is not None:
                 kept.append(reference)
-                weight = (
-                    self.config.locality_weight if kl_weights is None else kl_weights[batch[row]]
-                )
-                token = None if avoid is None else avoid[batch[row]]
+                token = sequence.avoid
                 if token is not None:
                     offset = len(kept_weights)
                     for j, said in enumerate(seq.target_ids):
                         if said != token:  # the unedited model says it here: leave it
                             avoid_at.append(offset + j)
                             avoid_token.append(token)
-                kept_weights += [weight] * reference.shape[0]
+                kept_weights += [sequence.kl_weight] * reference.shape[0]
         device = backbone.device
         # the hypernetwork runs on this batch's subjects only: its cost must not grow with
         # the pack (10,000 subjects would cost 10,000 rows per step)

@@ -19,6 +19,7 @@ from server.lks.split import LayerSplit, SplitSequence
 from server.lks.train import (
     TrainConfig,
     Trainer,
+    TrainingSequence,
     after_target_sequences,
     feature_states,
     growth_selection,
@@ -165,8 +166,12 @@ def test_locality_loss_is_kl_from_the_unedited_model(
     torch.nn.init.normal_(hypernet.net.weight, std=0.5)  # an edit that changes the answer
     features = feature_states(backbone, trainer.split, scope)
     cached = split_sequences(backbone, trainer.split, sequences) if trainer.skip_prefixes else None
+    held = [
+        TrainingSequence(s, r, CONFIG.locality_weight)
+        for s, r in zip(sequences, references, strict=True)
+    ]
     with torch.no_grad():
-        loss = trainer._loss(hypernet, features, sequences, references, cached, [0])
+        loss = trainer._loss(hypernet, features, held, cached, [0])
         (seq,) = sequences
         deltas = hypernet(features)
         plan = EditPlan.build(
@@ -208,11 +213,18 @@ def test_kl_terms_are_weighted_per_sequence(tiny_model_dirs: dict[str, Path]) ->
     torch.nn.init.normal_(hypernet.net.weight, std=0.5)
     features = feature_states(backbone, trainer.split, scope)
     cached = split_sequences(backbone, trainer.split, sequences)
+
+    def weighted(*weights: float) -> list[TrainingSequence]:
+        return [
+            TrainingSequence(s, r, w)
+            for s, r, w in zip(sequences, references, weights, strict=True)
+        ]
+
     with torch.no_grad():
-        one = trainer._loss(hypernet, features, sequences, references, cached, [0], [1.0] * 2)
-        three = trainer._loss(hypernet, features, sequences, references, cached, [0], [3.0] * 2)
-        none = trainer._loss(hypernet, features, sequences, references, cached, [0], [0.0] * 2)
-        both = trainer._loss(hypernet, features, sequences, references, cached, [0, 1], [1.0, 0.0])
+        one = trainer._loss(hypernet, features, weighted(1.0, 1.0), cached, [0])
+        three = trainer._loss(hypernet, features, weighted(3.0, 3.0), cached, [0])
+        none = trainer._loss(hypernet, features, weighted(0.0, 0.0), cached, [0])
+        both = trainer._loss(hypernet, features, weighted(1.0, 0.0), cached, [0, 1])
     assert one > 1e-6  # the edit moves the continuation
     torch.testing.assert_close(three, 3 * one)
     assert float(none) == 0.0
@@ -241,9 +253,13 @@ def test_repetition_term_is_the_unlikelihood_of_saying_the_target_again(
     torch.nn.init.normal_(hypernet.net.weight, std=0.5)
     features = feature_states(backbone, trainer.split, scope)
     cached = split_sequences(backbone, trainer.split, sequences)
-    no_kl = [0.0] * len(sequences)
+    # KL off (weight 0): only the repetition term counts
+    avoiding = [
+        TrainingSequence(s, r, 0.0, token)
+        for s, r, token in zip(sequences, references, avoid, strict=True)
+    ]
     with torch.no_grad():
-        loss = trainer._loss(hypernet, features, sequences, references, cached, [0], no_kl, avoid)
+        loss = trainer._loss(hypernet, features, avoiding, cached, [0])
         seq = sequences[0]
         plan = EditPlan.build(
             [(0, position, hypernet(features)[row]) for row, position in seq.edits],
@@ -253,9 +269,8 @@ def test_repetition_term_is_the_unlikelihood_of_saying_the_target_again(
         ids = torch.tensor([seq.ids], device=backbone.device)
         with backbone.edit_hooks.at(trainer.layer).plan(plan):
             edited = backbone.model(input_ids=ids).logits[0, seq.predict_at].softmax(-1)
-        without = Trainer(backbone, CONFIG)._loss(
-            hypernet, features, sequences, references, cached, [0], no_kl, [None] * len(sequences)
-        )
+        plain = [TrainingSequence(s, r, 0.0) for s, r in zip(sequences, references, strict=True)]
+        without = Trainer(backbone, CONFIG)._loss(hypernet, features, plain, cached, [0])
     counted = [j for j, said in enumerate(seq.target_ids) if said != avoid[0]]
     assert counted  # the unedited model does not simply repeat the target here
     expected = 2.0 * -torch.log1p(-edited[counted, avoid[0]]).mean()
