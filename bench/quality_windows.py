@@ -24,6 +24,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+from generation_samples import describe, read_samples
+
+from server.lks.evaluate import says_target
+
 ROOT = Path(__file__).resolve().parent.parent
 METRICS = (
     "reliability",
@@ -87,22 +91,23 @@ def main() -> None:
     print(f"{args.dataset}: {len(windows)} packs of N={args.window} (items 0-{args.total - 1})")
     print(f"against one pack of N={args.total} on the same items\n")
     print(
-        f"| metric | N={args.window}, items 0-{args.window - 1} | N={args.window}: mean (sd) "
-        f"| min - max | N={args.total} | N={args.total} - mean |"
+        f"| metric | N={args.window}, items 0-{args.window - 1} (rank, 1 = highest) "
+        f"| N={args.window}: mean (sd) | min - max | N={args.total} | N={args.total} - mean |"
     )
     print("|---|---:|---:|---:|---:|---:|")
     for metric in METRICS:
         values = [r[metric] for r in windows]
         mean = statistics.fmean(values)
+        rank = 1 + sum(v > values[0] for v in values)
         print(
-            f"| {metric} | {values[0]:.3f} | {mean:.3f} ({statistics.stdev(values):.3f}) "
+            f"| {metric} | {values[0]:.3f} ({rank}) | {mean:.3f} ({statistics.stdev(values):.3f}) "
             f"| {min(values):.3f} - {max(values):.3f} | {whole[metric]:.3f} "
             f"| {whole[metric] - mean:+.3f} |"
         )
     if args.samples is not None:
-        samples = read_rows(args.samples)
+        samples = read_samples(args.samples)
         print_per_window(windows, samples, args.window, args.total)
-        describe_generations(samples)
+        print("\n" + "\n".join(describe(samples)))
 
 
 def print_per_window(windows: list[dict], samples: list[dict], window: int, total: int) -> None:
@@ -114,31 +119,22 @@ def print_per_window(windows: list[dict], samples: list[dict], window: int, tota
         f"| exact, N={total} |"
     )
     print("|---|---:|---:|---:|---:|")
+    gains: list[tuple[float, int]] = []  # (N=total's fluency - the window's own, offset)
     for row in windows:
         items = samples[row["offset"] : row["offset"] + window]
         fluency = statistics.fmean(s["fluency_edited"] for s in items)
-        exact = statistics.fmean(s["edited"].strip().startswith(s["target"].strip()) for s in items)
+        exact = statistics.fmean(says_target(s["edited"], s["target"]) for s in items)
+        gains.append((fluency - row["fluency_edited"], row["offset"]))
         print(
             f"| {row['offset']}-{row['offset'] + window - 1} | {row['fluency_edited']:.3f} "
             f"| {fluency:.3f} | {row['exact_match']:.3f} | {exact:.3f} |"
         )
-
-
-def describe_generations(samples: list[dict]) -> None:
-    """What the fluency figure is made of: n-gram entropy scores an empty generation 0 and a
-    list of different words high, whatever they say."""
-    silent = [s for s in samples if not s["unedited"].strip()]
-    spoke = [s for s in samples if s["unedited"].strip()]
-    repeats = [s for s in samples if s["edited"].count(s["target"].strip()) >= 2]
-    print(f"\nunedited generation empty (end of sequence at once): {len(silent)} of {len(samples)}")
-    print(f"edited generation says the target more than once: {len(repeats)} of {len(samples)}")
-    if spoke:
-        unedited = statistics.fmean(s["fluency_unedited"] for s in spoke)
-        edited = statistics.fmean(s["fluency_edited"] for s in spoke)
-        print(
-            f"fluency where the unedited model says something ({len(spoke)} items): "
-            f"unedited {unedited:.3f}, edited {edited:.3f}"
-        )
+    best, worst = max(gains), min(gains)
+    print(
+        f"\nN={total} more fluent on {sum(g > 0 for g, _ in gains)} of {len(gains)} windows, "
+        f"by up to {best[0]:.2f} (items {best[1]}-{best[1] + window - 1}); less fluent on "
+        f"{sum(g < 0 for g, _ in gains)}, by at most {-worst[0]:.2f}"
+    )
 
 
 if __name__ == "__main__":

@@ -198,9 +198,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
         progress=_progress_bar("training") if sys.stderr.isatty() else None,
         cache_budget_bytes=settings.train_cache_mb << 20,
     )
-    samples: list[GenerationSample] = []
+    samples: list[GenerationSample] | None = [] if args.samples is not None else None
     metrics = evaluate(backbone, items, edit_set, samples=samples)
-    if args.samples is not None:
+    if samples is not None:
         with args.samples.open("w") as out:
             out.writelines(json.dumps(dataclasses.asdict(s)) + "\n" for s in samples)
     report = {

@@ -94,6 +94,11 @@ def _accuracy(predicted: Sequence[int], expected: Sequence[int]) -> float:
     return _mean([float(p == e) for p, e in zip(predicted, expected, strict=True)])
 
 
+def says_target(generation: str, target: str) -> bool:
+    """Generation exact match: the greedy continuation starts with the new target."""
+    return generation.strip().startswith(target.strip())
+
+
 def ngram_entropy(text: str) -> float:
     """ROME's fluency measure: weighted bi- and tri-gram entropy of a generation's words."""
     words = text.split()
@@ -165,17 +170,17 @@ def evaluate(
     started = time.perf_counter()
     tokenizer = backbone.tokenizer
 
-    def sequences(pairs: Sequence[tuple[str, str]]) -> list[EncodedText]:
-        return table.encode_all(tokenizer, pairs)
-
-    rel = sequences([(it.fact.prompt, it.fact.target) for it in items])
-    gen = sequences([(it.generality, it.fact.target) for it in items if it.generality])
-    loc = sequences(
+    rel = table.encode_all(tokenizer, [(it.fact.prompt, it.fact.target) for it in items])
+    gen = table.encode_all(
+        tokenizer, [(it.generality, it.fact.target) for it in items if it.generality]
+    )
+    loc = table.encode_all(
+        tokenizer,
         [
             (it.locality_prompt, it.locality_target)
             for it in items
             if it.locality_prompt and it.locality_target
-        ]
+        ],
     )
     edited_rel = top1_predictions(backbone, rel, table)
     base_rel = top1_predictions(backbone, rel, None)
@@ -200,10 +205,7 @@ def evaluate(
     prompts = [it.fact.prompt for it in items]
     edited_text = greedy_generations(backbone, prompts, table)
     metrics["exact_match"] = _mean(
-        [
-            float(t.strip().startswith(it.fact.target.strip()))
-            for t, it in zip(edited_text, items, strict=True)
-        ]
+        [float(says_target(t, it.fact.target)) for t, it in zip(edited_text, items, strict=True)]
     )
     if fluency:
         base_text = greedy_generations(backbone, prompts, None)
@@ -213,12 +215,9 @@ def evaluate(
         metrics["fluency_unedited"] = _mean(base_fluency)
         if samples is not None:
             samples += [
-                GenerationSample(it.fact.prompt, it.fact.target, *texts, *scores)
-                for it, texts, scores in zip(
-                    items,
-                    zip(edited_text, base_text, strict=True),
-                    zip(edited_fluency, base_fluency, strict=True),
-                    strict=True,
+                GenerationSample(it.fact.prompt, it.fact.target, *generated)
+                for it, *generated in zip(
+                    items, edited_text, base_text, edited_fluency, base_fluency, strict=True
                 )
             ]
     metrics["eval_seconds"] = time.perf_counter() - started
