@@ -639,7 +639,9 @@ def main() -> int:
     serve.add_argument(
         "--ability", type=Path, default=Path(__file__).with_name("general_ability.jsonl")
     )
-    serve.add_argument("--requests", type=int, default=16)
+    serve.add_argument(
+        "--requests", type=int, default=64, help="requests each, with and without the pack"
+    )
     serve.add_argument("--tokens", type=int, default=32)
     serve.add_argument("--port", type=int, default=8766)
     for command in (train, compare, grow, grow_published, detect, serve):

@@ -537,7 +537,15 @@ class Trainer:
                     )
             epoch_loss = sum(losses) / len(losses)
             history.append(epoch_loss)
-            log.debug("epoch %d loss %.4f", epoch, epoch_loss)
+            log.info(
+                "epoch %d of %d: loss %.4f, step %d of %d, %.0f s",
+                epoch,
+                epochs,
+                epoch_loss,
+                step,
+                total_steps,
+                time.perf_counter() - started,
+            )
             if epoch_loss < best - 1e-4:
                 best, stale = epoch_loss, 0
             else:

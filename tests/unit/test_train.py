@@ -74,12 +74,19 @@ def test_training_teaches_the_targets(family: str, tiny_model_dirs: dict[str, Pa
     assert [p == s.target_ids for p, s in zip(edited, sequences, strict=True)] == [True, True]
 
 
-def test_training_is_seeded_and_reports_progress(tiny_model_dirs: dict[str, Path]) -> None:
+def test_training_is_seeded_and_reports_progress(
+    tiny_model_dirs: dict[str, Path], caplog: pytest.LogCaptureFixture
+) -> None:
     backbone = _backbone(tiny_model_dirs, "llama")
     # no early stop, so the last event is the last planned step (bfloat16 on CUDA plateaus early)
     config = TrainConfig(layer=1, epochs=2, batch_size=2, prefixes=(), patience=10**6)
     events = []
-    first = Trainer(backbone, config).train(FACTS, progress=events.append)
+    with caplog.at_level("INFO", logger="server.lks.train"):
+        first = Trainer(backbone, config).train(FACTS, progress=events.append)
+    # a long run says how far it is at each epoch without a progress callback
+    epoch_lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("epoch ")]
+    assert [line.split(":")[0] for line in epoch_lines] == ["epoch 1 of 2", "epoch 2 of 2"]
+    assert f"step {events[-1].step} of {events[-1].steps}" in epoch_lines[-1]
     second = Trainer(backbone, config).train(FACTS)
     assert torch.equal(first.deltas, second.deltas)
     assert [e.step for e in events] == list(range(1, len(events) + 1))
