@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 
-def read_samples(path: Path) -> list[dict]:
+def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
@@ -39,7 +39,7 @@ def describe(samples: list[dict]) -> list[str]:
 def main(paths: list[str]) -> None:
     for path in paths:
         print(f"{path}:")
-        print("\n".join(f"  {line}" for line in describe(read_samples(Path(path)))))
+        print("\n".join(f"  {line}" for line in describe(read_jsonl(Path(path)))))
 
 
 if __name__ == "__main__":

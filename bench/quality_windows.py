@@ -18,13 +18,12 @@ where the samples come from the N=2,000 row's run with `--samples` (about 35 min
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import subprocess
 import sys
 from pathlib import Path
 
-from generation_samples import describe, read_samples
+from generation_samples import describe, read_jsonl
 
 from server.lks.evaluate import says_target
 
@@ -39,13 +38,9 @@ METRICS = (
 )
 
 
-def read_rows(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
 def run_windows(dataset: str, window: int, total: int, out: Path) -> list[dict]:
     """One `lks eval` per window not yet in `out` (appended as it finishes)."""
-    done = {(r["dataset"], r["n"], r["offset"]) for r in read_rows(out)} if out.exists() else set()
+    done = {(r["dataset"], r["n"], r["offset"]) for r in read_jsonl(out)} if out.exists() else set()
     for offset in range(0, total, window):
         if (dataset, window, offset) in done:
             continue
@@ -55,7 +50,7 @@ def run_windows(dataset: str, window: int, total: int, out: Path) -> list[dict]:
         line = subprocess.run(command, check=True, capture_output=True, text=True).stdout
         with out.open("a") as sink:
             sink.write(line.strip() + "\n")
-    rows = [r for r in read_rows(out) if r["dataset"] == dataset and r["n"] == window]
+    rows = [r for r in read_jsonl(out) if r["dataset"] == dataset and r["n"] == window]
     return sorted(rows, key=lambda r: r["offset"])
 
 
@@ -81,7 +76,7 @@ def main() -> None:
     windows = run_windows(args.dataset, args.window, args.total, args.out)
     whole = next(
         r
-        for r in read_rows(args.table)
+        for r in read_jsonl(args.table)
         if r["dataset"] == args.dataset and r["n"] == args.total and r.get("offset", 0) == 0
     )
     covered = sorted(r["offset"] for r in windows)
@@ -105,7 +100,7 @@ def main() -> None:
             f"| {whole[metric] - mean:+.3f} |"
         )
     if args.samples is not None:
-        samples = read_samples(args.samples)
+        samples = read_jsonl(args.samples)
         print_per_window(windows, samples, args.window, args.total)
         print("\n" + "\n".join(describe(samples)))
 

@@ -166,7 +166,8 @@ def evaluate(
     samples: list[GenerationSample] | None = None,
 ) -> dict[str, float]:
     """Teacher-forced metrics; with `generations`, also greedy exact match (and `fluency`).
-    `samples`, when given with `fluency`, receives each item's generations."""
+    `samples`, when given, receives each item's generations (it needs `fluency`)."""
+    assert samples is None or (generations and fluency), "samples need generations and fluency"
     started = time.perf_counter()
     tokenizer = backbone.tokenizer
 

@@ -580,7 +580,7 @@ class Trainer:
         unlikelihood -log(1 - p) of each sequence's `avoid` token at its KL positions (those
         where the unedited model does not predict it), weighted by repetition_weight."""
         backbone = self.backbone
-        chunk = [sequences[i].text for i in batch]
+        chunk = [sequences[i] for i in batch]
         rows, positions, subject_rows = [], [], []
         predict_rows, predict_at, targets = [], [], []
         is_edit: list[bool] = []
@@ -588,8 +588,7 @@ class Trainer:
         kept_weights: list[float] = []  # one per KL position
         avoid_at: list[int] = []  # KL positions where `avoid_token` is penalised
         avoid_token: list[int] = []
-        for row, index in enumerate(batch):
-            sequence = sequences[index]
+        for row, sequence in enumerate(chunk):
             seq = sequence.text
             for subject_row, position in seq.edits:
                 rows.append(row)
@@ -633,7 +632,8 @@ class Trainer:
             final = self.split.suffix_final_states(parts, states)
             selected = final[rows_t, torch.tensor(predict_at, device=device) - cuts[rows_t]]
         else:
-            ids, mask = pad_batch(chunk, int(backbone.tokenizer.pad_token_id), device)
+            texts = [s.text for s in chunk]
+            ids, mask = pad_batch(texts, int(backbone.tokenizer.pad_token_id), device)
             with backbone.edit_hooks.at(self.layer).plan(plan):
                 base = backbone.model.base_model
                 final = base(input_ids=ids, attention_mask=mask).last_hidden_state
