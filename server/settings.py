@@ -46,6 +46,16 @@ class Settings(BaseSettings):
         default=256, ge=1, description="Queued + running requests before new ones get 503."
     )
     max_packs_per_request: int = Field(default=4, ge=1, le=16)
+    request_timeout_seconds: float = Field(
+        default=300.0,
+        gt=0,
+        description="Every generation request ends by then: a result, or 504 (queue time counts).",
+    )
+    ready_stall_seconds: float = Field(
+        default=60.0,
+        gt=0,
+        description="/readyz answers 503 when work waits and no engine step ended for this long.",
+    )
     pack_memory_mb: int = Field(
         default=1024, ge=1, description="Budget for loaded pack versions; LRU beyond it."
     )

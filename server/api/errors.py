@@ -39,6 +39,10 @@ class APIError(Exception):
         self.param = param
         self.retry_after = retry_after
 
+    def body(self) -> dict[str, object]:
+        """The envelope, also sent as the last event of a stream that fails mid-way."""
+        return error_body(self.status, self.message, type_=self.type, param=self.param)
+
 
 def _default_type(status: int) -> str:
     if status == 401:

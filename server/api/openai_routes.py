@@ -14,6 +14,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Header, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from server.api.errors import APIError
 from server.api.openai_protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -175,7 +176,9 @@ async def _chunks(
     choice_of = flavor.chunk_choices()
     kind = flavor.chunk_object
     async for event in service.deltas(started):
-        if isinstance(event, Finished):
+        if isinstance(event, APIError):  # as OpenAI and vLLM send a failure mid-stream
+            yield sse(json.dumps(event.body()))
+        elif isinstance(event, Finished):
             result = event.generation
             finish = choice_of(None, _finish(result.finish_reason))
             chunk = envelope(

@@ -73,10 +73,25 @@ class GenerateResponse(BaseModel):
     )
 
 
-class HealthResponse(BaseModel):
-    status: Literal["ok", "loading", "failed"]
-    model: str
+class EngineStatus(BaseModel):
+    alive: bool = Field(description="The engine thread runs.")
+    in_flight: int = Field(description="Requests queued or running.")
+    stalled_seconds: float = Field(description="How long work has waited with no step ending.")
+
+
+class JobsStatus(BaseModel):
+    status: Literal["ok", "unavailable", "off"]
     detail: str | None = None
+
+
+class HealthResponse(BaseModel):
+    status: Literal["ok", "loading", "failed", "stalled"]
+    model: str
+    detail: str | None = Field(default=None, description="Why the status is not ok.")
+    engine: EngineStatus | None = None
+    jobs: JobsStatus | None = Field(
+        default=None, description="The job store; generation stays ready without it."
+    )
 
 
 def sampling_params(fields: SamplingFields) -> SamplingParams:

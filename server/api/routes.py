@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
 from collections.abc import AsyncIterator
 from typing import Annotated
 
@@ -11,9 +13,11 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from server.api.errors import APIError
 from server.api.protocol import (
+    EngineStatus,
     GenerateRequest,
     GenerateResponse,
     HealthResponse,
+    JobsStatus,
     sampling_params,
 )
 from server.api.selection import PACK_HEADER, choose_packs, edits_header
@@ -21,6 +25,7 @@ from server.api.serving import ServiceDep, Started, sse
 from server.api.state import CallerDep, StateDep
 from server.engine.engine import Finished
 
+log = logging.getLogger(__name__)
 router = APIRouter()
 
 
@@ -33,15 +38,58 @@ async def healthz(state: StateDep) -> HealthResponse:
 
 @router.get("/readyz", response_model=HealthResponse, responses={503: {"model": HealthResponse}})
 async def readyz(state: StateDep) -> HealthResponse | JSONResponse:
-    """Readiness: 200 only once the backbone is loaded and requests can be served."""
-    if state.backbone is not None:
-        return HealthResponse(status="ok", model=state.backbone.name)
-    body = HealthResponse(
-        status="failed" if state.load_error else "loading",
-        model=state.settings.model_name,
-        detail=state.load_error,
+    """Readiness: 200 only while requests can be served: the backbone is loaded, the engine
+    thread is alive, and no work has waited longer than LKS_READY_STALL_SECONDS for a step.
+    The job store's state is reported beside it (generation does not need it)."""
+    jobs = await jobs_status(state)
+    if state.serving is None:
+        body = HealthResponse(
+            status="failed" if state.load_error else "loading",
+            model=state.settings.model_name,
+            detail=state.load_error or "the model is loading",
+            jobs=jobs,
+        )
+        return JSONResponse(body.model_dump(), status_code=503)
+    health = state.serving.scheduler.health()
+    engine = EngineStatus(
+        alive=health.alive,
+        in_flight=health.in_flight,
+        stalled_seconds=round(health.stalled_seconds, 3),
     )
-    return JSONResponse(body.model_dump(), status_code=503)
+    limit = state.settings.ready_stall_seconds
+    status, detail = "ok", None
+    if not health.alive:
+        status, detail = "failed", f"the engine thread has stopped: {health.failure}"
+    elif health.stalled_seconds > limit:
+        status = "stalled"
+        detail = (
+            f"{health.in_flight} requests wait and no engine step has ended for "
+            f"{health.stalled_seconds:.0f} s (LKS_READY_STALL_SECONDS={limit:g})"
+        )
+    body = HealthResponse(
+        status=status, model=state.serving.backbone.name, detail=detail, engine=engine, jobs=jobs
+    )
+    return JSONResponse(body.model_dump(), status_code=200 if status == "ok" else 503)
+
+
+JOBS_PROBE_SECONDS = 2.0
+
+
+async def jobs_status(state: StateDep) -> JobsStatus:
+    """Whether the job store answers a query now (off the event loop, bounded in time)."""
+    if state.jobs is None:
+        if state.jobs_error is None:
+            return JobsStatus(status="off")
+        return JobsStatus(status="unavailable", detail="the job store could not be opened")
+    try:
+        async with asyncio.timeout(JOBS_PROBE_SECONDS):
+            await asyncio.to_thread(state.jobs.count_by_state)
+    except TimeoutError:
+        return JobsStatus(status="unavailable", detail="the database did not answer in time")
+    except Exception as exc:
+        log.warning("readiness: the job store did not answer: %s", exc)
+        return JobsStatus(status="unavailable", detail="the database did not answer")
+    return JobsStatus(status="ok")
 
 
 @router.post("/v1/generate", response_model=GenerateResponse)
@@ -87,7 +135,9 @@ async def generate(
 async def _native_events(service: ServiceDep, started: Started) -> AsyncIterator[str]:
     """`data: {"text": ...}` per delta, then one with the result fields, then `[DONE]`."""
     async for event in service.deltas(started):
-        if isinstance(event, Finished):
+        if isinstance(event, APIError):
+            yield sse(json.dumps(event.body()))
+        elif isinstance(event, Finished):
             result = event.generation
             yield sse(
                 json.dumps(

@@ -1,5 +1,10 @@
 """The serving class behind every generation route (native and OpenAI): resolve the packs,
-render the prompt, queue the request, and follow it to its end or its client's departure."""
+render the prompt, queue the request, and follow it to its end or its client's departure.
+
+Every request has a deadline (`LKS_REQUEST_TIMEOUT_SECONDS`). The engine fails a request that
+passes it; should the engine itself hang, the wait here ends a moment later anyway (504) and
+the request is aborted, so no client waits forever.
+"""
 
 from __future__ import annotations
 
@@ -17,18 +22,25 @@ from server.api.errors import APIError
 from server.api.metrics import ServerMetrics
 from server.api.state import Serving, ServingDep, StateDep
 from server.engine.engine import (
+    TIMED_OUT,
     Admitted,
+    EngineEvent,
     EngineRequest,
+    Failed,
     Finished,
     Generation,
     Rejected,
     TextDelta,
 )
 from server.engine.sampling import SamplingParams
-from server.engine.scheduler import EngineOverloaded, EngineStopped, RequestStream
+from server.engine.scheduler import EngineOverloaded, EngineStopped, RequestFailed, RequestStream
 from server.packs.names import PackRef
 from server.packs.registry import LoadedPack
 from server.settings import Settings
+
+# How long past its deadline a request is waited for before the wait itself gives up (the
+# engine fails late requests between steps; this covers an engine that hangs inside one).
+DEADLINE_GRACE_SECONDS = 5.0
 
 
 @dataclass
@@ -38,6 +50,40 @@ class Started:
     admitted: Admitted
     stream: RequestStream
     submitted_at: float
+    deadline: float  # time.monotonic()
+
+    async def next(self) -> EngineEvent:
+        """The next event; `APIError` when the request failed or its deadline passed."""
+        try:
+            async with asyncio.timeout_at(_loop_time(self.deadline + DEADLINE_GRACE_SECONDS)):
+                return await self.stream.next()
+        except TimeoutError:
+            self.stream.abort()
+            raise failure_error(TIMED_OUT) from None
+        except RequestFailed as exc:
+            raise failure_error(exc.failure) from None
+
+    async def events(self) -> AsyncIterator[EngineEvent]:
+        while True:
+            event = await self.next()
+            yield event
+            if isinstance(event, Finished):
+                return
+
+
+def failure_error(failure: Failed) -> APIError:
+    """The HTTP error for a request the engine failed: 504 past its deadline, 503 (retry) when
+    memory ran short, 500 otherwise."""
+    if failure.kind == "timeout":
+        return APIError(504, failure.error)
+    if failure.kind == "overloaded":
+        return APIError(503, failure.error, retry_after=1)
+    return APIError(500, failure.error)
+
+
+def _loop_time(monotonic_deadline: float) -> float:
+    """A `time.monotonic()` instant on the running loop's clock."""
+    return asyncio.get_running_loop().time() + (monotonic_deadline - time.monotonic())
 
 
 class GenerationService:
@@ -71,8 +117,13 @@ class GenerationService:
                 422, f"max_tokens must be <= {self.settings.max_tokens_limit}", param="max_tokens"
             )
         loaded = await self.resolve(packs)
+        deadline = time.monotonic() + self.settings.request_timeout_seconds
         request = EngineRequest(
-            text, params, templated=templated, edit_sets=[p.edit_set for p in loaded]
+            text,
+            params,
+            templated=templated,
+            edit_sets=[p.edit_set for p in loaded],
+            deadline=deadline,
         )
         submitted_at = time.perf_counter()
         try:
@@ -81,18 +132,21 @@ class GenerationService:
             raise APIError(503, f"server busy: {exc}; retry shortly", retry_after=1) from exc
         except EngineStopped as exc:
             raise APIError(503, f"server unavailable: {exc}") from exc
+        pending = Started(Admitted(0, []), stream, submitted_at, deadline)
         try:
-            first = await stream.next()
+            first = await pending.next()
         except BaseException:
             stream.abort()
             raise
         if isinstance(first, Rejected):  # tokenised once, at admission: it does not fit
             raise APIError(422, first.message, param=first.param)
-        assert isinstance(first, Admitted), f"first event must be Admitted, got {first}"
+        if not isinstance(first, Admitted):
+            raise APIError(500, f"the engine answered {type(first).__name__} before admitting")
         self.metrics.prompt_tokens.inc(first.prompt_tokens)
         for label in first.edits_applied:
             self.metrics.edits_applied.labels(label.partition("@")[0]).inc()
-        return Started(first, stream, submitted_at)
+        pending.admitted = first
+        return pending
 
     def _observe(self, started: Started, event: object, first_text: bool) -> bool:
         """Record time to first token and generated tokens; returns whether text was seen."""
@@ -108,7 +162,7 @@ class GenerationService:
 
         async def finish() -> Generation:
             seen_text = False
-            async for event in started.stream:
+            async for event in started.events():
                 seen_text = self._observe(started, event, seen_text)
                 if isinstance(event, Finished):
                     return event.generation
@@ -126,20 +180,22 @@ class GenerationService:
             with contextlib.suppress(asyncio.CancelledError):
                 await result
             raise APIError(499, "client closed the request")
-        try:
-            return result.result()
-        except EngineStopped as exc:
-            raise APIError(503, str(exc)) from exc
+        return result.result()
 
-    async def deltas(self, started: Started) -> AsyncIterator[TextDelta | Finished]:
-        """Text as it is generated, then the result; aborts the request if abandoned."""
+    async def deltas(self, started: Started) -> AsyncIterator[TextDelta | Finished | APIError]:
+        """Text as it is generated, then the result, or an `APIError` as the last item if the
+        request fails mid-stream (the status line has gone: the route sends it as an event);
+        aborts the request if abandoned."""
         finished = seen_text = False
         try:
-            async for event in started.stream:
+            async for event in started.events():
                 seen_text = self._observe(started, event, seen_text)
                 if isinstance(event, TextDelta | Finished):
                     finished = isinstance(event, Finished)
                     yield event
+        except APIError as exc:
+            finished = True  # the engine has let go of it
+            yield exc
         finally:
             if not finished:
                 started.stream.abort()

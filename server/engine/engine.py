@@ -5,12 +5,18 @@ plans), then runs one decode step for every running request, whatever pack it us
 join and leave between steps (continuous batching); an edit touches only the prefill of its own
 row, and the KV cache carries it into decoding. The engine is single-threaded by design: the
 scheduler owns the thread that calls `step`.
+
+Faults stay with the request they belong to: a request whose admission, sampling or text fails
+gets `Failed` and the other rows go on; a batched prefill that fails is retried one row at a
+time, so only the row that cannot run fails; a decode step that fails fails the rows in it and
+the next step starts clean. Every request carries a deadline, checked before each step.
 """
 
 from __future__ import annotations
 
 import itertools
 import logging
+import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack
@@ -21,7 +27,7 @@ import torch
 from transformers import DynamicCache
 
 from server.engine import kv_cache
-from server.engine.sampling import SamplingParams, make_rng, sample_rows
+from server.engine.sampling import RowSamplingError, SamplingParams, make_rng, sample_rows
 from server.lks.apply import EditSet, PlannedEdit, plan_for_sets, prime_gates
 from server.lks.hook import EditPlan
 from server.model.backbone import Backbone
@@ -29,6 +35,7 @@ from server.model.backbone import Backbone
 log = logging.getLogger(__name__)
 
 FinishReason = Literal["stop", "length", "abort"]
+FailureKind = Literal["error", "timeout", "overloaded"]
 _REPLACEMENT = "\ufffd"  # a multi-byte character cut between tokens: wait for its next token
 
 
@@ -67,9 +74,13 @@ class Finished:
 
 @dataclass(frozen=True)
 class Failed:
-    """The engine broke; the request cannot complete."""
+    """The request cannot complete; the others are unaffected. `kind` says whose fault it is:
+    `error` (this request's input or its forward pass), `timeout` (its deadline passed) or
+    `overloaded` (no memory for it now; retrying later may work). `error` is safe to show a
+    client: details stay in the server log."""
 
     error: str
+    kind: FailureKind = "error"
 
 
 @dataclass(frozen=True)
@@ -97,7 +108,23 @@ class EngineRequest:
     templated: bool = False  # a rendered chat template: it already holds its special tokens
     edit_sets: Sequence[EditSet] = ()
     sink: EventSink | None = None
+    deadline: float | None = None  # time.monotonic() by which the request must have ended
     request_id: int = field(default_factory=itertools.count().__next__)
+    ended: bool = field(default=False, init=False, repr=False)
+
+    def send(self, event: EngineEvent) -> None:
+        """Deliver an event. A request gets exactly one last event (Finished, Failed or
+        Rejected): later ones are dropped. A sink that raises (its client's loop closed) hurts
+        no one else."""
+        if self.ended:
+            return
+        self.ended = isinstance(event, Finished | Failed | Rejected)
+        if self.sink is None:
+            return
+        try:
+            self.sink(event)
+        except Exception:
+            log.exception("request %d: delivering %s failed", self.request_id, type(event).__name__)
 
 
 @dataclass
@@ -112,8 +139,12 @@ class _Running:
     finish: FinishReason | None = None
 
     def emit(self, event: EngineEvent) -> None:
-        if self.request.sink is not None:
-            self.request.sink(event)
+        self.request.send(event)
+
+    def fail(self, failure: Failed) -> None:
+        """End the row with `failure` (a no-op for a row that has had its last event)."""
+        self.finish = self.finish or "abort"
+        self.emit(failure)
 
 
 @dataclass
@@ -153,8 +184,7 @@ class BatchEngine:
         for request in self.waiting:
             if request.request_id == request_id:
                 self.waiting.remove(request)
-                if request.sink is not None:
-                    request.sink(Finished(Generation("", [], 0, "abort")))
+                request.send(Finished(Generation("", [], 0, "abort")))
                 return True
         if self._batch is not None:
             for row in self._batch.rows:
@@ -163,15 +193,13 @@ class BatchEngine:
                     return True
         return False
 
-    def fail_all(self, error: BaseException) -> None:
-        """Tell every queued and running request that the engine broke, then forget them."""
-        sinks = [r.sink for r in self.waiting]
-        sinks += [row.request.sink for row in self._batch.rows] if self._batch else []
+    def fail_all(self, failure: Failed) -> None:
+        """Tell every queued and running request that it failed, then forget them all."""
+        waiting = list(self.waiting)
         self.waiting.clear()
-        self._batch = None
-        for sink in sinks:
-            if sink is not None:
-                sink(Failed(f"{type(error).__name__}: {error}"))
+        for request in waiting:
+            request.send(failure)
+        self.fail_running(failure)
 
     @property
     def running(self) -> int:
@@ -184,19 +212,48 @@ class BatchEngine:
 
     @torch.inference_mode()
     def step(self) -> None:
-        """Admit what fits, then one decode step for every running row."""
-        self._drop_finished()
-        room = self.max_batch_size - self.running
-        if self.waiting and room > 0:
-            admitted = [self.waiting.popleft() for _ in range(min(room, len(self.waiting)))]
-            prime_gates([(r.text, r.edit_sets) for r in admitted if r.edit_sets])
-            rows = [row for row in map(self._admit, admitted) if row is not None]
-            if rows:
-                self._join(self._prefill(rows))
-                self._drop_finished()
-        if self._batch is not None:
-            self._decode()
+        """Admit what fits, then one decode step for every running row. A step that fails
+        fails the requests in it (never the queued ones) and leaves the engine ready for the
+        next."""
+        self._expire(time.monotonic())
+        admitted: list[EngineRequest] = []
+        try:
             self._drop_finished()
+            room = self.max_batch_size - self.running
+            if self.waiting and room > 0:
+                admitted = [self.waiting.popleft() for _ in range(min(room, len(self.waiting)))]
+                self._prime(admitted)
+                rows = [row for row in map(self._admit, admitted) if row is not None]
+                if rows:
+                    self._prefill_and_join(rows)
+                    self._drop_finished()
+            if self._batch is not None:
+                self._decode()
+                self._drop_finished()
+        except Exception as exc:
+            log.exception("an engine step failed; its requests fail, the engine goes on")
+            failure = step_failure(exc, "this batch")
+            for request in admitted:
+                request.send(failure)
+            self.fail_running(failure)
+
+    def fail_running(self, failure: Failed) -> None:
+        """End every running row with `failure` and drop the batch."""
+        rows = self._batch.rows if self._batch is not None else []
+        self._batch = None
+        for row in rows:
+            row.fail(failure)
+
+    def _expire(self, now: float) -> None:
+        """Fail every request whose deadline has passed, queued or running."""
+        late = [r for r in self.waiting if r.deadline is not None and r.deadline <= now]
+        for request in late:
+            self.waiting.remove(request)
+            request.send(TIMED_OUT)
+        if self._batch is not None:
+            for row in self._batch.rows:
+                if row.request.deadline is not None and row.request.deadline <= now:
+                    row.fail(TIMED_OUT)
 
     def run_until_done(self) -> None:
         while self.has_work():
@@ -226,8 +283,28 @@ class BatchEngine:
 
     # -- internals ---------------------------------------------------------------------------
 
+    def _prime(self, requests: Sequence[EngineRequest]) -> None:
+        """Encode the gate queries of the requests about to be admitted, in one batch. Best
+        effort: should it fail, each request's gate encodes its own queries at planning and
+        only a request whose planning fails fails."""
+        try:
+            prime_gates([(r.text, r.edit_sets) for r in requests if r.edit_sets])
+        except Exception:
+            log.exception("encoding the gate queries of %d requests failed", len(requests))
+
     def _admit(self, request: EngineRequest) -> _Running | None:
-        """Tokenise and plan the edits of a request; None (and Rejected sent) if it cannot run."""
+        """Tokenise and plan the edits of a request; None (and Rejected or Failed sent) if it
+        cannot run."""
+        try:
+            return self._plan(request)
+        except Exception:
+            log.exception("request %d: admission failed", request.request_id)
+            request.send(
+                Failed("the request could not be prepared (tokenising or planning its edits)")
+            )
+            return None
+
+    def _plan(self, request: EngineRequest) -> _Running | None:
         tokenizer = self.backbone.tokenizer
         encoded = tokenizer(
             request.text,
@@ -246,8 +323,7 @@ class BatchEngine:
                 "max_tokens",
             )
         if reason is not None:
-            if request.sink is not None:
-                request.sink(reason)
+            request.send(reason)
             return None
         edits: list[PlannedEdit] = []
         if request.edit_sets:
@@ -256,6 +332,24 @@ class BatchEngine:
         row = _Running(request, prompt_ids, edits, make_rng(request.params))
         row.emit(Admitted(len(prompt_ids), [e.label for e in edits]))
         return row
+
+    def _prefill_and_join(self, rows: list[_Running]) -> None:
+        """Prefill `rows` as one batch; if that fails, one row at a time, so that only a row
+        that cannot run (its pack's table, its memory) fails."""
+        try:
+            incoming = self._prefill(rows)
+        except Exception as exc:
+            if len(rows) == 1:
+                log.exception("request %d: prefill failed", rows[0].request.request_id)
+                rows[0].fail(step_failure(exc, "its prefill"))
+                return
+            log.warning(
+                "a batched prefill of %d rows failed (%s); one row at a time", len(rows), exc
+            )
+            for row in rows:
+                self._prefill_and_join([row])
+            return
+        self._join(incoming)
 
     def _prefill(self, rows: list[_Running]) -> _Batch:
         backbone = self.backbone
@@ -286,8 +380,8 @@ class BatchEngine:
                 use_cache=True,
                 logits_to_keep=1,
             )
-        tokens = self._sample(rows, out.logits[:, -1])
         lengths = torch.tensor([len(r.prompt_ids) for r in rows], device=device)
+        tokens = self._sample(rows, out.logits[:, -1])  # last: nothing after it can fail
         return _Batch(rows, out.cache, mask, tokens, lengths)
 
     def _decode(self) -> None:
@@ -308,9 +402,24 @@ class BatchEngine:
         batch.next_tokens = self._sample(batch.rows, out.logits[:, -1])
 
     def _sample(self, rows: list[_Running], logits: torch.Tensor) -> torch.Tensor:
-        tokens = sample_rows(logits, [r.request.params for r in rows], [r.rng for r in rows])
-        for row, token in zip(rows, tokens, strict=True):
-            self._append(row, token)
+        """The next token of every row; a row whose sampling or text fails fails alone (it
+        keeps a placeholder token until it leaves the batch)."""
+        sampled = sample_rows(logits, [r.request.params for r in rows], [r.rng for r in rows])
+        tokens: list[int] = []
+        for row, token in zip(rows, sampled, strict=True):
+            if isinstance(token, RowSamplingError):
+                log.error("request %d: %s", row.request.request_id, token)
+                row.fail(Failed(f"sampling failed: {token}"))
+                token = self.backbone.tokenizer.pad_token_id
+            else:
+                try:
+                    self._append(row, token)
+                except Exception:
+                    log.exception(
+                        "request %d: handling token %d failed", row.request.request_id, token
+                    )
+                    row.fail(Failed("turning the generated tokens into text failed"))
+            tokens.append(token)
         return torch.tensor(tokens, dtype=torch.long, device=logits.device)
 
     def _append(self, row: _Running, token: int) -> None:
@@ -370,7 +479,7 @@ class BatchEngine:
         if batch is None:
             return
         for row in batch.rows:
-            if row.finish == "abort":
+            if row.finish == "abort":  # a no-op for a row that failed
                 row.emit(Finished(self._generation(row)))
         keep = [i for i, row in enumerate(batch.rows) if row.finish is None]
         if not keep:
@@ -383,3 +492,22 @@ class BatchEngine:
         batch.rows = [batch.rows[i] for i in keep]
         batch.next_tokens = batch.next_tokens[index]
         batch.positions = batch.positions[index]
+
+
+TIMED_OUT = Failed(
+    "the request did not finish within its deadline (LKS_REQUEST_TIMEOUT_SECONDS)", "timeout"
+)
+
+
+def out_of_memory(exc: BaseException) -> bool:
+    """Torch's out-of-memory error on an accelerator, or the CPU allocator's refusal."""
+    return isinstance(exc, torch.OutOfMemoryError) or "can't allocate memory" in str(exc)
+
+
+def step_failure(exc: BaseException, stage: str) -> Failed:
+    """What a client is told when a forward pass fails: the kind, never the internals."""
+    if out_of_memory(exc):
+        return Failed(
+            f"out of memory in {stage}; retry later or send a shorter prompt", "overloaded"
+        )
+    return Failed(f"the model failed in {stage} ({type(exc).__name__}); the server log has details")

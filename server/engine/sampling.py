@@ -1,31 +1,52 @@
-"""Sampling parameters and the per-row sampler of a batched decode step."""
+"""Sampling parameters and the per-row sampler of a batched decode step.
+
+Sampling is numerically safe for any parameters a client can send: a temperature or `top_p`
+below a floor (down to denormals, where dividing logits by the temperature overflows) acts as
+greedy / top-1, and a row whose logits are not usable fails alone (`RowSamplingError`) instead
+of raising out of the batch.
+"""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 
+# Below these a request is sampled greedily: at temperature 1e-4 a runner-up 0.01 behind in
+# logit is already e^100 times less likely, while dividing by far smaller values overflows.
+TEMPERATURE_FLOOR = 1e-4
+TOP_P_FLOOR = 1e-6
+
+
+class RowSamplingError(ValueError):
+    """One row's logits cannot be sampled (NaN or +inf, or nothing finite)."""
+
 
 @dataclass(frozen=True)
 class SamplingParams:
     max_tokens: int = 16
-    temperature: float = 0.0  # 0 is greedy
+    temperature: float = 0.0  # 0 (or below TEMPERATURE_FLOOR) is greedy
     top_p: float = 1.0
     seed: int | None = None
     stop: tuple[str, ...] = field(default_factory=tuple)  # generation ends before any of these
     ignore_eos: bool = False  # always generate max_tokens (benchmarks)
 
     def __post_init__(self) -> None:
-        assert self.max_tokens >= 1, f"max_tokens must be >= 1, got {self.max_tokens}"
-        assert self.temperature >= 0, f"temperature must be >= 0, got {self.temperature}"
-        assert 0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}"
-        assert all(self.stop), "stop strings must not be empty"
+        # Real checks (not asserts): they guard the engine thread from any caller.
+        if self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
+        if not (math.isfinite(self.temperature) and self.temperature >= 0):
+            raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature}")
+        if not (math.isfinite(self.top_p) and 0 < self.top_p <= 1):
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not all(self.stop):
+            raise ValueError("stop strings must not be empty")
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        return self.temperature < TEMPERATURE_FLOOR or self.top_p < TOP_P_FLOOR
 
 
 def make_rng(params: SamplingParams) -> torch.Generator | None:
@@ -33,22 +54,38 @@ def make_rng(params: SamplingParams) -> torch.Generator | None:
     return torch.Generator().manual_seed(params.seed) if params.seed is not None else None
 
 
+def unusable_rows(logits: torch.Tensor) -> list[int]:
+    """Rows that no sampler can use: a NaN or +inf anywhere, or no finite value at all."""
+    bad = (
+        torch.isnan(logits).any(dim=-1)
+        | torch.isposinf(logits).any(dim=-1)
+        | torch.isneginf(logits).all(dim=-1)
+    )
+    return bad.nonzero().flatten().tolist() if bool(bad.any()) else []
+
+
 def sample_rows(
     logits: torch.Tensor, params: Sequence[SamplingParams], rngs: Sequence[torch.Generator | None]
-) -> list[int]:
-    """One next token per row of `logits` [B, V], each row with its own parameters."""
-    assert logits.ndim == 2 and logits.shape[0] == len(params) == len(rngs), (
-        f"logits {tuple(logits.shape)} for {len(params)} rows"
-    )
-    tokens = logits.argmax(dim=-1).tolist()  # greedy rows: the common case, one vectorised op
+) -> list[int | RowSamplingError]:
+    """One next token per row of `logits` [B, V], each row with its own parameters; a row that
+    cannot be sampled gets a `RowSamplingError` in its place and the others are unaffected."""
+    if not (logits.ndim == 2 and logits.shape[0] == len(params) == len(rngs)):
+        raise ValueError(f"logits {tuple(logits.shape)} for {len(params)} rows")
+    tokens: list[int | RowSamplingError] = list(logits.argmax(dim=-1).tolist())
+    for row in unusable_rows(logits):
+        tokens[row] = RowSamplingError("the model produced NaN or infinite logits")
     for row, (p, rng) in enumerate(zip(params, rngs, strict=True)):
-        if p.greedy:
+        if p.greedy or isinstance(tokens[row], RowSamplingError):
             continue
-        probs = torch.softmax(logits[row].float() / p.temperature, dim=-1).cpu()
-        if p.top_p < 1.0:
-            sorted_probs, order = probs.sort(descending=True)
-            outside = sorted_probs.cumsum(0) - sorted_probs > p.top_p  # keep the nucleus
-            sorted_probs[outside] = 0.0
-            probs = torch.zeros_like(probs).scatter(0, order, sorted_probs)
-        tokens[row] = int(torch.multinomial(probs, 1, generator=rng).item())
+        tokens[row] = _sample_one(logits[row], p, rng)
     return tokens
+
+
+def _sample_one(logits: torch.Tensor, params: SamplingParams, rng: torch.Generator | None) -> int:
+    probs = torch.softmax(logits.float() / params.temperature, dim=-1).cpu()
+    if params.top_p < 1.0:
+        sorted_probs, order = probs.sort(descending=True)
+        outside = sorted_probs.cumsum(0) - sorted_probs > params.top_p  # keep the nucleus
+        sorted_probs[outside] = 0.0
+        probs = torch.zeros_like(probs).scatter(0, order, sorted_probs)
+    return int(torch.multinomial(probs, 1, generator=rng).item())

@@ -4,6 +4,10 @@ Requests are admitted into a bounded queue (full: `EngineOverloaded`, which the 
 503 with Retry-After instead of letting latency grow without limit); the engine thread runs
 `BatchEngine.step` while there is work and sleeps otherwise; each request's events come back
 to its own asyncio queue. A request whose client went away is aborted between two steps.
+
+A failure inside a step fails the requests in that step (the engine sees to that); anything
+else that escapes fails the requests in flight and the thread goes on. `health` says whether
+the thread is alive and when a step last finished, which is what readiness reports.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -21,6 +26,7 @@ from server.engine.engine import (
     Failed,
     Finished,
     Rejected,
+    step_failure,
 )
 
 log = logging.getLogger(__name__)
@@ -34,6 +40,24 @@ class EngineStopped(Exception):
     """The engine is shutting down or died; no more requests are taken."""
 
 
+class RequestFailed(Exception):
+    """This request failed in the engine (the others go on); `failure` says how."""
+
+    def __init__(self, failure: Failed) -> None:
+        super().__init__(failure.error)
+        self.failure = failure
+
+
+@dataclass(frozen=True)
+class EngineHealth:
+    """What readiness needs to know about the engine thread."""
+
+    alive: bool
+    failure: str | None  # why the thread died, if it did
+    in_flight: int
+    stalled_seconds: float  # how long work has waited without a step finishing (0 when idle)
+
+
 @dataclass
 class RequestStream:
     """The events of one request, in order; iterate to consume, `abort` to give up."""
@@ -45,7 +69,7 @@ class RequestStream:
     async def next(self) -> EngineEvent:
         event = await self._queue.get()
         if isinstance(event, Failed):
-            raise EngineStopped(f"the engine failed: {event.error}")
+            raise RequestFailed(event)
         return event
 
     async def __aiter__(self) -> AsyncIterator[EngineEvent]:
@@ -70,6 +94,7 @@ class Scheduler:
         self.aborted = 0  # requests cancelled because their client went away
         self._stopping = False
         self._failure: BaseException | None = None
+        self._progress_at = time.monotonic()  # the last step's end, or when work arrived idle
         self._thread = threading.Thread(target=self._run, name="lks-engine", daemon=True)
 
     def start(self) -> None:
@@ -86,6 +111,17 @@ class Scheduler:
     def in_flight(self) -> int:
         """Requests queued or running."""
         return self._in_flight
+
+    def health(self) -> EngineHealth:
+        with self._cond:
+            in_flight, progress_at, failure = self._in_flight, self._progress_at, self._failure
+        stalled = time.monotonic() - progress_at if in_flight else 0.0
+        return EngineHealth(
+            alive=self._thread.is_alive() and failure is None,
+            failure=None if failure is None else f"{type(failure).__name__}: {failure}",
+            in_flight=in_flight,
+            stalled_seconds=stalled,
+        )
 
     def submit(self, request: EngineRequest) -> RequestStream:
         """Queue `request`; its events arrive on the returned stream (call from the loop)."""
@@ -104,6 +140,8 @@ class Scheduler:
                 raise EngineStopped(str(self._failure or "the server is shutting down"))
             if self._in_flight >= self.max_queued:
                 raise EngineOverloaded(f"{self._in_flight} requests are already queued or running")
+            if self._in_flight == 0:
+                self._progress_at = time.monotonic()  # idle until now: not a stall
             self._in_flight += 1
             self._incoming.append(request)
             self._cond.notify()
@@ -127,15 +165,29 @@ class Scheduler:
                         return
                     incoming, self._incoming = self._incoming, []
                     aborts, self._aborts = self._aborts, set()
-                for request in incoming:
-                    engine.add(request)
-                for request_id in aborts:
-                    if engine.abort(request_id):
-                        self.aborted += 1
-                        log.info("request %d aborted: its client went away", request_id)
-                engine.step()
-        except BaseException as exc:  # the engine is broken: fail every waiter loudly
+                try:
+                    self._step(incoming, aborts)
+                except Exception as exc:  # a bug outside any one step: fail what is in flight
+                    log.exception("the engine loop failed; failing the requests in flight")
+                    engine.fail_all(step_failure(exc, "the engine loop"))
+                with self._cond:
+                    self._progress_at = time.monotonic()
+        except BaseException as exc:  # the thread itself is going: fail every waiter loudly
             log.exception("the engine thread failed")
             with self._cond:
                 self._failure = exc
-            engine.fail_all(exc)
+                incoming, self._incoming = self._incoming, []
+            failure = Failed(f"the engine stopped ({type(exc).__name__})")
+            for request in incoming:
+                request.send(failure)
+            engine.fail_all(failure)
+
+    def _step(self, incoming: list[EngineRequest], aborts: set[int]) -> None:
+        engine = self.engine
+        for request in incoming:
+            engine.add(request)
+        for request_id in aborts:
+            if engine.abort(request_id):
+                self.aborted += 1
+                log.info("request %d aborted: its client went away", request_id)
+        engine.step()
