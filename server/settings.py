@@ -45,6 +45,29 @@ class Settings(BaseSettings):
     max_queued_requests: int = Field(
         default=256, ge=1, description="Queued + running requests before new ones get 503."
     )
+    max_batch_tokens: int = Field(
+        default=65_536,
+        ge=64,
+        description="KV budget: rows x the longest row's prompt + max_tokens. A request over "
+        "it alone gets 422; others wait for room.",
+    )
+    prefill_chunk_tokens: int = Field(
+        default=256,
+        ge=16,
+        description="Longer prompts are prefilled this many tokens per step, so running "
+        "requests keep decoding meanwhile.",
+    )
+    max_prompt_chars: int = Field(
+        default=100_000, ge=1, description="Longest prompt, in characters once rendered."
+    )
+    max_chat_messages: int = Field(default=512, ge=1, description="Most messages in a chat.")
+    max_stop_strings: int = Field(default=8, ge=0, description="Most stop strings.")
+    max_stop_chars: int = Field(default=256, ge=1, description="Longest stop string.")
+    max_subject_matches: int = Field(
+        default=256,
+        ge=1,
+        description="Most mentions of edited subjects in one prompt (each is an edit to plan).",
+    )
     max_packs_per_request: int = Field(default=4, ge=1, le=16)
     request_timeout_seconds: float = Field(
         default=300.0,

@@ -8,6 +8,7 @@ import torch
 
 from server.lks.editor import backbone_info
 from server.lks.facts import Fact
+from server.lks.gate import GateTable, SentenceEncoder
 from server.lks.train import TrainConfig
 from server.model import Backbone
 from server.packs import PackStore
@@ -65,17 +66,27 @@ def publish_subject_pack(
     *,
     seed: int,
     scale: float = 20.0,
+    gate_encoder: SentenceEncoder | None = None,
 ) -> Manifest:
-    """A pack of random but strong edits for `subjects` on `backbone` (no training, no gate):
-    enough to prove which requests an edit reaches."""
+    """A pack of random but strong edits for `subjects` on `backbone` (no training): enough to
+    prove which requests an edit reaches. With `gate_encoder`, a scope gate whose one edit
+    prompt per subject is "<subject> is located in"."""
     generator = torch.Generator().manual_seed(seed)
     hidden = backbone.hidden_size
     blocks = torch.randn(len(subjects), hidden, generator=generator) * scale
+    prompts = [f"{s} is located in" for s in subjects]
+    table = {"blocks": blocks}
+    if gate_encoder is not None:
+        gate = GateTable.build(gate_encoder, prompts, [[s] for s in subjects], range(len(subjects)))
+        table.update(gate.to_tensors())
     content = PackContent(
         layer=backbone.num_layers // 2,
         subjects=[SubjectEntry(s) for s in subjects],
-        table={"blocks": blocks},
+        table=table,
         hypernet={"weight": torch.eye(hidden)},
-        facts=[{"subject": s, "prompt": f"{s} is", "target": "x"} for s in subjects],
+        facts=[
+            {"subject": s, "prompt": p, "target": "x"}
+            for s, p in zip(subjects, prompts, strict=True)
+        ],
     )
     return store.publish(name, content, backbone_info(backbone))

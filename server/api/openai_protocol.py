@@ -53,8 +53,6 @@ class CompletionRequest(OpenAIRequest):
             raise ValueError("prompt: give one prompt per request (a list of exactly one)")
         if not self.text:
             raise ValueError("prompt: must not be empty")
-        if len(self.text) > 100_000:
-            raise ValueError("prompt: at most 100000 characters")
         if self.echo or self.logprobs is not None or self.suffix or (self.best_of or 1) != 1:
             raise ValueError("echo, logprobs, suffix and best_of are not supported")
         return self

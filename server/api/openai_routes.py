@@ -30,6 +30,7 @@ from server.api.selection import PACK_HEADER, choose_packs, edits_header
 from server.api.serving import GenerationService, ServiceDep, Started, sse
 from server.api.state import CallerDep, ServingDep, StateDep
 from server.engine.engine import Finished
+from server.engine.prepare import ChatMessages
 
 router = APIRouter(prefix="/v1")
 PackHeader = Annotated[str | None, Header(alias=PACK_HEADER)]
@@ -88,9 +89,8 @@ def _finish(reason: str) -> str:
 async def _serve(
     flavor: _Flavor,
     body: OpenAIRequest,
-    text: str,
+    prompt: str | ChatMessages,
     *,
-    templated: bool,
     raw: Request,
     service: GenerationService,
     state: StateDep,
@@ -100,7 +100,7 @@ async def _serve(
     limit = state.settings.max_packs_per_request
     packs = choose_packs(header, body.model, service.model_name, limit=limit)
     caller.require("read", [p.name for p in packs])
-    started = await service.start(text, sampling_params(body), templated=templated, packs=packs)
+    started = await service.start(prompt, sampling_params(body), packs=packs)
     response_id = new_id(flavor.id_prefix)
     headers = edits_header(started.admitted.edits_applied)
     if body.stream:
@@ -132,7 +132,6 @@ async def completions(
         COMPLETION,
         body,
         body.text,
-        templated=False,
         raw=raw,
         service=service,
         state=state,
@@ -150,12 +149,10 @@ async def chat_completions(
     caller: CallerDep,
     x_edit_pack: PackHeader = None,
 ) -> JSONResponse | StreamingResponse:
-    text = service.render([m.model_dump() for m in body.messages])
     return await _serve(
         CHAT,
         body,
-        text,
-        templated=True,
+        [m.model_dump() for m in body.messages],
         raw=raw,
         service=service,
         state=state,

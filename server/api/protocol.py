@@ -8,22 +8,21 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from server.engine.sampling import SamplingParams
 
-MAX_STOP_STRINGS = 8
-
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     role: Literal["system", "user", "assistant"]
-    content: str = Field(max_length=100_000)
+    content: str  # bounded once rendered (LKS_MAX_PROMPT_CHARS)
 
 
 def stop_list(stop: str | list[str] | None) -> tuple[str, ...]:
+    """Their number and length are bounded by settings (LKS_MAX_STOP_STRINGS, _CHARS)."""
     if stop is None:
         return ()
     stops = [stop] if isinstance(stop, str) else stop
-    if len(stops) > MAX_STOP_STRINGS or not all(stops):
-        raise ValueError(f"stop: up to {MAX_STOP_STRINGS} non-empty strings")
+    if not all(stops):
+        raise ValueError("stop: strings must not be empty")
     return tuple(stops)
 
 
@@ -48,7 +47,7 @@ class GenerateRequest(SamplingFields):
     model_config = ConfigDict(extra="forbid")
 
     prompt: str | None = Field(
-        default=None, min_length=1, max_length=100_000, description="The text to continue."
+        default=None, min_length=1, description="The text to continue (LKS_MAX_PROMPT_CHARS)."
     )
     messages: list[ChatMessage] | None = Field(
         default=None, min_length=1, description="A chat, rendered with the model's template."

@@ -24,6 +24,7 @@ from server.api.selection import PACK_HEADER, choose_packs, edits_header
 from server.api.serving import ServiceDep, Started, sse
 from server.api.state import CallerDep, StateDep
 from server.engine.engine import Finished
+from server.engine.prepare import ChatMessages
 
 log = logging.getLogger(__name__)
 router = APIRouter()
@@ -108,13 +109,14 @@ async def generate(
     caller.require("read", [p.name for p in packs])
     if body.prompt is None and body.messages is None:
         raise APIError(422, "give a prompt (text to continue) or messages (a chat)", param="prompt")
+    prompt: str | ChatMessages
     if body.messages is not None:
-        text, templated = service.render([m.model_dump() for m in body.messages]), True
+        prompt = [m.model_dump() for m in body.messages]
     elif body.chat:
-        text, templated = service.render([{"role": "user", "content": body.prompt or ""}]), True
+        prompt = [{"role": "user", "content": body.prompt or ""}]
     else:
-        text, templated = body.prompt or "", False
-    started = await service.start(text, sampling_params(body), templated=templated, packs=packs)
+        prompt = body.prompt or ""
+    started = await service.start(prompt, sampling_params(body), packs=packs)
     headers = edits_header(started.admitted.edits_applied)
     if body.stream:
         return StreamingResponse(

@@ -32,6 +32,7 @@ from server.engine.engine import (
     Rejected,
     TextDelta,
 )
+from server.engine.prepare import ChatMessages, PromptRejected, RequestLimits, prepare_prompt
 from server.engine.sampling import SamplingParams
 from server.engine.scheduler import EngineOverloaded, EngineStopped, RequestFailed, RequestStream
 from server.packs.names import PackRef
@@ -96,33 +97,42 @@ class GenerationService:
     def model_name(self) -> str:
         return self.serving.backbone.name
 
-    def render(self, messages: Sequence[dict[str, str]]) -> str:
-        return self.serving.backbone.render_chat(messages)
-
     async def resolve(self, refs: Sequence[PackRef]) -> list[LoadedPack]:
         """Pin each reference to a loaded version (loading it off the event loop)."""
         registry = self.serving.registry
         return [await asyncio.to_thread(registry.get, ref) for ref in refs]
 
     async def start(
-        self,
-        text: str,
-        params: SamplingParams,
-        *,
-        templated: bool,
-        packs: Sequence[PackRef],
+        self, prompt: str | ChatMessages, params: SamplingParams, *, packs: Sequence[PackRef]
     ) -> Started:
-        if params.max_tokens > self.settings.max_tokens_limit:
+        """Prepare the request (a list of messages is a chat) off the event loop, queue it, and
+        wait for its admission."""
+        settings = self.settings
+        if params.max_tokens > settings.max_tokens_limit:
             raise APIError(
-                422, f"max_tokens must be <= {self.settings.max_tokens_limit}", param="max_tokens"
+                422, f"max_tokens must be <= {settings.max_tokens_limit}", param="max_tokens"
             )
-        loaded = await self.resolve(packs)
-        deadline = time.monotonic() + self.settings.request_timeout_seconds
+        limits = RequestLimits.from_settings(settings)
+        deadline = time.monotonic() + settings.request_timeout_seconds
+        try:
+            limits.check_shape(params, None if isinstance(prompt, str) else len(prompt))
+            loaded = await self.resolve(packs)
+            edit_sets = [p.edit_set for p in loaded]
+            prepared = await asyncio.to_thread(
+                prepare_prompt,
+                self.serving.backbone,
+                prompt,
+                params,
+                edit_sets=edit_sets,
+                limits=limits,
+            )
+        except PromptRejected as exc:
+            raise APIError(422, exc.message, param=exc.param) from None
         request = EngineRequest(
-            text,
+            "",  # the engine runs the prepared token ids
             params,
-            templated=templated,
-            edit_sets=[p.edit_set for p in loaded],
+            edit_sets=edit_sets,
+            prompt=prepared,
             deadline=deadline,
         )
         submitted_at = time.perf_counter()

@@ -85,6 +85,8 @@ class ServerState:
         engine = BatchEngine(
             backbone,
             max_batch_size=settings.max_batch_size,
+            max_batch_tokens=settings.max_batch_tokens,
+            prefill_chunk_tokens=settings.prefill_chunk_tokens,
             on_step=self.metrics.batch_size.observe,
         )
         scheduler = Scheduler(engine, max_queued=settings.max_queued_requests)

@@ -1,7 +1,10 @@
 """The batching engine: one resident backbone, many requests, one forward pass per step.
 
-Each `step` admits waiting requests (one batched, left-padded prefill that carries their edit
-plans), then runs one decode step for every running request, whatever pack it uses. Requests
+Requests arrive prepared (`prepare.py`: token ids and an edit plan). Each `step` admits the
+waiting requests that fit the row and token budgets (one batched, left-padded prefill that
+carries their edit plans; a prompt longer than a prefill chunk is prefilled one chunk per step,
+so the running rows keep decoding meanwhile), then runs one decode step for every running
+request, whatever pack it uses. Requests
 join and leave between steps (continuous batching); an edit touches only the prefill of its own
 row, and the KV cache carries it into decoding. The engine is single-threaded by design: the
 scheduler owns the thread that calls `step`.
@@ -27,8 +30,9 @@ import torch
 from transformers import DynamicCache
 
 from server.engine import kv_cache
+from server.engine.prepare import PreparedPrompt, PromptRejected, RequestLimits, prepare_prompt
 from server.engine.sampling import RowSamplingError, SamplingParams, make_rng, sample_rows
-from server.lks.apply import EditSet, PlannedEdit, plan_for_sets, prime_gates
+from server.lks.apply import EditSet, PlannedEdit
 from server.lks.hook import EditPlan
 from server.model.backbone import Backbone
 
@@ -97,10 +101,12 @@ EventSink = Callable[[EngineEvent], None]
 
 @dataclass
 class EngineRequest:
-    """A request as the engine sees it: text exactly as the model reads it, and resolved packs.
+    """A request as the engine sees it: text exactly as the model reads it, resolved packs, and
+    (from the server) the prepared prompt.
 
     The packs are passed with the request (not looked up by name at run time), so a pack
-    swapped while the request waits or runs never changes what it gets.
+    swapped while the request waits or runs never changes what it gets. A request without
+    `prompt` (in-process callers: the CLI, evaluation, tests) is prepared when it is added.
     """
 
     text: str
@@ -108,6 +114,7 @@ class EngineRequest:
     templated: bool = False  # a rendered chat template: it already holds its special tokens
     edit_sets: Sequence[EditSet] = ()
     sink: EventSink | None = None
+    prompt: PreparedPrompt | None = None
     deadline: float | None = None  # time.monotonic() by which the request must have ended
     request_id: int = field(default_factory=itertools.count().__next__)
     ended: bool = field(default=False, init=False, repr=False)
@@ -148,6 +155,23 @@ class _Running:
 
 
 @dataclass
+class _Prefill:
+    """Rows being prefilled together, left-padded to one width, `done` columns so far."""
+
+    rows: list[_Running]
+    input_ids: torch.Tensor  # [B, W]
+    mask: torch.Tensor  # [B, W]
+    positions: torch.Tensor  # [B, W]
+    edits: list[tuple[int, int, int, torch.Tensor]]  # (layer, row, padded position, delta)
+    cache: DynamicCache
+    done: int = 0
+
+    @property
+    def width(self) -> int:
+        return int(self.input_ids.shape[1])
+
+
+@dataclass
 class _Batch:
     """The running rows: their KV cache, mask, and the sampled tokens not yet fed back."""
 
@@ -164,19 +188,49 @@ class BatchEngine:
         backbone: Backbone,
         *,
         max_batch_size: int = 32,
+        max_batch_tokens: int | None = None,
+        prefill_chunk_tokens: int | None = None,
         on_step: Callable[[int], None] | None = None,
     ) -> None:
-        assert max_batch_size >= 1
+        """`max_batch_tokens` bounds the KV cache: rows x the longest row's prompt + max_tokens
+        (the rows are padded to one width); None: rows alone. `prefill_chunk_tokens`: prompts
+        longer than this are prefilled one chunk per step; None: in one pass."""
+        if max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
+        if prefill_chunk_tokens is not None and prefill_chunk_tokens < 1:
+            raise ValueError(f"prefill_chunk_tokens must be >= 1, got {prefill_chunk_tokens}")
         self.backbone = backbone
         self.on_step = on_step  # told the rows of every decode step (metrics)
         self.max_batch_size = max_batch_size
+        self.max_batch_tokens = max_batch_tokens
+        self.prefill_chunk_tokens = prefill_chunk_tokens
         self.waiting: deque[EngineRequest] = deque()
         self._batch: _Batch | None = None
+        self._prefilling: _Prefill | None = None  # a long prompt, one chunk per step
         self._eos = set(backbone.eos_token_ids)
 
     # -- queue -------------------------------------------------------------------------------
 
     def add(self, request: EngineRequest) -> None:
+        """Queue a request; one without a prepared prompt is prepared here (in-process
+        callers), and one that cannot run gets `Rejected` at once."""
+        if request.prompt is None:
+            try:
+                request.prompt = prepare_prompt(
+                    self.backbone,
+                    request.text,
+                    request.params,
+                    templated=request.templated,
+                    edit_sets=request.edit_sets,
+                    limits=RequestLimits(max_request_tokens=self.max_batch_tokens),
+                )
+            except PromptRejected as exc:
+                request.send(Rejected(exc.message, exc.param))
+                return
+            except Exception:
+                log.exception("request %d: preparing it failed", request.request_id)
+                request.send(Failed("the request could not be prepared"))
+                return
         self.waiting.append(request)
 
     def abort(self, request_id: int) -> bool:
@@ -186,12 +240,16 @@ class BatchEngine:
                 self.waiting.remove(request)
                 request.send(Finished(Generation("", [], 0, "abort")))
                 return True
-        if self._batch is not None:
-            for row in self._batch.rows:
-                if row.request.request_id == request_id and row.finish is None:
-                    row.finish = "abort"
-                    return True
+        for row in self._rows():
+            if row.request.request_id == request_id and row.finish is None:
+                row.finish = "abort"
+                return True
         return False
+
+    def _rows(self) -> list[_Running]:
+        """Every admitted row: running, and being prefilled."""
+        running = self._batch.rows if self._batch is not None else []
+        return running + (self._prefilling.rows if self._prefilling is not None else [])
 
     def fail_all(self, failure: Failed) -> None:
         """Tell every queued and running request that it failed, then forget them all."""
@@ -206,41 +264,42 @@ class BatchEngine:
         return len(self._batch.rows) if self._batch is not None else 0
 
     def has_work(self) -> bool:
-        return bool(self.waiting) or self._batch is not None
+        return bool(self.waiting) or self._batch is not None or self._prefilling is not None
 
     # -- stepping ----------------------------------------------------------------------------
 
     @torch.inference_mode()
     def step(self) -> None:
-        """Admit what fits, then one decode step for every running row. A step that fails
-        fails the requests in it (never the queued ones) and leaves the engine ready for the
-        next."""
+        """Admit what fits, advance a long prefill by one chunk, then one decode step for every
+        running row. A step that fails fails the requests in it (never the queued ones) and
+        leaves the engine ready for the next."""
         self._expire(time.monotonic())
-        admitted: list[EngineRequest] = []
+        admitted: list[_Running] = []
         try:
             self._drop_finished()
-            room = self.max_batch_size - self.running
-            if self.waiting and room > 0:
-                admitted = [self.waiting.popleft() for _ in range(min(room, len(self.waiting)))]
-                self._prime(admitted)
-                rows = [row for row in map(self._admit, admitted) if row is not None]
-                if rows:
-                    self._prefill_and_join(rows)
-                    self._drop_finished()
+            admitted = self._admit()
+            short = [row for row in admitted if not self._chunked(row)]
+            if short:
+                self._prefill_and_join(short)
+            if self._prefilling is None and len(short) < len(admitted):
+                self._prefilling = self._start_prefill(admitted[-1:])
+            if self._prefilling is not None:
+                self._prefill_chunk()
+            self._drop_finished()
             if self._batch is not None:
                 self._decode()
                 self._drop_finished()
         except Exception as exc:
             log.exception("an engine step failed; its requests fail, the engine goes on")
             failure = step_failure(exc, "this batch")
-            for request in admitted:
-                request.send(failure)
+            for row in admitted:
+                row.fail(failure)
             self.fail_running(failure)
 
     def fail_running(self, failure: Failed) -> None:
-        """End every running row with `failure` and drop the batch."""
-        rows = self._batch.rows if self._batch is not None else []
-        self._batch = None
+        """End every admitted row with `failure`: the batch and any prefill are dropped."""
+        rows = self._rows()
+        self._batch = self._prefilling = None
         for row in rows:
             row.fail(failure)
 
@@ -250,10 +309,54 @@ class BatchEngine:
         for request in late:
             self.waiting.remove(request)
             request.send(TIMED_OUT)
-        if self._batch is not None:
-            for row in self._batch.rows:
-                if row.request.deadline is not None and row.request.deadline <= now:
-                    row.fail(TIMED_OUT)
+        for row in self._rows():
+            if row.request.deadline is not None and row.request.deadline <= now:
+                row.fail(TIMED_OUT)
+
+    def _admit(self) -> list[_Running]:
+        """Take the waiting requests that fit, in order: rows under `max_batch_size`, the
+        padded batch under `max_batch_tokens`, and at most one prompt that needs chunking
+        (it goes last; a later request waits behind it only for rows or tokens)."""
+        rows = self._rows()
+        admitted: list[_Running] = []
+        widest = max((self._span(r.request) for r in rows), default=0)
+        chunking = self._prefilling is not None
+        while self.waiting and len(rows) + len(admitted) < self.max_batch_size:
+            request = self.waiting[0]
+            span = self._span(request)
+            cost = (len(rows) + len(admitted) + 1) * max(widest, span)
+            if self.max_batch_tokens is not None and cost > self.max_batch_tokens:
+                break
+            long = self._long(request)
+            if long and chunking:
+                break
+            self.waiting.popleft()
+            admitted.append(self._row(request))
+            widest = max(widest, span)
+            if long:
+                break
+        return admitted
+
+    @staticmethod
+    def _span(request: EngineRequest) -> int:
+        """The columns a request can fill: its prompt plus max_tokens."""
+        assert request.prompt is not None
+        return len(request.prompt.token_ids) + request.params.max_tokens
+
+    def _long(self, request: EngineRequest) -> bool:
+        assert request.prompt is not None
+        chunk = self.prefill_chunk_tokens
+        return chunk is not None and len(request.prompt.token_ids) > chunk
+
+    def _chunked(self, row: _Running) -> bool:
+        return self._long(row.request)
+
+    def _row(self, request: EngineRequest) -> _Running:
+        assert request.prompt is not None
+        prompt = request.prompt
+        row = _Running(request, prompt.token_ids, prompt.edits, make_rng(request.params))
+        row.emit(Admitted(len(prompt.token_ids), [e.label for e in prompt.edits]))
+        return row
 
     def run_until_done(self) -> None:
         while self.has_work():
@@ -283,56 +386,6 @@ class BatchEngine:
 
     # -- internals ---------------------------------------------------------------------------
 
-    def _prime(self, requests: Sequence[EngineRequest]) -> None:
-        """Encode the gate queries of the requests about to be admitted, in one batch. Best
-        effort: should it fail, each request's gate encodes its own queries at planning and
-        only a request whose planning fails fails."""
-        try:
-            prime_gates([(r.text, r.edit_sets) for r in requests if r.edit_sets])
-        except Exception:
-            log.exception("encoding the gate queries of %d requests failed", len(requests))
-
-    def _admit(self, request: EngineRequest) -> _Running | None:
-        """Tokenise and plan the edits of a request; None (and Rejected or Failed sent) if it
-        cannot run."""
-        try:
-            return self._plan(request)
-        except Exception:
-            log.exception("request %d: admission failed", request.request_id)
-            request.send(
-                Failed("the request could not be prepared (tokenising or planning its edits)")
-            )
-            return None
-
-    def _plan(self, request: EngineRequest) -> _Running | None:
-        tokenizer = self.backbone.tokenizer
-        encoded = tokenizer(
-            request.text,
-            add_special_tokens=not request.templated,
-            return_offsets_mapping=bool(request.edit_sets),
-        )
-        prompt_ids = list(encoded["input_ids"])
-        context = self.backbone.context_length
-        reason = None
-        if not prompt_ids:
-            reason = Rejected("the prompt is empty once tokenized", "prompt")
-        elif context is not None and len(prompt_ids) + request.params.max_tokens > context:
-            reason = Rejected(
-                f"the prompt ({len(prompt_ids)} tokens) plus max_tokens "
-                f"({request.params.max_tokens}) exceeds the model's context of {context} tokens",
-                "max_tokens",
-            )
-        if reason is not None:
-            request.send(reason)
-            return None
-        edits: list[PlannedEdit] = []
-        if request.edit_sets:
-            offsets = [tuple(o) for o in encoded["offset_mapping"]]
-            edits = plan_for_sets(request.edit_sets, request.text, offsets)
-        row = _Running(request, prompt_ids, edits, make_rng(request.params))
-        row.emit(Admitted(len(prompt_ids), [e.label for e in edits]))
-        return row
-
     def _prefill_and_join(self, rows: list[_Running]) -> None:
         """Prefill `rows` as one batch; if that fails, one row at a time, so that only a row
         that cannot run (its pack's table, its memory) fails."""
@@ -351,38 +404,84 @@ class BatchEngine:
             return
         self._join(incoming)
 
-    def _prefill(self, rows: list[_Running]) -> _Batch:
+    def _start_prefill(self, rows: list[_Running]) -> _Prefill:
+        """Left-pad `rows` to one width and lay out their edits; nothing runs yet."""
         backbone = self.backbone
         device = backbone.device
         width = max(len(r.prompt_ids) for r in rows)
         pad_id = backbone.tokenizer.pad_token_id
         input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
         mask = torch.zeros((len(rows), width), dtype=torch.long)
-        plan: dict[int, list[tuple[int, int, torch.Tensor]]] = {}
+        edits: list[tuple[int, int, int, torch.Tensor]] = []
         for i, row in enumerate(rows):
             pad = width - len(row.prompt_ids)
             input_ids[i, pad:] = torch.tensor(row.prompt_ids)
             mask[i, pad:] = 1
-            for edit in row.edits:
-                plan.setdefault(edit.layer, []).append((i, pad + edit.position, edit.delta))
+            edits += [(e.layer, i, pad + e.position, e.delta) for e in row.edits]
         positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
-        input_ids, mask, positions = input_ids.to(device), mask.to(device), positions.to(device)
-        cache = DynamicCache(config=backbone.model.config)
+        return _Prefill(
+            rows,
+            input_ids.to(device),
+            mask.to(device),
+            positions.to(device),
+            edits,
+            DynamicCache(config=backbone.model.config),
+        )
+
+    def _prefill(self, rows: list[_Running]) -> _Batch:
+        """All of `rows`' prompts in one pass."""
+        prefill = self._start_prefill(rows)
+        batch = self._run_prefill(prefill, prefill.width)
+        assert batch is not None
+        return batch
+
+    def _prefill_chunk(self) -> None:
+        """The next chunk of the long prefill; its rows join the batch after the last one."""
+        prefill = self._prefilling
+        assert prefill is not None and self.prefill_chunk_tokens is not None
+        try:
+            upto = min(prefill.done + self.prefill_chunk_tokens, prefill.width)
+            batch = self._run_prefill(prefill, upto)
+        except Exception as exc:
+            log.exception("a chunked prefill of %d rows failed", len(prefill.rows))
+            self._prefilling = None
+            for row in prefill.rows:
+                row.fail(step_failure(exc, "its prefill"))
+            return
+        if batch is not None:
+            self._prefilling = None
+            self._join(batch)
+
+    def _run_prefill(self, prefill: _Prefill, upto: int) -> _Batch | None:
+        """Columns done..upto of `prefill`, with the edits whose positions fall there; after
+        the last column, the first sampled tokens and the rows as a batch."""
+        backbone = self.backbone
+        start = prefill.done
+        plan: dict[int, list[tuple[int, int, torch.Tensor]]] = {}
+        for layer, row, position, delta in prefill.edits:
+            if start <= position < upto:
+                plan.setdefault(layer, []).append((row, position - start, delta))
         with ExitStack() as stack:
             for layer, edits in plan.items():
-                built = EditPlan.build(edits, hidden_size=backbone.hidden_size, device=device)
+                built = EditPlan.build(
+                    edits, hidden_size=backbone.hidden_size, device=backbone.device
+                )
                 stack.enter_context(backbone.edit_hooks.at(layer).plan(built))
             out = backbone.model(
-                input_ids=input_ids,
-                attention_mask=mask,
-                position_ids=positions,
-                cache=cache,
+                input_ids=prefill.input_ids[:, start:upto],
+                attention_mask=prefill.mask[:, :upto],
+                position_ids=prefill.positions[:, start:upto],
+                cache=prefill.cache,
                 use_cache=True,
                 logits_to_keep=1,
             )
-        lengths = torch.tensor([len(r.prompt_ids) for r in rows], device=device)
+        prefill.done = upto
+        if upto < prefill.width:
+            return None
+        rows = prefill.rows
+        lengths = torch.tensor([len(r.prompt_ids) for r in rows], device=backbone.device)
         tokens = self._sample(rows, out.logits[:, -1])  # last: nothing after it can fail
-        return _Batch(rows, out.cache, mask, tokens, lengths)
+        return _Batch(rows, out.cache, prefill.mask, tokens, lengths)
 
     def _decode(self) -> None:
         batch = self._batch
@@ -475,6 +574,12 @@ class BatchEngine:
         batch.positions = torch.cat([batch.positions, incoming.positions])
 
     def _drop_finished(self) -> None:
+        prefill = self._prefilling
+        if prefill is not None and all(row.finish is not None for row in prefill.rows):
+            self._prefilling = None  # aborted or failed while prefilling: stop the work
+            for row in prefill.rows:
+                if row.finish == "abort":
+                    row.emit(Finished(self._generation(row)))
         batch = self._batch
         if batch is None:
             return

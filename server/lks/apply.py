@@ -8,13 +8,15 @@ and one in-place add in the hook.
 
 from __future__ import annotations
 
+import bisect
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from server.lks.detect import SubjectIndex, SubjectMatch, last_token_position
+from server.lks.detect import SubjectIndex, SubjectMatch, TokenPositions
 from server.lks.gate import GateTable, ScopeGate, SentenceEncoder
 from server.lks.scope import EncodedText, encode, subject_index
 from server.model.backbone import Backbone
@@ -52,16 +54,20 @@ class EditSet:
             text, match.start, match.end, match.row, (entry.subject, *entry.aliases)
         )
 
-    def gate_queries(self, text: str) -> list[str]:
-        """The encoder inputs planning `text` will need (only where a subject is found)."""
+    def gate_queries(self, text: str, matches: Sequence[SubjectMatch] | None = None) -> list[str]:
+        """The encoder inputs planning `text` will need: one per distinct line and subject
+        (a subject named a thousand times on one line is one query)."""
         if self.gate is None:
             return []
-        queries = []
-        for match in self.index.find(text):
-            entry = self.subjects[match.row]
-            names = (entry.subject, *entry.aliases)
-            queries.append(self.gate.query(text, match.start, match.end, names))
-        return queries
+        found = self.index.find(text) if matches is None else matches
+        return [
+            self.gate.query(text, match.start, match.end, self._names(match.row))
+            for match in _first_per_line(text, found).values()
+        ]
+
+    def _names(self, row: int) -> tuple[str, ...]:
+        entry = self.subjects[row]
+        return (entry.subject, *entry.aliases)
 
     def encode_all(
         self,
@@ -82,16 +88,30 @@ class EditSet:
             ]
         return encoded
 
-    def plan(self, text: str, offsets: Sequence[tuple[int, int]]) -> list[PlannedEdit]:
+    def plan(
+        self,
+        text: str,
+        positions: TokenPositions,
+        matches: Sequence[SubjectMatch] | None = None,
+    ) -> list[PlannedEdit]:
+        """The edits for `text` (its `matches`, if already found). The gate reads a match's
+        line, so it decides once per distinct line and subject: the cost grows with the lines,
+        not with how often a subject repeats."""
+        found = self.index.find(text) if matches is None else matches
+        keys = _line_keys(text, found)
+        opens: dict[LineKey, bool] = {}
+        for key, match in zip(keys, found, strict=True):
+            if key not in opens:
+                opens[key] = self.allow(text, match)
         return [
             PlannedEdit(
                 self.layer,
-                last_token_position(offsets, match.start, match.end),
+                positions.last_token(match.start, match.end),
                 self.deltas[match.row],
                 f"{self.ref}:{self.subjects[match.row].subject}",
             )
-            for match in self.index.find(text)
-            if self.allow(text, match)
+            for key, match in zip(keys, found, strict=True)
+            if opens[key]
         ]
 
 
@@ -121,26 +141,68 @@ def load_edit_set(pack: Pack, backbone: Backbone, encoder: SentenceEncoder | Non
     )
 
 
+LineKey = tuple[int, int, int]  # (first line, last line, subject row) of a match
+
+
+def _line_keys(text: str, matches: Sequence[SubjectMatch]) -> list[LineKey]:
+    """What each match's gate decision depends on: the lines it spans and its subject. One scan
+    for newlines and a bisection per match, whatever the text's length."""
+    newlines = [m.start() for m in re.finditer("\n", text)] if len(matches) > 1 else []
+    return [
+        (bisect.bisect(newlines, m.start), bisect.bisect(newlines, m.end), m.row) for m in matches
+    ]
+
+
+def _first_per_line(text: str, matches: Sequence[SubjectMatch]) -> dict[LineKey, SubjectMatch]:
+    firsts: dict[LineKey, SubjectMatch] = {}
+    for key, match in zip(_line_keys(text, matches), matches, strict=True):
+        firsts.setdefault(key, match)
+    return firsts
+
+
 def prime_gates(requests: Sequence[tuple[str, Sequence[EditSet]]]) -> None:
     """One batched encoder pass for the gate queries of several texts about to be planned."""
+    _prime([(edit_set, text, None) for text, edit_sets in requests for edit_set in edit_sets])
+
+
+def _prime(items: Sequence[tuple[EditSet, str, Sequence[SubjectMatch] | None]]) -> None:
+    """Encode the gate queries of (edit set, text, its matches if found) items, one batch per
+    encoder."""
     by_encoder: dict[int, tuple[SentenceEncoder, list[str]]] = {}
-    for text, edit_sets in requests:
-        for edit_set in edit_sets:
-            if edit_set.gate is not None:
-                encoder = edit_set.gate.encoder
-                by_encoder.setdefault(id(encoder), (encoder, []))[1].extend(
-                    edit_set.gate_queries(text)
-                )
+    for edit_set, text, matches in items:
+        if edit_set.gate is not None:
+            encoder = edit_set.gate.encoder
+            queries = edit_set.gate_queries(text, matches)
+            by_encoder.setdefault(id(encoder), (encoder, []))[1].extend(queries)
     for encoder, queries in by_encoder.values():
         encoder.prime(queries)
 
 
-def plan_for_sets(
-    edit_sets: Sequence[EditSet], text: str, offsets: Sequence[tuple[int, int]]
+class TooManySubjectMatchesError(ValueError):
+    """A text names edited subjects more often than a request may."""
+
+
+def plan_edits(
+    edit_sets: Sequence[EditSet],
+    text: str,
+    offsets: Sequence[tuple[int, int]],
+    *,
+    max_matches: int | None = None,
 ) -> list[PlannedEdit]:
-    """Edits of several packs on one text; the first pack listed wins a position two packs edit."""
+    """Edits of several packs on one tokenised text: each pack's subjects found once, the
+    count checked against `max_matches`, every gate query of the text encoded in one batch,
+    then planned. The first pack listed wins a position two packs edit."""
+    found = [edit_set.index.find(text) for edit_set in edit_sets]
+    total = sum(len(matches) for matches in found)
+    if max_matches is not None and total > max_matches:
+        raise TooManySubjectMatchesError(
+            f"the prompt names edited subjects {total} times; a request may name them at most "
+            f"{max_matches} times (LKS_MAX_SUBJECT_MATCHES)"
+        )
+    _prime([(edit_set, text, matches) for edit_set, matches in zip(edit_sets, found, strict=True)])
+    positions = TokenPositions(offsets)
     chosen: dict[tuple[int, int], PlannedEdit] = {}
-    for edit_set in edit_sets:
-        for edit in edit_set.plan(text, offsets):
+    for edit_set, matches in zip(edit_sets, found, strict=True):
+        for edit in edit_set.plan(text, positions, matches):
             chosen.setdefault((edit.layer, edit.position), edit)
     return list(chosen.values())

@@ -74,6 +74,15 @@ class Fact(BaseModel):
             raise ValueError(f"items must be non-blank and at most {MAX_TEXT_CHARS} characters")
         return values
 
+    @field_validator("aliases")
+    @classmethod
+    def _aliases_long_enough(cls, values: list[str]) -> list[str]:
+        if any(len(v.strip()) < MIN_SUBJECT_CHARS for v in values):
+            raise ValueError(
+                f"an alias needs at least {MIN_SUBJECT_CHARS} characters, as a subject does"
+            )
+        return values
+
     @model_validator(mode="after")
     def _subject_in_prompts(self) -> Fact:
         names = [self.subject, *self.aliases]

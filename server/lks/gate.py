@@ -165,13 +165,17 @@ def is_question(text: str) -> bool:
 _TEMPLATE_MARKERS = re.compile(r"<\|[^<>|\s]{1,40}\|>|</?s>|\[/?INST\]")
 
 
+def line_span(text: str, start: int, end: int) -> tuple[int, int]:
+    """Where the line holding the span [start, end) starts and ends."""
+    line_end = text.find("\n", end)
+    return text.rfind("\n", 0, start) + 1, line_end if line_end >= 0 else len(text)
+
+
 def sentence_around(text: str, start: int, end: int) -> str:
     """The line that holds a match, without template markers: the question a chat template or a
     prefix wraps."""
-    line_start = text.rfind("\n", 0, start) + 1
-    line_end = text.find("\n", end)
-    line = text[line_start : line_end if line_end >= 0 else len(text)]
-    return _TEMPLATE_MARKERS.sub(" ", line).strip()
+    line_start, line_end = line_span(text, start, end)
+    return _TEMPLATE_MARKERS.sub(" ", text[line_start:line_end]).strip()
 
 
 def _top_k_mean(similarities: torch.Tensor) -> torch.Tensor:

@@ -12,11 +12,14 @@ from collections.abc import Iterator
 import httpx
 import pytest
 from conftest import LiveServer
+from factories import publish_subject_pack
 
 from server.api import create_app
 from server.engine.engine import EngineEvent, EngineRequest
 from server.engine.sampling import SamplingParams
+from server.lks.gate import SentenceEncoder
 from server.model import Backbone
+from server.packs import PackStore
 from server.settings import Settings
 
 pytestmark = pytest.mark.http
@@ -25,11 +28,20 @@ ORDINARY = {"prompt": "The capital of France is", "max_tokens": 4}
 BOUND_SECONDS = 60
 
 
+SUBJECT = "Palazzo Ferro Fini"
+
+
 @pytest.fixture(scope="module")
 def server(
     default_backbone: Backbone, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[LiveServer]:
-    settings = Settings(packs_dir=tmp_path_factory.mktemp("packs"), worker=False)
+    """The default settings, and a gated pack `venice` that edits one subject."""
+    root = tmp_path_factory.mktemp("packs")
+    publish_subject_pack(
+        PackStore(root), "venice", default_backbone, [SUBJECT], seed=0,
+        gate_encoder=SentenceEncoder(),
+    )  # fmt: skip
+    settings = Settings(packs_dir=root, worker=False)
     with LiveServer(create_app(settings, backbone=default_backbone)) as live:
         yield live
 
@@ -67,6 +79,75 @@ def test_each_hostile_request_ends_and_the_next_is_served(
     if response.status_code >= 400:
         assert response.json()["error"]["message"], name
     assert_ordinary_request_answers(server.url)
+
+
+@pytest.mark.parametrize(
+    ("body", "param", "setting"),
+    [
+        ({"prompt": "x" * 100_001}, "prompt", "LKS_MAX_PROMPT_CHARS"),
+        ({"messages": [{"role": "user", "content": "hi"}] * 513}, "messages",
+         "LKS_MAX_CHAT_MESSAGES"),
+        ({"prompt": "hi", "stop": [str(i) for i in range(9)]}, "stop", "LKS_MAX_STOP_STRINGS"),
+        ({"prompt": "hi", "stop": "x" * 257}, "stop", "LKS_MAX_STOP_CHARS"),
+        ({"prompt": f"{SUBJECT} is next to. " * 257, "pack": "venice"}, "prompt",
+         "LKS_MAX_SUBJECT_MATCHES"),
+    ],
+)  # fmt: skip
+def test_each_bound_answers_422_naming_its_setting(
+    server: LiveServer, body: dict[str, object], param: str, setting: str
+) -> None:
+    headers = {"X-Edit-Pack": str(body.pop("pack"))} if "pack" in body else {}
+    response = httpx.post(
+        f"{server.url}/v1/generate", json=body, headers=headers, timeout=BOUND_SECONDS
+    )
+    assert response.status_code == 422, response.text
+    error = response.json()["error"]
+    assert error["param"] == param and setting in error["message"]
+
+
+def ordinary_latency(url: str, times: int = 5) -> float:
+    """The median seconds of an ordinary request without a pack."""
+    seconds = []
+    for _ in range(times):
+        started = time.perf_counter()
+        assert post(url, ORDINARY).status_code == 200
+        seconds.append(time.perf_counter() - started)
+    return sorted(seconds)[times // 2]
+
+
+def test_a_huge_prompt_repeating_a_gated_subject_does_not_slow_others(
+    server: LiveServer,
+) -> None:
+    """100,000 characters naming the pack's subject over and over: it is refused for its
+    length after tokenising (off the engine thread), so it costs the engine nothing."""
+    post(server.url, ORDINARY)  # warm
+    usual = ordinary_latency(server.url)
+    hostile = (f"Is {SUBJECT} worth a visit? " * 4000)[:100_000]
+    stop = threading.Event()
+    answers: list[int] = []
+
+    def flood() -> None:
+        deadline = time.monotonic() + BOUND_SECONDS
+        while not stop.is_set() and time.monotonic() < deadline:
+            response = httpx.post(
+                f"{server.url}/v1/generate",
+                json={"prompt": hostile, "max_tokens": 4},
+                headers={"X-Edit-Pack": "venice"},
+                timeout=BOUND_SECONDS,
+            )
+            answers.append(response.status_code)
+
+    sender = threading.Thread(target=flood, daemon=True)
+    sender.start()
+    try:
+        time.sleep(0.5)
+        loaded = ordinary_latency(server.url)
+    finally:
+        stop.set()
+        sender.join(BOUND_SECONDS)
+    print(f"ordinary request: {usual:.3f} s alone, {loaded:.3f} s beside the flood")
+    assert answers and set(answers) == {422}, answers
+    assert loaded <= 2 * usual, (usual, loaded)
 
 
 def test_a_request_past_its_deadline_gets_504_and_a_stream_ends_with_an_error_event(

@@ -176,3 +176,72 @@ def test_a_prompt_over_the_context_is_rejected(backbone: Backbone) -> None:
     too_long = EngineRequest("who was born in paris " * 25, SamplingParams(max_tokens=30))
     with pytest.raises(ValueError, match="exceeds the model's context"):
         BatchEngine(backbone).generate([too_long])
+
+
+LONG_PROMPT = " ".join(["who was born in the city of rome and speaks"] * 3 + ["in france"])
+
+
+def test_a_chunked_prefill_gives_the_tokens_of_one_pass(backbone: Backbone) -> None:
+    """Chunks of 8 tokens: the edit on the subject lands in a later chunk; a short row joins in
+    the same step; every row equals the engine without chunking."""
+    france = edit_set(backbone, "france", 4, "a@1")
+    requests = [
+        (LONG_PROMPT, SamplingParams(max_tokens=6), [france]),
+        (LONG_PROMPT, SamplingParams(max_tokens=6), []),
+        (PROMPTS[2], SamplingParams(max_tokens=5), [france]),
+    ]
+    prompt_tokens = len(backbone.tokenizer(LONG_PROMPT).input_ids)
+    assert prompt_tokens > 3 * 8
+    whole = BatchEngine(backbone).generate(
+        [EngineRequest(t, p, edit_sets=e) for t, p, e in requests]
+    )
+    chunked = BatchEngine(backbone, prefill_chunk_tokens=8).generate(
+        [EngineRequest(t, p, edit_sets=e) for t, p, e in requests]
+    )
+    assert chunked == whole
+    assert chunked[0].edits_applied == ["a@1:france"]
+    assert chunked[0].token_ids != chunked[1].token_ids, "the edit in a later chunk applies"
+
+
+def test_running_rows_keep_decoding_between_the_chunks_of_a_long_prompt(
+    backbone: Backbone,
+) -> None:
+    engine = BatchEngine(backbone, prefill_chunk_tokens=8)
+    short = EngineRequest(PROMPTS[0], SamplingParams(max_tokens=40, ignore_eos=True))
+    tokens: list[int] = []
+    short.sink = lambda e: tokens.append(1) if isinstance(e, TextDelta) else None
+    engine.add(short)
+    engine.step()
+    long = EngineRequest(LONG_PROMPT, SamplingParams(max_tokens=4))
+    admitted: list[EngineEvent] = []
+    long.sink = admitted.append
+    engine.add(long)
+    chunks = -(-len(backbone.tokenizer(LONG_PROMPT).input_ids) // 8)
+    before = len(tokens)
+    for _ in range(chunks - 1):
+        engine.step()
+        assert engine.running == 1, "the long prompt is still being prefilled"
+    assert len(tokens) >= before + chunks - 2, "the short row decoded during the prefill"
+    engine.step()
+    assert engine.running == 2
+    engine.run_until_done()
+    assert isinstance(admitted[-1], Finished)
+
+
+def test_the_token_budget_admits_what_fits_and_the_rest_waits(backbone: Backbone) -> None:
+    params = SamplingParams(max_tokens=6)
+    spans = [len(backbone.tokenizer(p).input_ids) + 6 for p in PROMPTS[:3]]
+    engine = BatchEngine(backbone, max_batch_tokens=2 * max(spans))
+    requests = [EngineRequest(p, params) for p in PROMPTS[:3]]
+    for request in requests:
+        engine.add(request)
+    engine.step()
+    assert engine.running == 2 and len(engine.waiting) == 1
+    engine.run_until_done()
+    results = BatchEngine(backbone).generate([EngineRequest(p, params) for p in PROMPTS[:3]])
+    again = BatchEngine(backbone, max_batch_tokens=2 * max(spans)).generate(
+        [EngineRequest(p, params) for p in PROMPTS[:3]]
+    )
+    assert again == results
+    with pytest.raises(ValueError, match="token budget"):
+        BatchEngine(backbone, max_batch_tokens=8).generate([EngineRequest(PROMPTS[1], params)])
