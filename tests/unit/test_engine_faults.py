@@ -20,8 +20,7 @@ from server.engine.engine import (
     Generation,
 )
 from server.engine.sampling import SamplingParams, sample_rows
-from server.engine.scheduler import Scheduler
-RequestFailed = Exception
+from server.engine.scheduler import RequestFailed, Scheduler
 from server.lks.apply import EditSet
 from server.model import Backbone, load_backbone
 from server.packs.format import SubjectEntry
