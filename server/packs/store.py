@@ -6,7 +6,15 @@ from __future__ import annotations
 from pathlib import Path
 
 from server.packs.errors import PackNotFoundError
-from server.packs.format import BackboneInfo, Manifest, Pack, PackContent, read_manifest, read_pack
+from server.packs.format import (
+    DEFAULT_MAX_PACK_BYTES,
+    BackboneInfo,
+    Manifest,
+    Pack,
+    PackContent,
+    read_manifest,
+    read_pack,
+)
 from server.packs.format import write_pack as _write_pack
 from server.packs.names import NAME_PATTERN, PackRef, validate_name
 
@@ -14,8 +22,11 @@ _MAX_PUBLISH_ATTEMPTS = 8
 
 
 class PackStore:
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, *, max_pack_bytes: int = DEFAULT_MAX_PACK_BYTES) -> None:
+        """`max_pack_bytes` (Settings.max_pack_bytes): a version whose files together are larger
+        is refused before any of them is read."""
         self.root = root
+        self.max_pack_bytes = max_pack_bytes
 
     def names(self) -> list[str]:
         if not self.root.is_dir():
@@ -52,7 +63,7 @@ class PackStore:
         return read_manifest(self.path(ref))
 
     def load(self, ref: PackRef) -> Pack:
-        return read_pack(self.path(ref))
+        return read_pack(self.path(ref), max_bytes=self.max_pack_bytes)
 
     def publish(self, name: str, content: PackContent, backbone: BackboneInfo) -> Manifest:
         """Write `content` as the next version of `name`; racing publishers get distinct ones."""

@@ -115,5 +115,7 @@ def test_a_pack_whose_gate_head_cannot_score_its_table_is_refused(
     content = replace(pack.content, table={**pack.content.table, **gate})
     store.publish("b", content, backbone_info(backbone))
     registry = PackRegistry(store, backbone)
-    with pytest.raises(PackCorruptError, match=r"pack b@1: gate.head must be \[384, 384\]"):
+    with pytest.raises(
+        PackCorruptError, match=r"pack b@1: table.safetensors: gate.head must be \[384, 384\]"
+    ):
         registry.get(PackRef("b"))
