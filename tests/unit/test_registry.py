@@ -13,7 +13,13 @@ from factories import publish_subject_pack
 
 from server.lks.editor import backbone_info
 from server.model import Backbone, load_backbone
-from server.packs import PackCorruptError, PackNotFoundError, PackRef, PackStore
+from server.packs import (
+    PackCorruptError,
+    PackIncompatibleError,
+    PackNotFoundError,
+    PackRef,
+    PackStore,
+)
 from server.packs.registry import PackRegistry
 from server.settings import Settings
 
@@ -119,3 +125,49 @@ def test_a_pack_whose_gate_head_cannot_score_its_table_is_refused(
         PackCorruptError, match=r"pack b@1: table.safetensors: gate.head must be \[384, 384\]"
     ):
         registry.get(PackRef("b"))
+
+
+# -- checks against the backbone and the gate encoder --------------------------------------
+
+
+def test_a_gate_built_with_another_encoder_is_refused(backbone: Backbone, tmp_path: Path) -> None:
+    """A gate table of 8-wide embeddings, consistent in itself: today's main loads it, and the
+    first request naming its subject fails in the gate's matmul against 384-wide queries."""
+    store = PackStore(tmp_path)
+    manifest = publish_subject_pack(store, "a", backbone, ["france"], seed=1)
+    content = store.load(PackRef("a", manifest.version)).content
+    width = 8
+    gate = {
+        "gate.prompt_embeddings": torch.randn(1, width),
+        "gate.fact_rows": torch.zeros(1, dtype=torch.long),
+        "gate.prompt_hubness": torch.zeros(1),
+        "gate.prompt_is_question": torch.zeros(1, dtype=torch.bool),
+        "gate.question_probes": torch.randn(2, width),
+        "gate.statement_probes": torch.randn(2, width),
+        "gate.head": torch.eye(width),
+        "gate.threshold": torch.tensor(0.0),
+    }
+    store.publish("b", replace(content, table={**content.table, **gate}), backbone_info(backbone))
+    registry = PackRegistry(store, backbone)
+    with pytest.raises(
+        PackIncompatibleError,
+        match="pack b@1: its scope gate holds 8-wide embeddings, this server's sentence "
+        "encoder gives 384",
+    ):
+        registry.get(PackRef("b"))
+
+
+def test_blocks_that_overflow_the_backbone_dtype_are_refused(
+    tiny_model_dirs: dict[str, Path], tmp_path: Path
+) -> None:
+    """Finite in the pack's float32, infinite in a float16 backbone: today's main loads them and
+    the hook adds inf to the residual stream."""
+    half = load_backbone(Settings(model=tiny_model_dirs["llama"], device="cpu", dtype="float16"))
+    store = PackStore(tmp_path)
+    publish_subject_pack(store, "a", half, ["france"], seed=1, scale=1e5)
+    with pytest.raises(
+        PackIncompatibleError, match=r"pack a@1: its blocks .* overflow the backbone's float16"
+    ):
+        PackRegistry(store, half).get(PackRef("a"))
+    publish_subject_pack(store, "ok", half, ["france"], seed=1)
+    assert PackRegistry(store, half).get(PackRef("ok")).edit_set.deltas.dtype == torch.float16
