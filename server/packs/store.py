@@ -20,6 +20,8 @@ from server.packs.names import NAME_PATTERN, PackRef, validate_name
 
 _MAX_PUBLISH_ATTEMPTS = 8
 
+FileSignature = tuple[tuple[str, int, int, int], ...]
+
 
 class PackStore:
     def __init__(self, root: Path, *, max_pack_bytes: int = DEFAULT_MAX_PACK_BYTES) -> None:
@@ -64,6 +66,19 @@ class PackStore:
 
     def load(self, ref: PackRef) -> Pack:
         return read_pack(self.path(ref), max_bytes=self.max_pack_bytes)
+
+    def signature(self, ref: PackRef) -> FileSignature:
+        """What a version's files look like on disk (name, inode, size, mtime), cheap to compare:
+        a version refused once is not read again until one of its files changes."""
+        path = self.path(ref)
+        entries = []
+        for entry in sorted(path.iterdir()):
+            try:
+                info = entry.stat()
+            except FileNotFoundError:
+                continue
+            entries.append((entry.name, info.st_ino, info.st_size, info.st_mtime_ns))
+        return tuple(entries)
 
     def publish(self, name: str, content: PackContent, backbone: BackboneInfo) -> Manifest:
         """Write `content` as the next version of `name`; racing publishers get distinct ones."""
