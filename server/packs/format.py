@@ -66,7 +66,7 @@ class Manifest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     format_version: int
-    name: str = Field(pattern=NAME_PATTERN.pattern)
+    name: str = Field(pattern=f"^(?:{NAME_PATTERN.pattern})$")  # anchored: the whole name
     version: int = Field(ge=1)
     created: datetime
     backbone: BackboneInfo

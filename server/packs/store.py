@@ -3,6 +3,7 @@ any path is built, and only whole, renamed-into-place versions are ever listed."
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from server.packs.errors import PackNotFoundError
@@ -19,6 +20,9 @@ from server.packs.format import write_pack as _write_pack
 from server.packs.names import NAME_PATTERN, PackRef, validate_name
 
 _MAX_PUBLISH_ATTEMPTS = 8
+# A version directory: ASCII digits without a leading zero, exactly what str(version) writes
+# ('²'.isdigit() holds but int('²') fails; '01' would shadow version 1).
+_VERSION_DIR = re.compile(r"[1-9][0-9]{0,17}")
 
 FileSignature = tuple[tuple[str, int, int, int], ...]
 
@@ -41,7 +45,9 @@ class PackStore:
         pack_dir = self.root / validate_name(name)
         if not pack_dir.is_dir():
             return []
-        return sorted(int(p.name) for p in pack_dir.iterdir() if p.is_dir() and p.name.isdigit())
+        return sorted(
+            int(p.name) for p in pack_dir.iterdir() if _VERSION_DIR.fullmatch(p.name) and p.is_dir()
+        )
 
     def resolve(self, ref: PackRef) -> PackRef:
         """Pin a reference to a concrete version (the latest when none is given)."""
