@@ -192,14 +192,26 @@ def test_a_hypernetwork_must_match_the_kind_its_training_record_names(store: Pac
     [
         ([{"subject": ""}, {"subject": "b"}, {"subject": "c"}], "row 0 has no subject text"),
         ([{"subject": "a"}, {"subject": 5}, {"subject": "c"}], "row 1 has no subject text"),
-        (["a", "b", "c"], "row 0 has no subject text"),
         ([{"subject": "a", "aliases": "b"}, {"subject": "b"}, {"subject": "c"}], "row 0: aliases"),
-        ({"subject": "a"}, "must be a JSON list"),
     ],
 )
 def test_malformed_subjects_are_refused(store: PackStore, subjects: object, message: str) -> None:
     """Today's main coerces these (5 -> '5', aliases 'b' -> a list of its letters) or keeps a
     subject no text can match."""
+    rewrite(published(store), pack_format.SUBJECTS_FILE, json.dumps(subjects).encode())
+    with pytest.raises(PackCorruptError, match=rf"pack demo@1: .*subjects\.json: {message}"):
+        store.load(PackRef("demo"))
+
+
+@pytest.mark.parametrize(
+    ("subjects", "message"),
+    [(["a", "b", "c"], "row 0 has no subject text"), ({"subject": "a"}, "must be a JSON list")],
+)
+def test_subjects_of_the_wrong_shape_stay_refused(
+    store: PackStore, subjects: object, message: str
+) -> None:
+    """Regression cover for the rewritten parser: today's main refuses these too, as
+    'malformed (TypeError(...))'; they must stay refused, now with a message saying why."""
     rewrite(published(store), pack_format.SUBJECTS_FILE, json.dumps(subjects).encode())
     with pytest.raises(PackCorruptError, match=rf"pack demo@1: .*subjects\.json: {message}"):
         store.load(PackRef("demo"))
@@ -240,9 +252,9 @@ def test_an_oversized_file_is_refused_without_being_read(store: PackStore, filen
     with (path / filename).open("r+b") as handle:
         handle.truncate(96 << 20)  # sparse: no disk used
     peak = _peak_bytes_while(lambda: store.load(PackRef("demo")))
+    assert peak < 16 << 20, f"{peak / 2**20:.0f} MiB allocated while refusing it"
     with pytest.raises(PackCorruptError, match=rf"{filename}: {96 << 20} bytes, "):
         store.load(PackRef("demo"))
-    assert peak < 16 << 20, f"{peak / 2**20:.0f} MiB allocated while refusing it"
 
 
 def test_a_pack_over_the_size_limit_is_refused_before_reading(tmp_path: Path) -> None:
