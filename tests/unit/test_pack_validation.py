@@ -21,6 +21,7 @@ from pack_damage import Tensors, edit_manifest, rewrite, rewrite_tensors
 from server.lks.hypernet import Hypernetwork
 from server.packs import PackContent, PackCorruptError, PackRef, PackStore
 from server.packs import format as pack_format
+from server.settings import Settings
 
 HIDDEN = 32
 TABLE = pack_format.TABLE_FILE
@@ -258,7 +259,10 @@ def test_an_oversized_file_is_refused_without_being_read(store: PackStore, filen
 
 
 def test_a_pack_over_the_size_limit_is_refused_before_reading(tmp_path: Path) -> None:
-    """The limit is Settings.max_pack_bytes (LKS_MAX_PACK_MB), handed to the store."""
+    """The limit is Settings.max_pack_bytes (LKS_MAX_PACK_MB), handed to the store; a store
+    built without it uses the setting's default."""
+    assert Settings.model_fields["max_pack_mb"].default << 20 == pack_format.DEFAULT_MAX_PACK_BYTES
+    assert Settings(max_pack_mb=3).max_pack_bytes == 3 << 20
     PackStore(tmp_path).publish("demo", make_content(subjects=50), make_backbone_info())
     limited = PackStore(tmp_path, max_pack_bytes=4096)
     with pytest.raises(PackCorruptError, match=r"pack demo@1: .* over the 0 MiB limit"):
