@@ -362,17 +362,22 @@ class GateTable:
         )
 
 
-_INT_DTYPES = (torch.int32, torch.int64)
+_KINDS = {  # what check_tensors calls each kind of gate tensor, for its messages
+    "float": "a floating-point",
+    "int": "an int32 or int64",
+    "bool": "a bool",
+}
 
 
 def _check_kind(key: str, tensor: torch.Tensor, kind: str) -> None:
+    """The gate's arithmetic needs these dtypes: `~` on is_question, indexing by fact_rows."""
     ok = {
         "float": tensor.is_floating_point(),
-        "int": tensor.dtype in _INT_DTYPES,
+        "int": tensor.dtype in (torch.int32, torch.int64),
         "bool": tensor.dtype == torch.bool,
     }[kind]
     if not ok:
-        raise ValueError(f"{key} must be a {kind} tensor; got {tensor.dtype}")
+        raise ValueError(f"{key} must be {_KINDS[kind]} tensor; got {tensor.dtype}")
 
 
 class ScopeGate:

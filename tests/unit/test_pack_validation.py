@@ -135,7 +135,7 @@ def _replace(key: str, value: torch.Tensor) -> Callable[[Tensors], None]:
             _replace("gate.prompt_is_question", torch.ones(3)),
             "gate.prompt_is_question must be a bool tensor",
         ),
-        (_replace("gate.fact_rows", torch.zeros(3)), "gate.fact_rows must be a int tensor"),
+        (_replace("gate.fact_rows", torch.zeros(3)), "fact_rows must be an int32 or int64 tensor"),
         (_replace("gate.threshold", torch.zeros(2)), "gate.threshold must be one number"),
         # a partial gate would silently edit every match
         (_drop("gate.fact_rows"), r"incomplete scope gate: gate.fact_rows missing"),
