@@ -88,6 +88,12 @@ class Settings(BaseSettings):
     pack_poll_seconds: float = Field(
         default=0.25, gt=0, description="How often the store is checked for new versions."
     )
+    max_pack_mb: int = Field(
+        default=2048,
+        ge=1,
+        description="Largest pack version read from the store (its files together); a larger "
+        "or truncated one is refused before it is read, so it cannot exhaust memory.",
+    )
 
     # jobs: submitted facts, training jobs, the worker
     database_url: str | None = Field(
@@ -135,6 +141,10 @@ class Settings(BaseSettings):
             return self.database_url
         self.packs_dir.mkdir(parents=True, exist_ok=True)
         return f"sqlite:///{self.packs_dir.resolve() / '.lks-jobs.db'}"
+
+    @property
+    def max_pack_bytes(self) -> int:
+        return self.max_pack_mb << 20
 
     @property
     def model_name(self) -> str:

@@ -20,7 +20,7 @@ from server.lks.detect import SubjectIndex, SubjectMatch, TokenPositions
 from server.lks.gate import GateTable, ScopeGate, SentenceEncoder
 from server.lks.scope import EncodedText, encode, subject_index
 from server.model.backbone import Backbone
-from server.packs.errors import PackCorruptError
+from server.packs.errors import PackCorruptError, PackIncompatibleError
 from server.packs.format import BLOCKS_KEY, Pack, SubjectEntry, check_compatible
 
 
@@ -131,10 +131,24 @@ def load_edit_set(pack: Pack, backbone: Backbone, encoder: SentenceEncoder | Non
     if table is not None:
         if encoder is None:
             raise ValueError(f"pack {pack.ref} has a scope gate; load the sentence encoder")
+        width = table.prompt_embeddings.shape[1]
+        if width != encoder.dim:
+            raise PackIncompatibleError(
+                f"pack {pack.ref}: its scope gate holds {width}-wide embeddings, this server's "
+                f"sentence encoder gives {encoder.dim}; retrain the pack with this encoder"
+            )
         gate = ScopeGate(table, encoder)
+    blocks = pack.content.table[BLOCKS_KEY]
+    deltas = blocks.to(backbone.device, backbone.dtype)
+    if not torch.isfinite(deltas).all():  # finite on disk (read_pack), but too big for the dtype
+        raise PackIncompatibleError(
+            f"pack {pack.ref}: its blocks (largest |value| {float(blocks.abs().max()):.3g}) "
+            f"overflow the backbone's {str(backbone.dtype).removeprefix('torch.')}; "
+            "serve the backbone in float32 or bfloat16, or retrain the pack"
+        )
     return EditSet(
         subjects=pack.content.subjects,
-        deltas=pack.content.table[BLOCKS_KEY].to(backbone.device, backbone.dtype),
+        deltas=deltas,
         layer=pack.manifest.layer,
         gate=gate,
         ref=pack.ref,

@@ -100,6 +100,11 @@ class SentenceEncoder:
         # (huggingface/tokenizers#537).
         self._tokenizer_lock = threading.Lock()
 
+    @property
+    def dim(self) -> int:
+        """Width of the embeddings: a gate table built with another encoder cannot be scored."""
+        return int(self.model.config.hidden_size)
+
     @torch.inference_mode()
     def encode(self, texts: Sequence[str], batch_size: int = 64) -> torch.Tensor:
         """texts -> [N, 384] unit vectors (float32, CPU)."""
@@ -247,6 +252,60 @@ class GateTable:
         return all(f"gate.{k}" in tensors for k in cls.TENSOR_KEYS)
 
     @classmethod
+    def check_tensors(cls, tensors: Mapping[str, torch.Tensor], subject_count: int) -> None:
+        """Refuse (ValueError) a gate whose tensors disagree in shape, dtype or rows: scoring it
+        would fail inside a request, or a partial gate would silently edit every match."""
+        present = [k for k in cls.TENSOR_KEYS + cls.HEAD_KEYS if f"gate.{k}" in tensors]
+        if not present:
+            return
+        missing = [f"gate.{k}" for k in cls.TENSOR_KEYS if k not in present]
+        if missing:
+            raise ValueError(f"incomplete scope gate: {', '.join(missing)} missing")
+        if ("head" in present) != ("threshold" in present):
+            raise ValueError("gate.head and gate.threshold come together; one is missing")
+        embeddings = tensors["gate.prompt_embeddings"]
+        if embeddings.ndim != 2:
+            raise ValueError(
+                f"gate.prompt_embeddings must be [facts, width]; got {tuple(embeddings.shape)}"
+            )
+        facts, dim = embeddings.shape
+        expected = {
+            "prompt_embeddings": ((facts, dim), "float"),
+            "fact_rows": ((facts,), "int"),
+            "prompt_hubness": ((facts,), "float"),
+            "prompt_is_question": ((facts,), "bool"),
+            "head": ((dim, dim), "float"),
+        }
+        for key, (shape, kind) in expected.items():
+            tensor = tensors.get(f"gate.{key}")
+            if tensor is None:  # a gate built before the relation head has none
+                continue
+            if tuple(tensor.shape) != shape:
+                raise ValueError(
+                    f"gate.{key} must be {list(shape)} (gate.prompt_embeddings is "
+                    f"[{facts}, {dim}]); got {list(tensor.shape)}"
+                )
+            _check_kind(f"gate.{key}", tensor, kind)
+        threshold = tensors.get("gate.threshold")
+        if threshold is not None:
+            if threshold.numel() != 1:
+                raise ValueError(f"gate.threshold must be one number; got {list(threshold.shape)}")
+            _check_kind("gate.threshold", threshold, "float")
+        for key in ("question_probes", "statement_probes"):
+            probes = tensors[f"gate.{key}"]
+            if probes.ndim != 2 or probes.shape[0] < 1 or probes.shape[1] != dim:
+                raise ValueError(
+                    f"gate.{key} must be [probes >= 1, {dim}]; got {list(probes.shape)}"
+                )
+            _check_kind(f"gate.{key}", probes, "float")
+        rows = tensors["gate.fact_rows"]
+        if rows.numel() and (int(rows.min()) < 0 or int(rows.max()) >= subject_count):
+            raise ValueError(
+                f"gate.fact_rows holds rows {int(rows.min())}..{int(rows.max())}, "
+                f"outside the {subject_count} subjects of the table"
+            )
+
+    @classmethod
     def from_tensors(cls, tensors: dict[str, torch.Tensor]) -> GateTable | None:
         """None without a gate; ValueError for a head that cannot score this table."""
         if not cls.in_tensors(tensors):
@@ -301,6 +360,24 @@ class GateTable:
             head.weight.clone(),
             torch.tensor(head.threshold, dtype=torch.float32),
         )
+
+
+_KINDS = {  # what check_tensors calls each kind of gate tensor, for its messages
+    "float": "a floating-point",
+    "int": "an int32 or int64",
+    "bool": "a bool",
+}
+
+
+def _check_kind(key: str, tensor: torch.Tensor, kind: str) -> None:
+    """The gate's arithmetic needs these dtypes: `~` on is_question, indexing by fact_rows."""
+    ok = {
+        "float": tensor.is_floating_point(),
+        "int": tensor.dtype in (torch.int32, torch.int64),
+        "bool": tensor.dtype == torch.bool,
+    }[kind]
+    if not ok:
+        raise ValueError(f"{key} must be {_KINDS[kind]} tensor; got {tensor.dtype}")
 
 
 class ScopeGate:

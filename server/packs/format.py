@@ -17,6 +17,7 @@ import hashlib
 import json
 import os
 import shutil
+import stat
 import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -31,6 +32,7 @@ from safetensors.torch import save as save_safetensors
 
 from server.packs.errors import PackCorruptError, PackIncompatibleError
 from server.packs.names import NAME_PATTERN
+from server.packs.validate import BLOCKS_KEY, check_hypernet, check_table, check_tensors_finite
 
 FORMAT_VERSION = 1
 MANIFEST_FILE = "manifest.json"
@@ -39,7 +41,10 @@ HYPERNET_FILE = "hypernet.safetensors"
 SUBJECTS_FILE = "subjects.json"
 FACTS_FILE = "facts.jsonl"
 DATA_FILES = (TABLE_FILE, HYPERNET_FILE, SUBJECTS_FILE, FACTS_FILE)
-BLOCKS_KEY = "blocks"
+# Bounds on what is read whole into memory: a pack's files together (the server passes
+# Settings.max_pack_bytes) and its manifest, which is read before any size is known.
+DEFAULT_MAX_PACK_BYTES = 2048 << 20
+MAX_MANIFEST_BYTES = 4 << 20
 
 
 class BackboneInfo(BaseModel):
@@ -61,7 +66,7 @@ class Manifest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     format_version: int
-    name: str = Field(pattern=NAME_PATTERN.pattern)
+    name: str = Field(pattern=f"^(?:{NAME_PATTERN.pattern})$")  # anchored: the whole name
     version: int = Field(ge=1)
     created: datetime
     backbone: BackboneInfo
@@ -200,12 +205,41 @@ def write_pack(
     return manifest
 
 
+def _where(file_path: Path, ref: str | None) -> str:
+    return f"pack {ref}: {file_path}" if ref else str(file_path)
+
+
+def _read_bounded(file_path: Path, *, bound: int, exact: bool, ref: str | None = None) -> bytes:
+    """Read a whole file only after its size is known to be bounded: `bound` bytes exactly (the
+    manifest's word, `exact`) or at most `bound`. It must be a regular file: a device or a FIFO
+    named like a pack file would be read forever. Reads at most one byte past the bound, so a
+    file that grows between the check and the read cannot exhaust memory either."""
+    where = _where(file_path, ref)
+    try:
+        info = file_path.stat()
+    except FileNotFoundError:
+        raise PackCorruptError(f"{where}: missing") from None
+    if not stat.S_ISREG(info.st_mode):
+        raise PackCorruptError(f"{where}: not a regular file")
+    if exact and info.st_size != bound:
+        raise PackCorruptError(
+            f"{where}: {info.st_size} bytes, the manifest says {bound} "
+            "(truncated or replaced); restore it or publish a new version"
+        )
+    if info.st_size > bound:
+        raise PackCorruptError(f"{where}: {info.st_size} bytes, more than the {bound} allowed")
+    with file_path.open("rb") as handle:
+        data = handle.read(bound + 1)
+    if len(data) > bound or (exact and len(data) != bound):
+        raise PackCorruptError(f"{where}: changed size while being read; try again")
+    return data
+
+
 def read_manifest(path: Path) -> Manifest:
     manifest_path = path / MANIFEST_FILE
+    data = _read_bounded(manifest_path, bound=MAX_MANIFEST_BYTES, exact=False)
     try:
-        raw = json.loads(manifest_path.read_text())
-    except FileNotFoundError:
-        raise PackCorruptError(f"{manifest_path}: missing") from None
+        raw = json.loads(data)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise PackCorruptError(f"{manifest_path}: not valid JSON ({exc})") from None
     if not isinstance(raw, dict):
@@ -225,65 +259,120 @@ def read_manifest(path: Path) -> Manifest:
         raise PackCorruptError(f"{manifest_path}: {problems}") from None
 
 
-def _read_checked(path: Path, manifest: Manifest, filename: str) -> bytes:
-    entry = manifest.files.get(filename)
-    file_path = path / filename
-    if entry is None:
-        raise PackCorruptError(f"{path / MANIFEST_FILE}: lists no checksum for {filename}")
-    try:
-        data = file_path.read_bytes()
-    except FileNotFoundError:
-        raise PackCorruptError(f"{file_path}: missing") from None
-    if len(data) != entry.bytes or hashlib.sha256(data).hexdigest() != entry.sha256:
+def _check_declared_size(path: Path, manifest: Manifest, max_bytes: int) -> None:
+    """Refuse a pack whose files together are over the limit before reading any of them."""
+    ref = f"{manifest.name}@{manifest.version}"
+    missing = [f for f in DATA_FILES if f not in manifest.files]
+    if missing:
         raise PackCorruptError(
-            f"{file_path}: corrupt (size or sha256 differs from the manifest); "
+            f"pack {ref}: {path / MANIFEST_FILE}: lists no checksum for {', '.join(missing)}"
+        )
+    total = sum(manifest.files[f].bytes for f in DATA_FILES)
+    if total > max_bytes:
+        raise PackCorruptError(
+            f"pack {ref}: its files declare {total / 2**20:.1f} MiB, "
+            f"over the {max_bytes / 2**20:.0f} MiB limit (LKS_MAX_PACK_MB); raise the limit "
+            "if the pack is genuine"
+        )
+
+
+def _read_checked(path: Path, manifest: Manifest, filename: str) -> bytes:
+    entry = manifest.files[filename]
+    file_path = path / filename
+    ref = f"{manifest.name}@{manifest.version}"
+    data = _read_bounded(file_path, bound=entry.bytes, exact=True, ref=ref)
+    if hashlib.sha256(data).hexdigest() != entry.sha256:
+        raise PackCorruptError(
+            f"{_where(file_path, ref)}: corrupt (sha256 differs from the manifest); "
             "restore it or publish a new version"
         )
     return data
 
 
-def _parse_tensors(file_path: Path, data: bytes) -> dict[str, torch.Tensor]:
+def _parse_tensors(file_path: Path, data: bytes, ref: str) -> dict[str, torch.Tensor]:
     try:
         return load_safetensors(data)
     except (SafetensorError, ValueError, RuntimeError) as exc:
-        raise PackCorruptError(f"{file_path}: not a valid safetensors file ({exc})") from None
+        raise PackCorruptError(
+            f"{_where(file_path, ref)}: not a valid safetensors file ({exc})"
+        ) from None
 
 
-def read_pack(path: Path) -> Pack:
-    """Load and validate a pack directory; every failure names the file and the problem."""
+def _parse_subjects(file_path: Path, data: bytes, ref: str) -> list[SubjectEntry]:
+    """subjects.json: a list of {"subject": non-empty text, "aliases": [text, ...]}."""
+    where = _where(file_path, ref)
+    try:
+        raw = json.loads(data)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise PackCorruptError(f"{where}: malformed ({exc})") from None
+    if not isinstance(raw, list):
+        raise PackCorruptError(f"{where}: must be a JSON list of subjects")
+    subjects = []
+    for row, item in enumerate(raw):
+        subject = item.get("subject") if isinstance(item, dict) else None
+        aliases = item.get("aliases", []) if isinstance(item, dict) else None
+        if not isinstance(subject, str) or not subject.strip():
+            raise PackCorruptError(f"{where}: row {row} has no subject text")
+        if not isinstance(aliases, list) or not all(isinstance(a, str) for a in aliases):
+            raise PackCorruptError(f"{where}: row {row}: aliases must be a list of text")
+        subjects.append(SubjectEntry(subject, tuple(aliases)))
+    return subjects
+
+
+def _parse_facts(file_path: Path, data: bytes, ref: str) -> list[dict[str, Any]]:
+    """facts.jsonl: one JSON object per line (the worker trains the next version from them)."""
+    where = _where(file_path, ref)
+    try:
+        facts = [json.loads(line) for line in data.decode().splitlines() if line.strip()]
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise PackCorruptError(f"{where}: malformed ({exc})") from None
+    for number, fact in enumerate(facts, 1):
+        if not isinstance(fact, dict):
+            raise PackCorruptError(f"{where}: fact {number} is not a JSON object")
+    return facts
+
+
+def read_pack(path: Path, *, max_bytes: int = DEFAULT_MAX_PACK_BYTES) -> Pack:
+    """Load and validate a pack directory; every failure names the pack, the file and the
+    problem. Nothing is read whole before its size is checked, and nothing that would fail later
+    (NaN/inf, shapes, out-of-range rows) gets past here."""
     manifest = read_manifest(path)
+    ref = f"{manifest.name}@{manifest.version}"
     if path.name != str(manifest.version) or path.parent.name != manifest.name:
         raise PackCorruptError(
-            f"{path / MANIFEST_FILE}: says {manifest.name}@{manifest.version} "
-            f"but lies in {path.parent.name}/{path.name}"
+            f"{path / MANIFEST_FILE}: says {ref} but lies in {path.parent.name}/{path.name}"
         )
-    table = _parse_tensors(path / TABLE_FILE, _read_checked(path, manifest, TABLE_FILE))
-    hypernet = _parse_tensors(path / HYPERNET_FILE, _read_checked(path, manifest, HYPERNET_FILE))
-    try:
-        subjects_raw = json.loads(_read_checked(path, manifest, SUBJECTS_FILE))
-        subjects = [
-            SubjectEntry(str(s["subject"]), tuple(str(a) for a in s.get("aliases", ())))
-            for s in subjects_raw
-        ]
-    except (json.JSONDecodeError, UnicodeDecodeError, TypeError, KeyError) as exc:
-        raise PackCorruptError(f"{path / SUBJECTS_FILE}: malformed ({exc!r})") from None
-    try:
-        facts_text = _read_checked(path, manifest, FACTS_FILE).decode()
-        facts = [json.loads(line) for line in facts_text.splitlines() if line.strip()]
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise PackCorruptError(f"{path / FACTS_FILE}: malformed ({exc})") from None
+    _check_declared_size(path, manifest, max_bytes)
+    table = _parse_tensors(path / TABLE_FILE, _read_checked(path, manifest, TABLE_FILE), ref)
+    hypernet = _parse_tensors(
+        path / HYPERNET_FILE, _read_checked(path, manifest, HYPERNET_FILE), ref
+    )
+    subjects = _parse_subjects(
+        path / SUBJECTS_FILE, _read_checked(path, manifest, SUBJECTS_FILE), ref
+    )
+    facts = _parse_facts(path / FACTS_FILE, _read_checked(path, manifest, FACTS_FILE), ref)
 
-    blocks = table.get(BLOCKS_KEY)
-    expected = (manifest.subject_count, manifest.hidden_size)
-    if blocks is None or tuple(blocks.shape) != expected:
-        found = None if blocks is None else tuple(blocks.shape)
-        raise PackCorruptError(
-            f"{path / TABLE_FILE}: '{BLOCKS_KEY}' has shape {found}, manifest says {expected}"
-        )
+    check_tensors_finite(ref, TABLE_FILE, table)
+    check_tensors_finite(ref, HYPERNET_FILE, hypernet)
+    check_table(
+        ref,
+        TABLE_FILE,
+        table,
+        subject_count=manifest.subject_count,
+        hidden_size=manifest.hidden_size,
+        dtype=manifest.dtype,
+    )
+    check_hypernet(
+        ref, HYPERNET_FILE, hypernet, training=manifest.training, hidden_size=manifest.hidden_size
+    )
     if len(subjects) != manifest.subject_count:
         raise PackCorruptError(
-            f"{path / SUBJECTS_FILE}: {len(subjects)} subjects, "
+            f"pack {ref}: {SUBJECTS_FILE}: {len(subjects)} subjects, "
             f"manifest says {manifest.subject_count}"
+        )
+    if "fact_count" in manifest.model_fields_set and len(facts) != manifest.fact_count:
+        raise PackCorruptError(
+            f"pack {ref}: {FACTS_FILE}: {len(facts)} facts, manifest says {manifest.fact_count}"
         )
     content = PackContent(
         layer=manifest.layer,

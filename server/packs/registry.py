@@ -4,6 +4,11 @@ loaded in memory, and swapping in newly published versions.
 Loading is idempotent (one load per version, however many requests ask at once) and bounded by
 a memory budget with least-recently-used eviction; pinned names are never evicted. A request
 holds the `LoadedPack` it resolved, so a swap or an eviction never changes a request in flight.
+
+A version that fails validation (`PackError` from the store or against the backbone) is never
+made live: the name keeps (or falls back to) its newest good version, the refusal is logged once
+and remembered until the version's files change, so requests naming it get the same error at
+once instead of re-reading the files in a loop.
 """
 
 from __future__ import annotations
@@ -18,10 +23,10 @@ from dataclasses import dataclass, field
 from server.lks.apply import EditSet, load_edit_set
 from server.lks.gate import GateTable, SentenceEncoder
 from server.model.backbone import Backbone
-from server.packs.errors import PackNotFoundError
+from server.packs.errors import PackError, PackNotFoundError
 from server.packs.format import Manifest
 from server.packs.names import PackRef, validate_name
-from server.packs.store import PackStore
+from server.packs.store import FileSignature, PackStore
 
 log = logging.getLogger(__name__)
 
@@ -53,20 +58,39 @@ class PackRegistry:
     _live: dict[str, int] = field(default_factory=dict)  # name -> the version new requests get
     _seen_latest: dict[str, int] = field(default_factory=dict)  # what the last refresh saw
     _loading: dict[PackRef, threading.Lock] = field(default_factory=dict)
+    _refused: dict[PackRef, tuple[FileSignature, PackError]] = field(default_factory=dict)
     _lock: threading.RLock = field(default_factory=threading.RLock)
     _encoder: SentenceEncoder | None = None
 
     # -- resolving ---------------------------------------------------------------------------
 
     def live_version(self, name: str) -> int:
+        """The version new requests get. On first use: the newest version that loads, so a
+        broken latest version never becomes live in place of a good older one."""
         with self._lock:
             version = self._live.get(validate_name(name))
         if version is not None:
             return version
-        latest = self.store.resolve(PackRef(name)).version
-        assert latest is not None
-        with self._lock:
-            return self._live.setdefault(name, latest)
+        versions = self.store.versions(name)
+        if not versions:
+            raise PackNotFoundError(f"no pack named {name!r} in {self.store.root}")
+        first_error: PackError | None = None
+        for candidate in reversed(versions):
+            try:
+                self.get(PackRef(name, candidate))
+            except PackError as exc:
+                first_error = first_error or exc
+                continue
+            if candidate != versions[-1]:
+                log.error(
+                    "pack %s: serving version %d, the newest that passes validation",
+                    name,
+                    candidate,
+                )
+            with self._lock:
+                return self._live.setdefault(name, candidate)
+        assert first_error is not None
+        raise first_error
 
     def get(self, ref: PackRef) -> LoadedPack:
         """The loaded pack for `ref` (the live version when it names none), loading it once."""
@@ -77,16 +101,38 @@ class PackRegistry:
                 self._loaded.move_to_end(resolved)
                 return loaded
             gate = self._loading.setdefault(resolved, threading.Lock())
-        with gate:  # one thread loads; the others wait for it and find it loaded
-            with self._lock:
-                loaded = self._loaded.get(resolved)
-            if loaded is None:
-                loaded = self._load(resolved)
+        try:
+            with gate:  # one thread loads; the others wait for it and find it loaded
                 with self._lock:
-                    self._loaded[resolved] = loaded
-                    self._evict()
+                    loaded = self._loaded.get(resolved)
+                if loaded is None:
+                    loaded = self._load_checked(resolved)
+                    with self._lock:
+                        self._loaded[resolved] = loaded
+                        self._evict()
+        finally:
+            with self._lock:
+                self._loading.pop(resolved, None)
+        return loaded
+
+    def _load_checked(self, ref: PackRef) -> LoadedPack:
+        """Load a version, or refuse it with the error remembered from the last attempt while
+        its files are unchanged (a bad version is read and logged once, not per request)."""
+        signature = self.store.signature(ref)
         with self._lock:
-            self._loading.pop(resolved, None)
+            refused = self._refused.get(ref)
+        if refused is not None and refused[0] == signature:
+            error = refused[1]
+            raise type(error)(str(error))
+        try:
+            loaded = self._load(ref)
+        except PackError as exc:
+            with self._lock:
+                self._refused[ref] = (signature, exc)
+            log.error("pack %s refused, it will not go live: %s", ref, exc)
+            raise
+        with self._lock:
+            self._refused.pop(ref, None)
         return loaded
 
     def _load(self, ref: PackRef) -> LoadedPack:
@@ -148,6 +194,8 @@ class PackRegistry:
             for ref in dropped:
                 del self._loaded[ref]
             self._live.pop(name, None)
+            for ref in [ref for ref in self._refused if ref.name == name]:
+                del self._refused[ref]  # an operator's way to have refused versions read again
         if not dropped and not self.store.versions(name):
             raise PackNotFoundError(f"no pack named {name!r}")
         return sorted(int(ref.version or 0) for ref in dropped)
@@ -182,6 +230,13 @@ class PackRegistry:
                 continue
             try:
                 self.get(PackRef(name, latest))  # load before the swap: no request waits on it
+            except PackError:  # refused and logged by get(); keep serving the old version
+                with self._lock:
+                    current = self._live.get(name)
+                log.warning(
+                    "pack %s: keeps version %s, %d was not swapped in", name, current, latest
+                )
+                continue
             except Exception as exc:  # a bad pack never goes live; keep serving the old one
                 log.error("new version %s@%d not swapped in: %s", name, latest, exc)
                 continue

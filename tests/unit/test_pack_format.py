@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 from factories import make_backbone_info, make_content
+from pack_damage import edit_manifest
 
 from server.packs import (
     PackCorruptError,
@@ -156,3 +157,25 @@ def test_store_ignores_staging_and_stray_entries(store: PackStore) -> None:
     (store.root / "Bad Name").mkdir()
     assert store.names() == ["demo"]
     assert store.versions("demo") == [1]
+
+
+def test_only_canonical_version_directories_are_versions(store: PackStore) -> None:
+    """'²' passes str.isdigit but not int(): on today's main one such stray directory makes
+    every lookup of the name raise ValueError; '01' would list version 1 twice."""
+    store.publish("demo", make_content(), make_backbone_info())
+    (store.root / "demo" / "²").mkdir()
+    (store.root / "demo" / "01").mkdir()
+    (store.root / "demo" / "0").mkdir()
+    assert store.versions("demo") == [1]
+    assert store.load(PackRef("demo")).manifest.version == 1
+
+
+@pytest.mark.parametrize("name", ["../demo", "demo/../../etc", "Demo"])
+def test_a_manifest_name_must_be_a_whole_pack_name(store: PackStore, name: str) -> None:
+    """The name pattern must match the whole name (today's main accepts any name that merely
+    contains a valid one, such as '../demo')."""
+    store.publish("demo", make_content(), make_backbone_info())
+    path = store.path(PackRef("demo"))
+    edit_manifest(path, lambda m: m.update(name=name))
+    with pytest.raises(PackCorruptError, match="name: String should match pattern"):
+        store.manifest(PackRef("demo"))
