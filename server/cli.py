@@ -54,7 +54,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from server.model import load_backbone
 
     hf_logging.disable_progress_bar()
-    store = PackStore(settings.packs_dir)
+    store = PackStore.from_settings(settings)
     pack = store.load(pack_ref) if pack_ref is not None else None  # fail before the model loads
     backbone = load_backbone(settings)
     edit_sets = []
@@ -151,7 +151,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         cache_budget_bytes=settings.train_cache_mb << 20,
     )
     metrics = evaluate(backbone, [EvalItem(f) for f in parsed.facts], edit_set, fluency=False)
-    manifest = PackStore(settings.packs_dir).publish(
+    manifest = PackStore.from_settings(settings).publish(
         args.pack,
         pack_content(result, gate_table, parsed.facts, _clean_metrics(metrics)),
         backbone_info(backbone),
@@ -258,7 +258,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     store = JobStore.open(settings.jobs_database_url)
     backbone = load_backbone(settings)
     config = WorkerConfig.from_settings(settings)
-    worker = Worker(store, PackStore(settings.packs_dir), backbone, config)
+    worker = Worker(store, PackStore.from_settings(settings), backbone, config)
     if args.metrics_port:  # a worker process exports its own training metrics
         from prometheus_client import start_http_server
 
@@ -295,7 +295,7 @@ def cmd_keys_add(args: argparse.Namespace) -> int:
 
 
 def cmd_pack_list(args: argparse.Namespace) -> int:
-    store = PackStore(_settings().packs_dir)
+    store = PackStore.from_settings(_settings())
     rows = []
     for name in store.names():
         versions = store.versions(name)
@@ -319,7 +319,7 @@ def cmd_pack_list(args: argparse.Namespace) -> int:
 
 
 def cmd_pack_show(args: argparse.Namespace) -> int:
-    store = PackStore(_settings().packs_dir)
+    store = PackStore.from_settings(_settings())
     pack = store.load(PackRef.parse(args.ref))  # full validation: checksums, tensors, shapes
     info = pack.manifest.model_dump(mode="json")
     info["path"] = str(pack.path)

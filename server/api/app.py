@@ -23,7 +23,7 @@ def create_app(settings: Settings, *, backbone: Backbone | None = None) -> FastA
     """Build the app; pass `backbone` to serve an already-loaded model (tests, embedding)."""
     keys = load_keys(settings.api_keys_file) if settings.api_keys_file else []
     state = ServerState(
-        settings=settings, store=PackStore(settings.packs_dir), auth=Authenticator(keys)
+        settings=settings, store=PackStore.from_settings(settings), auth=Authenticator(keys)
     )
 
     @asynccontextmanager

@@ -18,6 +18,7 @@ from server.packs.format import (
 )
 from server.packs.format import write_pack as _write_pack
 from server.packs.names import NAME_PATTERN, PackRef, validate_name
+from server.settings import Settings
 
 _MAX_PUBLISH_ATTEMPTS = 8
 # A version directory: ASCII digits without a leading zero, exactly what str(version) writes
@@ -33,6 +34,11 @@ class PackStore:
         is refused before any of them is read."""
         self.root = root
         self.max_pack_bytes = max_pack_bytes
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> PackStore:
+        """The store every entry point uses: LKS_PACKS_DIR, bounded by LKS_MAX_PACK_MB."""
+        return cls(settings.packs_dir, max_pack_bytes=settings.max_pack_bytes)
 
     def names(self) -> list[str]:
         if not self.root.is_dir():
