@@ -41,7 +41,7 @@ class ServerState:
     settings: Settings
     store: PackStore
     metrics: ServerMetrics = field(default_factory=ServerMetrics)
-    auth: Authenticator = field(default_factory=lambda: Authenticator([]))
+    auth: Authenticator = field(default_factory=lambda: Authenticator(None))
     serving: Serving | None = None
     load_error: str | None = None
     jobs: JobStore | None = None
@@ -156,20 +156,33 @@ def get_job_store(state: Annotated[ServerState, Depends(get_state)]) -> JobStore
 
 @dataclass(frozen=True)
 class Caller:
-    """Who is asking: checks a request's key against what an endpoint needs."""
+    """Who is asking (already authenticated): checks role and packs against an endpoint."""
 
     auth: Authenticator
-    authorization: str | None
+    key: KeyRecord | None  # None: auth is off
 
-    def require(self, role: Role, packs: Iterable[str] = ()) -> KeyRecord | None:
-        return self.auth.check(self.authorization, role, packs)
+    def require(self, role: Role, packs: Iterable[str] = ()) -> None:
+        """403 unless the key has `role` and may use every pack in `packs`."""
+        self.auth.authorize(self.key, role, packs)
+
+    def allows(self, pack: str) -> bool:
+        """Whether the caller may see or manage `pack` (for filtering listings)."""
+        return self.key is None or self.key.allows(pack)
+
+    @property
+    def pack_scope(self) -> list[str] | None:
+        """The packs the key is limited to; None when it may use every pack."""
+        if self.key is None or "*" in self.key.packs:
+            return None
+        return list(self.key.packs)
 
 
 def get_caller(
     state: Annotated[ServerState, Depends(get_state)],
     authorization: Annotated[str | None, Header()] = None,
 ) -> Caller:
-    return Caller(state.auth, authorization)
+    """Authenticate (401/429/503) the request's key."""
+    return Caller(state.auth, state.auth.authenticate(authorization))
 
 
 StateDep = Annotated[ServerState, Depends(get_state)]

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
+import re
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -16,28 +18,41 @@ from conftest import LiveServer
 from factories import publish_subject_pack
 
 from server.api import auth, create_app
-from server.model import load_backbone
+from server.model import Backbone, load_backbone
 from server.packs import PackStore
 from server.settings import Settings
 
 pytestmark = pytest.mark.http
 
 
+def lks_keys(keys_file: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """`lks keys ...` as an operator runs it."""
+    env = {**os.environ, "LKS_API_KEYS_FILE": str(keys_file)}
+    command = [sys.executable, "-m", "server.cli", "keys", *args]
+    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=60)
+
+
 def add_key(
     keys_file: Path, name: str, role: str, packs: str | None = None, rpm: int | None = None
 ) -> str:
-    args = [sys.executable, "-m", "server.cli", "keys", "add", "--name", name, "--role", role]
+    args = ["add", "--name", name, "--role", role]
     args += ["--packs", packs] if packs else []
     args += ["--rpm", str(rpm)] if rpm else []
-    env = {**os.environ, "LKS_API_KEYS_FILE": str(keys_file)}
-    result = subprocess.run(args, capture_output=True, text=True, env=env, check=True)
+    result = lks_keys(keys_file, *args)
+    assert result.returncode == 0, result.stderr
     return result.stdout.strip()
 
 
 @pytest.fixture(scope="module")
-def server(
-    tiny_model_dirs: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[tuple[str, dict[str, str], Path]]:
+def backbone(tiny_model_dirs: dict[str, Path]) -> Backbone:
+    return load_backbone(Settings(model=tiny_model_dirs["llama"], device="cpu"))
+
+
+Server = tuple[str, dict[str, str], Path]
+
+
+@pytest.fixture(scope="module")
+def server(backbone: Backbone, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     root = tmp_path_factory.mktemp("auth")
     keys_file = root / "keys.json"
     keys = {
@@ -45,11 +60,13 @@ def server(
         "write": auth.add_key(keys_file, "writer", "write", ["a"], None),
         "admin": auth.add_key(keys_file, "ops", "admin", [], None),
         "slow": auth.add_key(keys_file, "slow", "read", [], 2),
+        "admin_a": auth.add_key(keys_file, "ops-a", "admin", ["a"], None),
     }
-    backbone = load_backbone(Settings(model=tiny_model_dirs["llama"], device="cpu"))
     store = PackStore(root / "packs")
-    for seed, name in enumerate(["a", "b"]):
+    for seed, name in enumerate(["a", "b", "broken"]):
         publish_subject_pack(store, name, backbone, ["france"], seed=seed)
+    table = store.root / "broken" / "1" / "table.safetensors"
+    table.write_bytes(table.read_bytes()[:-10])  # on disk, never loaded until asked for
     settings = Settings(packs_dir=root / "packs", api_keys_file=keys_file, worker=False)
     with LiveServer(create_app(settings, backbone=backbone)) as live:
         yield live.url, keys, keys_file
@@ -119,3 +136,102 @@ def test_openai_client_sends_its_key(server: tuple[str, dict[str, str], Path]) -
         good.completions.create(model="llama:b", prompt="the capital of", max_tokens=2)
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=f"{url}/v1", api_key="nope").models.list()
+
+
+# -- auth fails closed ---------------------------------------------------------------------------
+
+
+def _unusable_keys_file(kind: str, tmp_path: Path) -> Path:
+    path = tmp_path / "keys.json"
+    if kind == "unreadable":
+        path.mkdir()  # reading a directory fails, even as root (chmod would not stop root)
+    elif kind == "malformed":
+        path.write_text('[{"name": "ops", "role": "admin"')
+    elif kind == "not a key":
+        path.write_text('[{"name": "ops", "role": "owner", "sha256": "00"}]')
+    elif kind == "empty":
+        path.write_text("[]\n")
+    return path
+
+
+@pytest.mark.parametrize("kind", ["missing", "unreadable", "malformed", "not a key", "empty"])
+def test_an_unusable_keys_file_stops_the_server_from_starting(kind: str, tmp_path: Path) -> None:
+    """Never auth silently off: whoever set LKS_API_KEYS_FILE meant auth on."""
+    keys_file = _unusable_keys_file(kind, tmp_path)
+    settings = Settings(packs_dir=tmp_path / "packs", api_keys_file=keys_file, worker=False)
+    with pytest.raises(Exception, match=re.escape(str(keys_file))) as refused:
+        create_app(settings)
+    assert type(refused.value).__name__ == "KeysFileError"
+
+
+@pytest.mark.parametrize(
+    ("host", "keys", "warned"),
+    [("0.0.0.0", False, True), ("::", False, True), ("127.0.0.1", False, False),
+     ("localhost", False, False), ("0.0.0.0", True, False)],
+)  # fmt: skip
+def test_auth_off_on_a_non_loopback_host_is_warned_at_start(
+    host: str, keys: bool, warned: bool, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    keys_file = tmp_path / "keys.json"
+    if keys:
+        auth.add_key(keys_file, "ops", "admin", [], None)
+    settings = Settings(
+        host=host, packs_dir=tmp_path, api_keys_file=keys_file if keys else None, worker=False
+    )
+    with caplog.at_level(logging.WARNING):
+        create_app(settings)
+    warnings = [
+        r.getMessage()
+        for r in caplog.records
+        if r.levelno == logging.WARNING and "authentication is OFF" in r.getMessage()
+    ]
+    assert bool(warnings) == warned, warnings
+    assert all(host in w and "LKS_API_KEYS_FILE" in w for w in warnings)
+
+
+@pytest.fixture
+def own_server(backbone: Backbone, tmp_path: Path) -> Iterator[Server]:
+    """A server of its own, for tests that change its keys file."""
+    keys_file = tmp_path / "keys.json"
+    keys = {"admin": auth.add_key(keys_file, "ops", "admin", [], None)}
+    settings = Settings(packs_dir=tmp_path / "packs", api_keys_file=keys_file, worker=False)
+    with LiveServer(create_app(settings, backbone=backbone)) as live:
+        yield live.url, keys, keys_file
+
+
+def test_keys_added_and_revoked_take_effect_without_a_restart(own_server: Server) -> None:
+    url, keys, keys_file = own_server
+    temp = add_key(keys_file, "temp", "read")
+    assert generate(url, temp).status_code == 200, "a new key works at once"
+    listed = lks_keys(keys_file, "list")
+    assert listed.returncode == 0, listed.stderr
+    assert re.search(r"^temp +read +packs \*", listed.stdout, re.M), listed.stdout
+    revoked = lks_keys(keys_file, "revoke", "temp")
+    assert revoked.returncode == 0, revoked.stderr
+    assert "revoked key 'temp'" in revoked.stdout
+    refused = generate(url, temp)
+    assert refused.status_code == 401, refused.text
+    assert refused.json()["error"]["message"] == "unknown API key"
+    assert generate(url, keys["admin"]).status_code == 200, "the other keys still work"
+    assert "temp" not in lks_keys(keys_file, "list").stdout
+
+
+@pytest.mark.parametrize("kind", ["missing", "malformed", "not a key", "empty"])
+def test_a_keys_file_broken_while_serving_refuses_every_request(
+    kind: str, own_server: Server, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Fail closed (503, logged), not "keep the last good keys": see Authenticator."""
+    url, keys, keys_file = own_server
+    good = keys_file.read_text()
+    assert generate(url, keys["admin"]).status_code == 200
+    keys_file.unlink()
+    if kind != "missing":
+        _unusable_keys_file(kind, tmp_path)  # the same path
+    with caplog.at_level(logging.ERROR, logger="server.api.auth"):
+        refused = [generate(url, keys["admin"]), generate(url, None)]
+    assert [r.status_code for r in refused] == [503, 503], [r.text for r in refused]
+    assert str(tmp_path) not in refused[0].text, "the body names no server path"
+    errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(errors) == 1 and str(keys_file) in errors[0], errors
+    keys_file.write_text(good)
+    assert generate(url, keys["admin"]).status_code == 200, "fixing the file is enough"
