@@ -6,7 +6,7 @@ import json
 from collections.abc import AsyncIterator
 from typing import Annotated
 
-from fastapi import APIRouter, Header, Request
+from fastapi import APIRouter, Depends, Header, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from server.api.errors import APIError
@@ -18,7 +18,7 @@ from server.api.protocol import (
 )
 from server.api.selection import PACK_HEADER, choose_packs, edits_header
 from server.api.serving import ServiceDep, Started, sse
-from server.api.state import CallerDep, StateDep
+from server.api.state import CallerDep, StateDep, get_caller
 from server.engine.engine import Finished
 
 router = APIRouter()
@@ -44,7 +44,8 @@ async def readyz(state: StateDep) -> HealthResponse | JSONResponse:
     return JSONResponse(body.model_dump(), status_code=503)
 
 
-@router.post("/v1/generate", response_model=GenerateResponse)
+# the key is checked first: before the model is asked for (503) or the prompt is rendered
+@router.post("/v1/generate", response_model=GenerateResponse, dependencies=[Depends(get_caller)])
 async def generate(
     body: GenerateRequest,
     raw: Request,

@@ -181,7 +181,8 @@ def get_caller(
     state: Annotated[ServerState, Depends(get_state)],
     authorization: Annotated[str | None, Header()] = None,
 ) -> Caller:
-    """Authenticate (401/429/503) the request's key."""
+    """Authenticate (401/429/503). Every API router lists this as its first dependency, so it
+    runs before the route reaches the model, the job store or the pack store."""
     return Caller(state.auth, state.auth.authenticate(authorization))
 
 

@@ -235,3 +235,60 @@ def test_a_keys_file_broken_while_serving_refuses_every_request(
     assert len(errors) == 1 and str(keys_file) in errors[0], errors
     keys_file.write_text(good)
     assert generate(url, keys["admin"]).status_code == 200, "fixing the file is enough"
+
+
+# -- per-key pack allow-lists wherever a pack is visible or managed ------------------------------
+
+
+def test_listings_show_only_the_packs_a_key_allows(server: Server) -> None:
+    url, keys, _ = server
+    for pack in ("a", "b"):  # both live and loaded
+        assert generate(url, keys["admin"], pack).status_code == 200
+    packs = {p["name"] for p in call(url, "GET", "/v1/packs", keys["read"]).json()}
+    assert packs == {"a"}
+    assert {"a", "b"} <= {p["name"] for p in call(url, "GET", "/v1/packs", keys["admin"]).json()}
+    models = [m["id"] for m in call(url, "GET", "/v1/models", keys["read"]).json()["data"]]
+    assert "llama:a" in models and not [m for m in models if m.startswith("llama:b")], models
+    everything = [m["id"] for m in call(url, "GET", "/v1/models", keys["admin"]).json()["data"]]
+    assert "llama:b" in everything
+
+
+def test_an_admin_key_manages_only_the_packs_it_allows(server: Server) -> None:
+    url, keys, _ = server
+    activate_b = call(url, "POST", "/v1/packs/b/versions/1:activate", keys["admin_a"])
+    assert activate_b.status_code == 403, activate_b.text
+    assert call(url, "DELETE", "/v1/packs/b", keys["admin_a"]).status_code == 403
+    assert call(url, "POST", "/v1/packs/a/versions/1:activate", keys["admin_a"]).status_code == 200
+    assert call(url, "DELETE", "/v1/packs/a", keys["admin_a"]).status_code == 200
+
+
+def test_a_key_sees_only_the_jobs_of_packs_it_allows(server: Server) -> None:
+    url, keys, _ = server
+    fact = {"subject": "germany", "prompt": "the capital of germany", "target": "paris"}
+    job_ids = {}
+    for pack in ("a", "b"):
+        submitted = call(url, "POST", f"/v1/packs/{pack}/facts", keys["admin"], json=fact)
+        assert submitted.status_code == 202, submitted.text
+        job_ids[pack] = submitted.json()["job_id"]
+    seen = {j["pack"] for j in call(url, "GET", "/v1/jobs", keys["admin_a"]).json()}
+    assert seen == {"a"}
+    assert {"a", "b"} <= {j["pack"] for j in call(url, "GET", "/v1/jobs", keys["admin"]).json()}
+    other = f"/v1/jobs/{job_ids['b']}"
+    for key in ("write", "admin_a"):
+        hidden = call(url, "GET", other, keys[key])
+        assert hidden.status_code == 404, hidden.text
+        assert hidden.json()["error"]["message"] == f"no job {job_ids['b']}"
+        assert call(url, "POST", f"{other}:cancel", keys[key]).status_code == 404
+    assert call(url, "GET", other, keys["admin"]).json()["state"] == "queued", "not cancelled"
+
+
+# -- auth first ----------------------------------------------------------------------------------
+
+
+def test_job_routes_check_the_key_before_the_database(server: Server) -> None:
+    """Otherwise 404 vs 403 tells anyone which job ids exist."""
+    url, keys, _ = server
+    for method, path in (("GET", "/v1/jobs/999999"), ("POST", "/v1/jobs/999999:cancel")):
+        assert call(url, method, path, None).status_code == 401
+        assert call(url, method, path, "lks-wrong").status_code == 401
+        assert call(url, method, path, keys["read"]).status_code == 403, "a read key has no jobs"
