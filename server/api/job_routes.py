@@ -13,7 +13,7 @@ from fastapi import APIRouter, Body, Depends, Header, Path, Query
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
-from server.api.errors import APIError
+from server.api.errors import APIError, redact_paths
 from server.api.state import Caller, CallerDep, JobStoreDep, StateDep, get_caller
 from server.jobs.store import JobStore, JobView, NotFoundError, StoredFact
 from server.lks.facts import collect_facts
@@ -42,6 +42,8 @@ class JobResponse(BaseModel):
     @classmethod
     def of(cls, job: JobView) -> JobResponse:
         fields = {k: getattr(job, k) for k in cls.model_fields}
+        if job.error is not None:  # the worker's exception text may name server files
+            fields["error"] = redact_paths(job.error)
         return cls(**fields)
 
 

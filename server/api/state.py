@@ -142,15 +142,20 @@ def get_state(request: Request) -> ServerState:
 
 
 def get_serving(state: Annotated[ServerState, Depends(get_state)]) -> Serving:
+    """503 until the backbone is loaded; the load error itself (paths) stays in the log."""
     if state.serving is None:
-        detail = state.load_error or "the model is still loading; retry shortly"
-        raise APIError(503, f"not ready: {detail}", retry_after=5 if not state.load_error else None)
+        if state.load_error:
+            raise APIError(503, "not ready: the model failed to load; see the server log")
+        raise APIError(503, "not ready: the model is still loading; retry shortly", retry_after=5)
     return state.serving
 
 
 def get_job_store(state: Annotated[ServerState, Depends(get_state)]) -> JobStore:
+    """503 while the job store is down; the database's error text stays in the log."""
     if state.jobs is None:
-        raise APIError(503, f"the job store is unavailable: {state.jobs_error}", retry_after=5)
+        raise APIError(
+            503, "the job store is unavailable; see the server log, retry shortly", retry_after=5
+        )
     return state.jobs
 
 

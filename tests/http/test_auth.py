@@ -8,6 +8,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,6 +19,8 @@ from conftest import LiveServer
 from factories import publish_subject_pack
 
 from server.api import auth, create_app
+from server.jobs.models import JobState
+from server.jobs.store import JobStore
 from server.model import Backbone, load_backbone
 from server.packs import PackStore
 from server.settings import Settings
@@ -282,7 +285,7 @@ def test_a_key_sees_only_the_jobs_of_packs_it_allows(server: Server) -> None:
     assert call(url, "GET", other, keys["admin"]).json()["state"] == "queued", "not cancelled"
 
 
-# -- auth first ----------------------------------------------------------------------------------
+# -- auth first; error bodies name no server path and no database error --------------------------
 
 
 def test_job_routes_check_the_key_before_the_database(server: Server) -> None:
@@ -292,3 +295,86 @@ def test_job_routes_check_the_key_before_the_database(server: Server) -> None:
         assert call(url, method, path, None).status_code == 401
         assert call(url, method, path, "lks-wrong").status_code == 401
         assert call(url, method, path, keys["read"]).status_code == 403, "a read key has no jobs"
+
+
+def test_pack_errors_name_no_server_path(server: Server) -> None:
+    url, keys, _ = server
+    missing = call(url, "POST", "/v1/packs/nope/versions/1:activate", keys["admin"])
+    assert missing.status_code == 404 and "no pack named 'nope'" in missing.text
+    corrupt = generate(url, keys["admin"], "broken")
+    assert corrupt.status_code == 500 and "table.safetensors" in corrupt.text
+    for response in (missing, corrupt):
+        assert "/tmp" not in response.text and "/pytest-" not in response.text, response.text
+
+
+def test_a_failed_jobs_error_names_no_server_path(own_server: Server, tmp_path: Path) -> None:
+    """The worker stores its exception's text; the API shows it without the server's paths."""
+    url, keys, _ = own_server
+    submitted = call(url, "POST", "/v1/packs/a/facts", keys["admin"], json=FACT).json()
+    store = JobStore.open(Settings(packs_dir=tmp_path / "packs").jobs_database_url)
+    try:  # fail the job as a worker whose disk is full would
+        job = store.claim("test-worker", 30.0)
+        assert job is not None and job.id == submitted["job_id"]
+        error = f"OSError: [Errno 28] No space left on device: '{tmp_path / 'packs' / 'a' / '1'}'"
+        assert store.finish(job.id, "test-worker", JobState.FAILED, error=error)
+    finally:
+        store.close()
+    shown = call(url, "GET", submitted["job_url"], keys["admin"]).json()
+    assert shown["state"] == "failed"
+    assert shown["error"] == "OSError: [Errno 28] No space left on device: '…/1'"
+
+
+@pytest.fixture(scope="module")
+def down_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """Keys in order, but the model fails to load and the database cannot be opened."""
+    root = tmp_path_factory.mktemp("down")
+    model = root / "broken-model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    keys_file = root / "keys.json"
+    keys = {"admin": auth.add_key(keys_file, "ops", "admin", [], None)}
+    settings = Settings(
+        model=model,
+        device="cpu",
+        packs_dir=root / "packs",
+        database_url=f"sqlite:///{root / 'no-such-dir' / 'jobs.db'}",
+        api_keys_file=keys_file,
+        worker=False,
+    )
+    with LiveServer(create_app(settings)) as live:
+        deadline = time.monotonic() + 60
+        while httpx.get(f"{live.url}/healthz").json()["status"] == "loading":
+            assert time.monotonic() < deadline, "the broken model never failed"
+            time.sleep(0.1)
+        yield live.url, keys, keys_file
+
+
+CHAT = {"model": "llama", "messages": [{"role": "user", "content": "hi"}]}
+DOWN_ROUTES = [
+    ("POST", "/v1/generate", {"prompt": "hi"}),
+    ("POST", "/v1/completions", {"model": "llama", "prompt": "hi"}),
+    ("POST", "/v1/chat/completions", CHAT),
+    ("GET", "/v1/models", None),
+    ("GET", "/v1/packs", None),
+    ("POST", "/v1/packs/a/versions/1:activate", None),
+    ("GET", "/v1/jobs", None),
+    ("GET", "/v1/jobs/1", None),
+    ("POST", "/v1/packs/a/facts", FACT),
+    ("GET", "/v1/packs/a/facts", None),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("method", "path", "body"), DOWN_ROUTES)
+def test_the_key_is_checked_before_the_model_or_the_job_store(
+    down_server: Server, method: str, path: str, body: object
+) -> None:
+    """A caller without a key learns nothing, not even that the model or database is down;
+    one with a key learns that, but not the server's paths or the database's error."""
+    url, keys, keys_file = down_server
+    kwargs = {"json": body} if body is not None else {}
+    assert call(url, method, path, None, **kwargs).status_code == 401
+    assert call(url, method, path, "lks-wrong", **kwargs).status_code == 401
+    down = call(url, method, path, keys["admin"], **kwargs)
+    assert down.status_code == 503, down.text
+    assert str(keys_file.parent) not in down.text, down.text
+    assert "database" not in down.text and "unable to open" not in down.text, down.text
