@@ -231,11 +231,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from server.api import create_app
+    from server.api.auth import KeysFileError
 
     settings = _settings(host=args.host, port=args.port)
     _configure_logging(settings)
+    try:
+        app = create_app(settings)
+    except KeysFileError as exc:  # auth was asked for: never serve without it
+        raise CLIError(f"not serving: {exc}") from None
     uvicorn.run(
-        create_app(settings),
+        app,
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,
@@ -278,19 +283,72 @@ def cmd_worker(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_keys_add(args: argparse.Namespace) -> int:
-    """Create an API key: its hash goes to LKS_API_KEYS_FILE, the key is printed once."""
-    from server.api.auth import add_key
-
+def _keys_file() -> Path:
     settings = _settings()
     if settings.api_keys_file is None:
-        raise CLIError("set LKS_API_KEYS_FILE to the key file to write (auth turns on with it)")
+        raise CLIError("set LKS_API_KEYS_FILE to the key file (auth turns on with it)")
+    return settings.api_keys_file
+
+
+def cmd_keys_add(args: argparse.Namespace) -> int:
+    """Create an API key: its hash goes to LKS_API_KEYS_FILE, the key is printed once."""
+    from server.api.auth import KeysFileError, add_key
+
+    keys_file = _keys_file()
     packs = [validate_name(p) for p in args.packs.split(",")] if args.packs else ["*"]
     try:
-        key = add_key(settings.api_keys_file, args.name, args.role, packs, args.rpm)
-    except ValueError as exc:
-        raise CLIError(str(exc)) from exc
+        key = add_key(keys_file, args.name, args.role, packs, args.rpm)
+    except (ValueError, KeysFileError) as exc:  # pydantic's ValidationError is a ValueError
+        raise CLIError(_one_line(exc)) from None
     print(key)
+    return 0
+
+
+def _one_line(exc: Exception) -> str:
+    if isinstance(exc, ValidationError):
+        return "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+    return str(exc)
+
+
+def cmd_keys_list(args: argparse.Namespace) -> int:
+    """The keys by name, role, packs and rate; never their hashes."""
+    from server.api.auth import KeysFileError, stored_keys
+
+    keys_file = _keys_file()
+    try:
+        records = stored_keys(keys_file)
+    except KeysFileError as exc:
+        raise CLIError(str(exc)) from None
+    rows = [r.model_dump(exclude={"sha256"}) for r in records]
+    if args.json:
+        print(json.dumps(rows))
+    elif not rows:
+        print(f"no keys in {keys_file}")
+    else:
+        width = max(len(r["name"]) for r in rows)
+        for row in rows:
+            rpm = row["requests_per_minute"]
+            print(
+                f"{row['name']:<{width}}  {row['role']:<5}  packs {','.join(row['packs'])}"
+                f"  {f'{rpm} rpm' if rpm else 'no rate limit'}"
+            )
+    return 0
+
+
+def cmd_keys_revoke(args: argparse.Namespace) -> int:
+    """Remove a key; a running server refuses it from its next request (no restart)."""
+    from server.api.auth import KeysFileError, revoke_key
+
+    keys_file = _keys_file()
+    try:
+        left = revoke_key(keys_file, args.name)
+    except (ValueError, KeysFileError) as exc:
+        raise CLIError(str(exc)) from None
+    print(f"revoked key {args.name!r}; {len(left)} key(s) left in {keys_file}")
+    if not left:
+        log.warning(
+            "%s holds no keys now: a server refuses every request, and will not start", keys_file
+        )
     return 0
 
 
@@ -415,6 +473,14 @@ def build_parser() -> argparse.ArgumentParser:
     key_add.add_argument("--packs", help="comma-separated pack names it may use (default: all)")
     key_add.add_argument("--rpm", type=int, help="requests per minute (default: unlimited)")
     key_add.set_defaults(handler=cmd_keys_add)
+    key_list = key_commands.add_parser("list", help="list the keys (names, roles, packs)")
+    key_list.add_argument("--json", action="store_true")
+    key_list.set_defaults(handler=cmd_keys_list)
+    key_revoke = key_commands.add_parser(
+        "revoke", help="remove a key; a running server refuses it at once"
+    )
+    key_revoke.add_argument("name", metavar="NAME")
+    key_revoke.set_defaults(handler=cmd_keys_revoke)
 
     pack = commands.add_parser("pack", help="inspect the pack store")
     pack_commands = pack.add_subparsers(dest="pack_command", required=True, metavar="ACTION")

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import ipaddress
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -10,7 +12,7 @@ from fastapi import FastAPI
 
 from server import __version__
 from server.api import job_routes, openai_routes, pack_routes, routes
-from server.api.auth import Authenticator, load_keys
+from server.api.auth import Authenticator
 from server.api.errors import install_error_handlers
 from server.api.limits import BodySizeLimit
 from server.api.state import ServerState
@@ -18,13 +20,33 @@ from server.model import Backbone
 from server.packs import PackStore
 from server.settings import Settings
 
+log = logging.getLogger(__name__)
+
+
+def is_loopback(host: str) -> bool:
+    """Whether only this machine can reach `host` ("" and "0.0.0.0" mean every interface)."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a host name: it may resolve to anything
+
 
 def create_app(settings: Settings, *, backbone: Backbone | None = None) -> FastAPI:
-    """Build the app; pass `backbone` to serve an already-loaded model (tests, embedding)."""
-    keys = load_keys(settings.api_keys_file) if settings.api_keys_file else []
-    state = ServerState(
-        settings=settings, store=PackStore.from_settings(settings), auth=Authenticator(keys)
-    )
+    """Build the app; pass `backbone` to serve an already-loaded model (tests, embedding).
+
+    Raises KeysFileError when LKS_API_KEYS_FILE is set but unusable: the server must not start
+    with auth silently off."""
+    auth = Authenticator(settings.api_keys_file)
+    if not auth.enabled and not is_loopback(settings.host):
+        log.warning(
+            "authentication is OFF and the server listens on %s, which is not loopback: anyone "
+            "who reaches it can generate, submit facts and manage packs; create keys with "
+            "`lks keys add` and set LKS_API_KEYS_FILE",
+            settings.host,
+        )
+    state = ServerState(settings=settings, store=PackStore.from_settings(settings), auth=auth)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from http import HTTPStatus
 
 from fastapi import FastAPI, Request
@@ -20,6 +21,17 @@ from server.packs.errors import (
 )
 
 log = logging.getLogger(__name__)
+
+
+# an absolute POSIX path, or what follows a URL's scheme (a database URL names host and user)
+_PATH = re.compile(r"(?<![\w.~-])/[^\s'\",;()\[\]{}]+")
+
+
+def redact_paths(text: str) -> str:
+    """`text` with each absolute path cut to its last part (`…/table.safetensors`): messages
+    from the pack store and the job worker name files, and a client must not learn the
+    server's layout from them. The server log keeps the whole text."""
+    return _PATH.sub(lambda m: "…/" + m.group(0).rstrip("/").rsplit("/", 1)[-1], text)
 
 
 class APIError(Exception):
@@ -121,16 +133,16 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(PackNotFoundError)
     async def _pack_not_found(_: Request, exc: PackNotFoundError) -> JSONResponse:
-        return error_response(404, str(exc), param="pack")
+        return error_response(404, redact_paths(str(exc)), param="pack")
 
     @app.exception_handler(PackIncompatibleError)
     async def _pack_incompatible(_: Request, exc: PackIncompatibleError) -> JSONResponse:
-        return error_response(409, str(exc), param="pack")
+        return error_response(409, redact_paths(str(exc)), param="pack")
 
     @app.exception_handler(PackCorruptError)
     async def _pack_corrupt(_: Request, exc: PackCorruptError) -> JSONResponse:
         log.error("corrupt pack: %s", exc)
-        return error_response(500, f"pack cannot be loaded: {exc}")
+        return error_response(500, f"pack cannot be loaded: {redact_paths(str(exc))}")
 
     @app.exception_handler(StoreUnavailableError)
     async def _store_down(_: Request, exc: StoreUnavailableError) -> JSONResponse:

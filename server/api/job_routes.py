@@ -1,4 +1,7 @@
-"""Edit submission and jobs: POST facts (202 + a job), follow the job, page through facts."""
+"""Edit submission and jobs: POST facts (202 + a job), follow the job, page through facts.
+
+A key sees only the jobs of packs its allow-list names: another pack's job answers 404, as a
+missing one does, so job ids do not reveal which packs exist."""
 
 from __future__ import annotations
 
@@ -6,17 +9,17 @@ import asyncio
 from datetime import datetime
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Body, Header, Path, Query
+from fastapi import APIRouter, Body, Depends, Header, Path, Query
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
-from server.api.errors import APIError
-from server.api.state import CallerDep, JobStoreDep, StateDep
-from server.jobs.store import JobView, StoredFact
+from server.api.errors import APIError, redact_paths
+from server.api.state import Caller, CallerDep, JobStoreDep, StateDep, get_caller
+from server.jobs.store import JobStore, JobView, NotFoundError, StoredFact
 from server.lks.facts import collect_facts
 from server.packs.names import validate_name
 
-router = APIRouter(prefix="/v1", tags=["jobs"])
+router = APIRouter(prefix="/v1", tags=["jobs"], dependencies=[Depends(get_caller)])
 RowId = Annotated[int, Path(ge=1, le=2**31 - 1, description="A database row id.")]
 
 
@@ -39,6 +42,8 @@ class JobResponse(BaseModel):
     @classmethod
     def of(cls, job: JobView) -> JobResponse:
         fields = {k: getattr(job, k) for k in cls.model_fields}
+        if job.error is not None:  # the worker's exception text may name server files
+            fields["error"] = redact_paths(job.error)
         return cls(**fields)
 
 
@@ -152,25 +157,45 @@ async def list_jobs(
     pack: str | None = None,
     limit: int = Query(default=100, ge=1, le=1000),
 ) -> list[JobResponse]:
-    """Every job (admin), or one pack's (a write key allowed that pack)."""
-    if pack is None:
-        caller.require("admin")
-    else:
+    """The newest jobs of every pack the key allows (admin), or of one pack (a write key
+    allowed that pack)."""
+    if pack is not None:
         caller.require("write", [validate_name(pack)])
-    return [JobResponse.of(j) for j in await _in_thread(store.jobs, pack=pack, limit=limit)]
+        jobs = await _in_thread(store.jobs, pack=pack, limit=limit)
+    else:
+        caller.require("admin")
+        jobs = await _in_thread(_jobs_in_scope, store, caller.pack_scope, limit)
+    return [JobResponse.of(j) for j in jobs]
+
+
+def _jobs_in_scope(store: JobStore, packs: list[str] | None, limit: int) -> list[JobView]:
+    """The newest `limit` jobs of `packs` (None: of every pack); one query per pack, since an
+    allow-list is a handful of names."""
+    if packs is None:
+        return store.jobs(limit=limit)
+    jobs = [job for pack in packs for job in store.jobs(pack=pack, limit=limit)]
+    return sorted(jobs, key=lambda job: job.id, reverse=True)[:limit]
+
+
+async def _visible_job(store: JobStore, caller: Caller, job_id: int) -> JobView:
+    """The job, if the caller may follow it: role first (before the database is asked), then
+    its pack, which only the database knows; another pack's job is "no job", as in the store."""
+    caller.require("write")
+    job: JobView = await _in_thread(store.job, job_id)
+    if not caller.allows(job.pack):
+        raise NotFoundError(f"no job {job_id}")
+    return job
 
 
 @router.get("/jobs/{job_id}", response_model=JobResponse)
 async def show_job(job_id: RowId, store: JobStoreDep, caller: CallerDep) -> JobResponse:
-    job = await _in_thread(store.job, job_id)
-    caller.require("write", [job.pack])
-    return JobResponse.of(job)
+    return JobResponse.of(await _visible_job(store, caller, job_id))
 
 
 @router.post("/jobs/{job_id}:cancel", response_model=JobResponse)
 async def cancel_job(job_id: RowId, store: JobStoreDep, caller: CallerDep) -> JobResponse:
     """A queued job stops at once; a running one at its next heartbeat (a few seconds)."""
-    caller.require("write", [(await _in_thread(store.job, job_id)).pack])
+    await _visible_job(store, caller, job_id)
     return JobResponse.of(await _in_thread(store.cancel, job_id))
 
 

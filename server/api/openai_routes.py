@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Header, Request
+from fastapi import APIRouter, Depends, Header, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from server.api.errors import APIError
@@ -28,11 +28,11 @@ from server.api.openai_protocol import (
 from server.api.protocol import sampling_params
 from server.api.selection import PACK_HEADER, choose_packs, edits_header
 from server.api.serving import GenerationService, ServiceDep, Started, sse
-from server.api.state import CallerDep, ServingDep, StateDep
+from server.api.state import CallerDep, ServingDep, StateDep, get_caller
 from server.engine.engine import Finished
 from server.engine.prepare import ChatMessages
 
-router = APIRouter(prefix="/v1")
+router = APIRouter(prefix="/v1", dependencies=[Depends(get_caller)])  # auth before all else
 PackHeader = Annotated[str | None, Header(alias=PACK_HEADER)]
 
 
@@ -194,7 +194,7 @@ async def _chunks(
 @router.get("/models", response_model=ModelList)
 async def models(serving: ServingDep, caller: CallerDep) -> ModelList:
     """The base model, then `<base>:<pack>` for each live pack and `<base>:<pack>@<v>` for each
-    loaded version."""
+    loaded version, of the packs the caller's key may use."""
     caller.require("read")
     base, now = serving.backbone.name, int(time.time())
     registry = serving.registry
@@ -202,6 +202,7 @@ async def models(serving: ServingDep, caller: CallerDep) -> ModelList:
     cards += [
         ModelCard(id=f"{base}:{name}", created=now, root=base, parent=base)
         for name in sorted(registry.live())
+        if caller.allows(name)
     ]
     cards += [
         ModelCard(
@@ -211,5 +212,6 @@ async def models(serving: ServingDep, caller: CallerDep) -> ModelList:
             parent=base,
         )
         for p in sorted(registry.loaded(), key=lambda p: str(p.ref))
+        if caller.allows(p.ref.name)
     ]
     return ModelList(data=cards)

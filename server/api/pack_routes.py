@@ -1,18 +1,20 @@
-"""Pack administration: what is in the store, what is live and loaded, roll forward or back."""
+"""Pack administration: what is in the store, what is live and loaded, roll forward or back.
+
+A key sees and manages only the packs its allow-list names, whatever its role."""
 
 from __future__ import annotations
 
 import asyncio
 from datetime import datetime
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Depends
 from pydantic import BaseModel
 
-from server.api.state import CallerDep, ServingDep, StateDep
+from server.api.state import CallerDep, ServingDep, StateDep, get_caller
 from server.packs.errors import PackNotFoundError
 from server.packs.names import PackRef, validate_name, validate_version
 
-router = APIRouter(prefix="/v1/packs", tags=["packs"])
+router = APIRouter(prefix="/v1/packs", tags=["packs"], dependencies=[Depends(get_caller)])
 
 
 class PackSummary(BaseModel):
@@ -49,6 +51,7 @@ def _loaded_versions(serving: ServingDep, name: str) -> list[int]:
 
 @router.get("", response_model=list[PackSummary])
 async def list_packs(serving: ServingDep, state: StateDep, caller: CallerDep) -> list[PackSummary]:
+    """The packs in the store that the caller's key may use."""
     caller.require("read")
     live = serving.registry.live()
     return [
@@ -59,6 +62,7 @@ async def list_packs(serving: ServingDep, state: StateDep, caller: CallerDep) ->
             loaded_versions=_loaded_versions(serving, name),
         )
         for name in state.store.names()
+        if caller.allows(name)
     ]
 
 
@@ -97,7 +101,7 @@ async def activate_version(
 ) -> PackSummary:
     """Make a version live for new requests (roll forward or back); requests in flight keep
     the version they started with."""
-    caller.require("admin")
+    caller.require("admin", [validate_name(name)])
     ref = state.store.resolve(PackRef(validate_name(name), validate_version(version)))
     await asyncio.to_thread(serving.registry.activate, ref)
     state.metrics.pack_swaps.inc()
@@ -112,5 +116,5 @@ async def activate_version(
 @router.delete("/{name}", response_model=Unloaded)
 async def unload_pack(name: str, serving: ServingDep, caller: CallerDep) -> Unloaded:
     """Free a pack's memory; it stays in the store and loads again when asked for."""
-    caller.require("admin")
+    caller.require("admin", [validate_name(name)])
     return Unloaded(name=name, unloaded_versions=serving.registry.unload(name))

@@ -8,7 +8,7 @@ import logging
 from collections.abc import AsyncIterator
 from typing import Annotated
 
-from fastapi import APIRouter, Header, Request
+from fastapi import APIRouter, Depends, Header, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from server.api.errors import APIError
@@ -22,7 +22,7 @@ from server.api.protocol import (
 )
 from server.api.selection import PACK_HEADER, choose_packs, edits_header
 from server.api.serving import ServiceDep, Started, sse
-from server.api.state import CallerDep, StateDep
+from server.api.state import CallerDep, StateDep, get_caller
 from server.engine.engine import Finished
 from server.engine.prepare import ChatMessages
 
@@ -34,7 +34,9 @@ router = APIRouter()
 async def healthz(state: StateDep) -> HealthResponse:
     """Liveness: the process answers, whatever the model is doing."""
     status = "ok" if state.backbone else ("failed" if state.load_error else "loading")
-    return HealthResponse(status=status, model=state.settings.model_name, detail=state.load_error)
+    return HealthResponse(
+        status=status, model=state.settings.model_name, detail=_load_detail(state)
+    )
 
 
 @router.get("/readyz", response_model=HealthResponse, responses={503: {"model": HealthResponse}})
@@ -47,7 +49,7 @@ async def readyz(state: StateDep) -> HealthResponse | JSONResponse:
         body = HealthResponse(
             status="failed" if state.load_error else "loading",
             model=state.settings.model_name,
-            detail=state.load_error or "the model is loading",
+            detail=_load_detail(state),
             jobs=jobs,
         )
         return JSONResponse(body.model_dump(), status_code=503)
@@ -73,6 +75,15 @@ async def readyz(state: StateDep) -> HealthResponse | JSONResponse:
     return JSONResponse(body.model_dump(), status_code=200 if status == "ok" else 503)
 
 
+def _load_detail(state: StateDep) -> str | None:
+    """Why the model is not serving yet; the load error itself (paths) stays in the log."""
+    if state.backbone is not None:
+        return None
+    if state.load_error:
+        return "the model failed to load; see the server log"
+    return "the model is loading"
+
+
 JOBS_PROBE_SECONDS = 2.0
 
 
@@ -93,7 +104,8 @@ async def jobs_status(state: StateDep) -> JobsStatus:
     return JobsStatus(status="ok")
 
 
-@router.post("/v1/generate", response_model=GenerateResponse)
+# the key is checked first: before the model is asked for (503) or the prompt is rendered
+@router.post("/v1/generate", response_model=GenerateResponse, dependencies=[Depends(get_caller)])
 async def generate(
     body: GenerateRequest,
     raw: Request,

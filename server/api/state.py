@@ -41,7 +41,7 @@ class ServerState:
     settings: Settings
     store: PackStore
     metrics: ServerMetrics = field(default_factory=ServerMetrics)
-    auth: Authenticator = field(default_factory=lambda: Authenticator([]))
+    auth: Authenticator = field(default_factory=lambda: Authenticator(None))
     serving: Serving | None = None
     load_error: str | None = None
     jobs: JobStore | None = None
@@ -144,34 +144,53 @@ def get_state(request: Request) -> ServerState:
 
 
 def get_serving(state: Annotated[ServerState, Depends(get_state)]) -> Serving:
+    """503 until the backbone is loaded; the load error itself (paths) stays in the log."""
     if state.serving is None:
-        detail = state.load_error or "the model is still loading; retry shortly"
-        raise APIError(503, f"not ready: {detail}", retry_after=5 if not state.load_error else None)
+        if state.load_error:
+            raise APIError(503, "not ready: the model failed to load; see the server log")
+        raise APIError(503, "not ready: the model is still loading; retry shortly", retry_after=5)
     return state.serving
 
 
 def get_job_store(state: Annotated[ServerState, Depends(get_state)]) -> JobStore:
+    """503 while the job store is down; the database's error text stays in the log."""
     if state.jobs is None:
-        raise APIError(503, f"the job store is unavailable: {state.jobs_error}", retry_after=5)
+        raise APIError(
+            503, "the job store is unavailable; see the server log, retry shortly", retry_after=5
+        )
     return state.jobs
 
 
 @dataclass(frozen=True)
 class Caller:
-    """Who is asking: checks a request's key against what an endpoint needs."""
+    """Who is asking (already authenticated): checks role and packs against an endpoint."""
 
     auth: Authenticator
-    authorization: str | None
+    key: KeyRecord | None  # None: auth is off
 
-    def require(self, role: Role, packs: Iterable[str] = ()) -> KeyRecord | None:
-        return self.auth.check(self.authorization, role, packs)
+    def require(self, role: Role, packs: Iterable[str] = ()) -> None:
+        """403 unless the key has `role` and may use every pack in `packs`."""
+        self.auth.authorize(self.key, role, packs)
+
+    def allows(self, pack: str) -> bool:
+        """Whether the caller may see or manage `pack` (for filtering listings)."""
+        return self.key is None or self.key.allows(pack)
+
+    @property
+    def pack_scope(self) -> list[str] | None:
+        """The packs the key is limited to; None when it may use every pack."""
+        if self.key is None or "*" in self.key.packs:
+            return None
+        return list(self.key.packs)
 
 
 def get_caller(
     state: Annotated[ServerState, Depends(get_state)],
     authorization: Annotated[str | None, Header()] = None,
 ) -> Caller:
-    return Caller(state.auth, authorization)
+    """Authenticate (401/429/503). Every API router lists this as its first dependency, so it
+    runs before the route reaches the model, the job store or the pack store."""
+    return Caller(state.auth, state.auth.authenticate(authorization))
 
 
 StateDep = Annotated[ServerState, Depends(get_state)]

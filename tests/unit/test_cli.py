@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import free_port
 from factories import make_backbone_info, make_content
 
 from server.lks.evaluate import says_target
@@ -17,8 +18,12 @@ from server.lks.train import TrainConfig
 from server.packs import PackStore
 
 
-def run_lks(*args: str, packs_dir: Path, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+def run_lks(
+    *args: str, packs_dir: Path, timeout: float = 60, **lks_env: str
+) -> subprocess.CompletedProcess[str]:
+    """`lks ARGS` in a subprocess; `lks_env` adds LKS_* variables (`api_keys_file="..."`)."""
     env = {**os.environ, "LKS_PACKS_DIR": str(packs_dir)}
+    env.update({f"LKS_{k.upper()}": v for k, v in lks_env.items()})
     return subprocess.run(
         [sys.executable, "-m", "server.cli", *args],
         capture_output=True,
@@ -173,3 +178,83 @@ def test_a_bad_loss_weight_is_refused_before_anything_loads(
         main(["eval", "--dataset", "zsre", "--repetition-weight", value])
     assert exit_info.value.code == 2
     assert "--repetition-weight" in capsys.readouterr().err
+
+
+def test_keys_add_list_and_revoke(tmp_path: Path) -> None:
+    keys_file = tmp_path / "new-dir" / "keys.json"  # `keys add` creates it
+
+    def keys(*args: str) -> subprocess.CompletedProcess[str]:
+        return run_lks("keys", *args, packs_dir=tmp_path, api_keys_file=str(keys_file))
+
+    added = [
+        keys("add", "--name", "reader", "--role", "read", "--packs", "a,b", "--rpm", "30"),
+        keys("add", "--name", "ops", "--role", "admin"),
+    ]
+    assert [r.returncode for r in added] == [0, 0], [r.stderr for r in added]
+    listed = keys("list")
+    assert listed.returncode == 0, listed.stderr
+    assert listed.stdout.splitlines() == [
+        "reader  read   packs a,b  30 rpm",
+        "ops     admin  packs *  no rate limit",
+    ]
+    stored = json.loads(keys_file.read_text())
+    for secret in [r.stdout.strip() for r in added] + [k["sha256"] for k in stored]:
+        assert secret not in listed.stdout
+    as_json = json.loads(keys("list", "--json").stdout)
+    assert [(k["name"], k["role"], k["packs"]) for k in as_json] == [
+        ("reader", "read", ["a", "b"]),
+        ("ops", "admin", ["*"]),
+    ]
+    assert all("sha256" not in k for k in as_json)
+    revoked = keys("revoke", "reader")
+    assert revoked.returncode == 0, revoked.stderr
+    assert [k["name"] for k in json.loads(keys_file.read_text())] == ["ops"]
+    again = keys("revoke", "reader")
+    assert again.returncode == 2
+    assert again.stderr == (
+        f"lks: error: no key named 'reader' in {keys_file}; `lks keys list` shows the names\n"
+    )
+
+
+@pytest.mark.parametrize(
+    "command", [["list"], ["revoke", "ops"], ["add", "--name", "x", "--role", "read"]]
+)
+def test_keys_commands_refuse_an_unusable_file_naming_it(
+    tmp_path: Path, command: list[str]
+) -> None:
+    """A malformed file is never read as empty, so `keys add` cannot overwrite the keys."""
+    keys_file = tmp_path / "keys.json"
+    keys_file.write_text('[{"name": "ops", ')
+    result = run_lks("keys", *command, packs_dir=tmp_path, api_keys_file=str(keys_file))
+    assert result.returncode == 2
+    assert result.stderr.startswith(f"lks: error: API keys file {keys_file} is not valid JSON")
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+    assert keys_file.read_text() == '[{"name": "ops", '
+
+
+def test_keys_list_without_a_file_says_how_to_make_one(tmp_path: Path) -> None:
+    keys_file = tmp_path / "keys.json"
+    result = run_lks("keys", "list", packs_dir=tmp_path, api_keys_file=str(keys_file))
+    assert result.returncode == 2
+    assert f"API keys file {keys_file} does not exist; create it with `lks keys add`" in (
+        result.stderr
+    )
+
+
+def test_serve_refuses_to_start_without_its_keys_file(
+    tmp_path: Path, tiny_model_dirs: dict[str, Path]
+) -> None:
+    """LKS_API_KEYS_FILE set but missing: no server with auth off, one line naming the file."""
+    keys_file = tmp_path / "keys.json"
+    result = run_lks(
+        "serve",
+        packs_dir=tmp_path,
+        timeout=60,
+        api_keys_file=str(keys_file),
+        model=str(tiny_model_dirs["llama"]),
+        device="cpu",
+        port=str(free_port()),
+    )
+    assert result.returncode == 2
+    assert result.stderr.startswith(f"lks: error: not serving: API keys file {keys_file} does")
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
