@@ -30,6 +30,7 @@ import torch
 from transformers import DynamicCache
 
 from server.engine import kv_cache
+from server.engine.detokenize import REPLACEMENT, IncrementalDetokenizer
 from server.engine.prepare import PreparedPrompt, PromptRejected, RequestLimits, prepare_prompt
 from server.engine.sampling import RowSamplingError, SamplingParams, make_rng, sample_rows
 from server.lks.apply import EditSet, PlannedEdit
@@ -40,7 +41,6 @@ log = logging.getLogger(__name__)
 
 FinishReason = Literal["stop", "length", "abort"]
 FailureKind = Literal["error", "timeout", "overloaded"]
-_REPLACEMENT = "\ufffd"  # a multi-byte character cut between tokens: wait for its next token
 
 
 @dataclass(frozen=True)
@@ -140,6 +140,7 @@ class _Running:
     prompt_ids: list[int]
     edits: list[PlannedEdit]
     rng: torch.Generator | None
+    detokenizer: IncrementalDetokenizer
     output_ids: list[int] = field(default_factory=list)
     text: str = ""
     emitted: str = ""
@@ -354,7 +355,13 @@ class BatchEngine:
     def _row(self, request: EngineRequest) -> _Running:
         assert request.prompt is not None
         prompt = request.prompt
-        row = _Running(request, prompt.token_ids, prompt.edits, make_rng(request.params))
+        row = _Running(
+            request,
+            prompt.token_ids,
+            prompt.edits,
+            make_rng(request.params),
+            IncrementalDetokenizer(self.backbone.tokenizer),
+        )
         row.emit(Admitted(len(prompt.token_ids), [e.label for e in prompt.edits]))
         return row
 
@@ -527,14 +534,17 @@ class BatchEngine:
         params = row.request.params
         if token in self._eos and not params.ignore_eos:
             row.finish = "stop"
+            row.text += row.detokenizer.flush()
         else:
             row.output_ids.append(token)
-            row.text = self.backbone.tokenizer.decode(row.output_ids, skip_special_tokens=True)
-            cut = min((i for i in (row.text.find(s) for s in params.stop) if i >= 0), default=-1)
+            new = row.detokenizer.push(token)
+            row.text += new
+            cut = _first_stop(row.text, params.stop, len(new)) if new and params.stop else -1
             if cut >= 0:
                 row.text, row.finish = row.text[:cut], "stop"
             elif len(row.output_ids) >= params.max_tokens:
                 row.finish = "length"
+                row.text += row.detokenizer.flush()
         self._stream(row)
 
     def _stream(self, row: _Running) -> None:
@@ -542,12 +552,9 @@ class BatchEngine:
         that may yet become a stop string."""
         ready = row.text
         if row.finish is None:
-            ready = ready.rstrip(_REPLACEMENT)
+            ready = ready.rstrip(REPLACEMENT)
             for stop in row.request.params.stop:
-                for size in range(min(len(stop) - 1, len(ready)), 0, -1):
-                    if ready.endswith(stop[:size]):
-                        ready = ready[:-size]
-                        break
+                ready = ready[: len(ready) - _stop_prefix_at_end(ready, stop)]
         if ready.startswith(row.emitted) and len(ready) > len(row.emitted):
             row.emit(TextDelta(ready[len(row.emitted) :]))
             row.emitted = ready
@@ -616,3 +623,25 @@ def step_failure(exc: BaseException, stage: str) -> Failed:
             f"out of memory in {stage}; retry later or send a shorter prompt", "overloaded"
         )
     return Failed(f"the model failed in {stage} ({type(exc).__name__}); the server log has details")
+
+
+def _first_stop(text: str, stops: Sequence[str], new: int) -> int:
+    """Where the first stop string starts in `text`, looking only where the last `new`
+    characters can have completed one (earlier text was searched before); -1 if none."""
+    found = []
+    for stop in stops:
+        index = text.find(stop, max(0, len(text) - new - len(stop) + 1))
+        if index >= 0:
+            found.append(index)
+    return min(found, default=-1)
+
+
+def _stop_prefix_at_end(text: str, stop: str) -> int:
+    """The length of the longest end of `text` that begins `stop` (and may yet become it)."""
+    tail = text[max(0, len(text) - len(stop) + 1) :] if len(stop) > 1 else ""
+    start = tail.find(stop[0])
+    while start >= 0:
+        if stop.startswith(tail[start:]):
+            return len(tail) - start
+        start = tail.find(stop[0], start + 1)
+    return 0

@@ -9,6 +9,12 @@ A version that fails validation (`PackError` from the store or against the backb
 made live: the name keeps (or falls back to) its newest good version, the refusal is logged once
 and remembered until the version's files change, so requests naming it get the same error at
 once instead of re-reading the files in a loop.
+
+Several servers can share one pack store: an activation (roll forward or back) is then recorded
+in a `LiveVersions` record (the job store's database) that every `refresh` follows, so all of
+them serve the same version within one poll, and a restart keeps it. As on one server, a
+version published after the activation supersedes it. A recorded version that does not load is
+tried again at the next refresh.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from server.lks.apply import EditSet, load_edit_set
 from server.lks.gate import GateTable, SentenceEncoder
@@ -47,6 +54,23 @@ class Swap:
     new: int
 
 
+@dataclass(frozen=True)
+class Activation:
+    """A version made live by hand, and the newest version there was then: a newer one, once
+    published, is live instead."""
+
+    version: int
+    newest: int
+
+
+class LiveVersions(Protocol):
+    """The activations of every pack, shared by every server of one pack store."""
+
+    def activations(self) -> dict[str, Activation]: ...
+
+    def record_activation(self, name: str, activation: Activation) -> None: ...
+
+
 @dataclass
 class PackRegistry:
     store: PackStore
@@ -54,6 +78,7 @@ class PackRegistry:
     memory_budget_bytes: int = 1 << 30
     pinned: frozenset[str] = frozenset()
     encoder_factory: Callable[[], SentenceEncoder] = SentenceEncoder
+    live_record: LiveVersions | None = None  # None: this server alone decides
     _loaded: OrderedDict[PackRef, LoadedPack] = field(default_factory=OrderedDict)
     _live: dict[str, int] = field(default_factory=dict)  # name -> the version new requests get
     _seen_latest: dict[str, int] = field(default_factory=dict)  # what the last refresh saw
@@ -74,14 +99,19 @@ class PackRegistry:
         versions = self.store.versions(name)
         if not versions:
             raise PackNotFoundError(f"no pack named {name!r} in {self.store.root}")
+        recorded = self._recorded_version(name, versions)
+        candidates = list(reversed(versions))
+        if recorded in versions:  # the recorded version first, then the newest that loads
+            candidates.remove(recorded)
+            candidates.insert(0, recorded)
         first_error: PackError | None = None
-        for candidate in reversed(versions):
+        for candidate in candidates:
             try:
                 self.get(PackRef(name, candidate))
             except PackError as exc:
                 first_error = first_error or exc
                 continue
-            if candidate != versions[-1]:
+            if candidate not in (versions[-1], recorded):
                 log.error(
                     "pack %s: serving version %d, the newest that passes validation",
                     name,
@@ -177,9 +207,13 @@ class PackRegistry:
     # -- administration ----------------------------------------------------------------------
 
     def activate(self, ref: PackRef) -> LoadedPack:
-        """Make `ref` the live version of its name (roll forward or back); loads it first."""
+        """Make `ref` the live version of its name (roll forward or back); loads it first, then
+        records it for every server (a failure to record fails the activation)."""
         assert ref.version is not None, "activate a concrete version"
         loaded = self.get(ref)
+        if self.live_record is not None:
+            newest = self.store.versions(ref.name)[-1]
+            self.live_record.record_activation(ref.name, Activation(ref.version, newest))
         with self._lock:
             old = self._live.get(ref.name)
             self._live[ref.name] = ref.version
@@ -213,10 +247,32 @@ class PackRegistry:
         with self._lock:
             return sum(p.nbytes for p in self._loaded.values())
 
+    def _recorded(self) -> dict[str, Activation]:
+        """The recorded activations; none (this server's own view) while the record is
+        unreachable."""
+        if self.live_record is None:
+            return {}
+        try:
+            return self.live_record.activations()
+        except Exception as exc:
+            log.warning("the live pack versions could not be read (%s); keeping ours", exc)
+            return {}
+
+    def _recorded_version(
+        self, name: str, versions: list[int], recorded: dict[str, Activation] | None = None
+    ) -> int | None:
+        """The activated version of `name`, unless a newer one was published since."""
+        activation = (self._recorded() if recorded is None else recorded).get(name)
+        if activation is None or activation.version not in versions:
+            return None
+        return activation.version if versions[-1] <= activation.newest else None
+
     def refresh(self) -> list[Swap]:
-        """Look at the store: a newly published version is loaded, then made live. Called by
-        the watcher (blocking: run it off the event loop)."""
+        """Look at the store and the live record: a recorded version, or else a newly
+        published one, is loaded, then made live. Called by the watcher (blocking: run it off
+        the event loop)."""
         swaps = []
+        recorded = self._recorded()
         for name in self.store.names():
             versions = self.store.versions(name)
             if not versions:
@@ -226,7 +282,15 @@ class PackRegistry:
                 seen = self._seen_latest.get(name)
                 self._seen_latest[name] = latest
                 in_use = name in self._live  # names nobody asked for yet load on first use
-            if seen == latest or not in_use:
+                current = self._live.get(name)
+            if not in_use:
+                continue
+            target = self._recorded_version(name, versions, recorded)
+            if target is not None:
+                if target != current:
+                    swaps += self._swap_to(name, target)
+                continue
+            if seen == latest:
                 continue
             try:
                 self.get(PackRef(name, latest))  # load before the swap: no request waits on it
@@ -249,3 +313,16 @@ class PackRegistry:
         for swap in swaps:
             log.info("pack %s: swapped in version %d (was %s)", swap.name, swap.new, swap.old)
         return swaps
+
+    def _swap_to(self, name: str, version: int) -> list[Swap]:
+        """Make the recorded `version` live here; on a load failure keep the current one (the
+        next refresh tries again)."""
+        try:
+            self.get(PackRef(name, version))
+        except Exception as exc:
+            log.error("pack %s: recorded live version %d does not load: %s", name, version, exc)
+            return []
+        with self._lock:
+            old = self._live.get(name)
+            self._live[name] = version
+        return [Swap(name, old, version)] if old is not None and old != version else []
