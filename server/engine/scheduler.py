@@ -95,6 +95,10 @@ class Scheduler:
         self._stopping = False
         self._failure: BaseException | None = None
         self._progress_at = time.monotonic()  # the last step's end, or when work arrived idle
+        # events of the current step, by event loop: one wake-up per loop per step, not one
+        # per event (only the engine thread touches it)
+        self._outbox: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, EngineEvent]]]
+        self._outbox = {}
         self._thread = threading.Thread(target=self._run, name="lks-engine", daemon=True)
 
     def start(self) -> None:
@@ -132,7 +136,7 @@ class Scheduler:
             if isinstance(event, Finished | Failed | Rejected):  # the request's last event
                 with self._cond:
                     self._in_flight -= 1
-            loop.call_soon_threadsafe(queue.put_nowait, event)
+            self._outbox.setdefault(loop, []).append((queue, event))
 
         request.sink = sink
         with self._cond:
@@ -170,6 +174,7 @@ class Scheduler:
                 except Exception as exc:  # a bug outside any one step: fail what is in flight
                     log.exception("the engine loop failed; failing the requests in flight")
                     engine.fail_all(step_failure(exc, "the engine loop"))
+                self._deliver()
                 with self._cond:
                     self._progress_at = time.monotonic()
         except BaseException as exc:  # the thread itself is going: fail every waiter loudly
@@ -181,6 +186,21 @@ class Scheduler:
             for request in incoming:
                 request.send(failure)
             engine.fail_all(failure)
+            self._deliver()
+
+    def _deliver(self) -> None:
+        """Hand each event loop the events of the step in one call."""
+        outbox, self._outbox = self._outbox, {}
+        for loop, items in outbox.items():
+            try:
+                loop.call_soon_threadsafe(_put_all, items)
+            except RuntimeError:  # that loop has closed: its clients are gone
+                log.warning("%d events for a closed event loop dropped", len(items))
+
+
+def _put_all(items: list[tuple[asyncio.Queue, EngineEvent]]) -> None:
+    for queue, event in items:
+        queue.put_nowait(event)
 
     def _step(self, incoming: list[EngineRequest], aborts: set[int]) -> None:
         engine = self.engine
