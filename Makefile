@@ -62,8 +62,9 @@ bench-load: install
 	$(BIN)/python bench/load.py --json bench/load.json
 
 MASSIVE := PYTHONPATH=bench $(BIN)/python bench/massive.py
-# The README's 10,000-fact table was trained without the repetition term (the default before
-# 2026-11-27); MASSIVE_REPETITION_WEIGHT=0.3 trains with today's default (a third more sequences).
+# The 10,000-fact table in docs/results/massive.md was trained without the repetition term (the
+# default before 2026-11-27); MASSIVE_REPETITION_WEIGHT=0.3 trains with today's default (a third
+# more sequences).
 MASSIVE_REPETITION_WEIGHT ?= 0.0
 bench-massive: install
 	@echo ">> 10,000-fact pack: detection, training (about 2 hours on 2 CPU cores), growth,"

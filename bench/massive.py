@@ -499,7 +499,7 @@ def cmd_serve(args: argparse.Namespace, settings: Settings, backbone: Backbone) 
 
 
 def report(directory: Path) -> str:
-    """The README's massive-editing table, from the JSON the subcommands wrote."""
+    """The massive-editing table (docs/results/massive.md), from the JSON the subcommands wrote."""
 
     def load(name: str) -> dict[str, Any]:
         path = directory / f"{name}.json"
@@ -603,7 +603,7 @@ def main() -> int:
         "--repetition-weight",
         type=float,
         default=TrainConfig().repetition_weight,
-        help="TrainConfig.repetition_weight (the README's 10,000-fact run: 0, the default then)",
+        help="TrainConfig.repetition_weight (docs/results/massive.md's run: 0, the default then)",
     )
     train = sub.add_parser("train", parents=[loss_args])
     train.add_argument("--zsre", type=int, default=8000)

@@ -1,4 +1,4 @@
-"""Turn `lks eval --json` lines (stdin) into the README's quality table (stdout)."""
+"""Turn `lks eval --json` lines (stdin) into the quality table of docs/results/quality.md."""
 
 import json
 import sys
