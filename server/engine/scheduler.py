@@ -173,7 +173,10 @@ class Scheduler:
                     self._step(incoming, aborts)
                 except Exception as exc:  # a bug outside any one step: fail what is in flight
                     log.exception("the engine loop failed; failing the requests in flight")
-                    engine.fail_all(step_failure(exc, "the engine loop"))
+                    failure = step_failure(exc, "the engine loop")
+                    for request in incoming:  # those not yet added, too (a no-op for the rest)
+                        request.send(failure)
+                    engine.fail_all(failure)
                 self._deliver()
                 with self._cond:
                     self._progress_at = time.monotonic()
@@ -197,11 +200,6 @@ class Scheduler:
             except RuntimeError:  # that loop has closed: its clients are gone
                 log.warning("%d events for a closed event loop dropped", len(items))
 
-
-def _put_all(items: list[tuple[asyncio.Queue, EngineEvent]]) -> None:
-    for queue, event in items:
-        queue.put_nowait(event)
-
     def _step(self, incoming: list[EngineRequest], aborts: set[int]) -> None:
         engine = self.engine
         for request in incoming:
@@ -211,3 +209,8 @@ def _put_all(items: list[tuple[asyncio.Queue, EngineEvent]]) -> None:
                 self.aborted += 1
                 log.info("request %d aborted: its client went away", request_id)
         engine.step()
+
+
+def _put_all(items: list[tuple[asyncio.Queue, EngineEvent]]) -> None:
+    for queue, event in items:
+        queue.put_nowait(event)

@@ -23,7 +23,7 @@ from server.settings import Settings
 pytestmark = pytest.mark.http
 
 BASE = "SmolLM2-135M-Instruct"
-PACKS = {"fr": "France", "de": "Germany", "it": "Italy"}
+PACKS = {"fr": "France", "de": "Germany", "it": "Italy", "fr2": "France"}
 PROMPTS = [
     "The capital of France is",
     "The capital of Germany is",
@@ -85,8 +85,15 @@ def test_bad_pack_selection(served: Served, header: str, status: int, needle: st
 
 
 def test_composed_packs_first_listed_wins(served: Served) -> None:
+    """Packs compose; where two edit the same subject, the one listed first applies."""
     both = served.generate(PROMPTS[3], "de,fr").json()
     assert sorted(both["edits_applied"]) == ["de@1:Germany", "fr@1:France"]
+    fr, other = served.generate(PROMPTS[0], "fr").json(), served.generate(PROMPTS[0], "fr2").json()
+    assert fr["text"] != other["text"], "the two packs edit France differently"
+    first = served.generate(PROMPTS[0], "fr,fr2").json()
+    assert first["edits_applied"] == ["fr@1:France"] and first["text"] == fr["text"]
+    swapped = served.generate(PROMPTS[0], "fr2,fr").json()
+    assert swapped["edits_applied"] == ["fr2@1:France"] and swapped["text"] == other["text"]
 
 
 def test_concurrent_requests_of_different_packs_equal_each_alone(served: Served) -> None:

@@ -27,7 +27,7 @@ def assert_incremental_equals_whole(backbone: Backbone, ids: list[int]) -> None:
     for count, token in enumerate(ids, 1):
         streamed += detokenizer.push(token)
         whole = tokenizer.decode(ids[:count], skip_special_tokens=True)
-        assert whole.startswith(streamed) or whole.rstrip("\ufffd").startswith(streamed)
+        assert whole.rstrip("\ufffd").startswith(streamed)  # held back: an unfinished char
     streamed += detokenizer.flush()
     assert streamed == tokenizer.decode(ids, skip_special_tokens=True)
 

@@ -182,3 +182,37 @@ def test_the_scheduler_serves_after_a_hostile_request(backbone: Backbone) -> Non
         assert health.alive and health.in_flight == 0 and health.stalled_seconds == 0
     finally:
         scheduler.stop()
+
+
+def test_a_failure_outside_the_engine_step_fails_its_requests_and_the_loop_goes_on(
+    backbone: Backbone, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A fault between taking requests off the queue and adding them to the engine: they
+    fail (none is left waiting forever) and the next request is served."""
+    engine = BatchEngine(backbone)
+    scheduler = Scheduler(engine)
+    real_add = engine.add
+    faults = iter([RuntimeError("a fault before the engine saw the request")])
+
+    def add(request: EngineRequest) -> None:
+        fault = next(faults, None)
+        if fault is not None:
+            raise fault
+        real_add(request)
+
+    monkeypatch.setattr(engine, "add", add)
+    scheduler.start()
+
+    async def scenario() -> None:
+        first = scheduler.submit(EngineRequest(PROMPT, SamplingParams(max_tokens=4)))
+        with pytest.raises(RequestFailed, match="engine loop"):
+            await asyncio.wait_for(first.next(), 30)
+        second = scheduler.submit(EngineRequest(PROMPT, SamplingParams(max_tokens=4)))
+        events = [e async for e in second]
+        assert isinstance(events[-1], Finished)
+
+    try:
+        asyncio.run(scenario())
+        assert scheduler.health().alive and scheduler.in_flight == 0
+    finally:
+        scheduler.stop()
