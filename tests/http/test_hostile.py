@@ -105,7 +105,7 @@ def test_each_bound_answers_422_naming_its_setting(
     assert error["param"] == param and setting in error["message"]
 
 
-def ordinary_latency(url: str, times: int = 5) -> float:
+def ordinary_latency(url: str, times: int = 7) -> float:
     """The median seconds of an ordinary request without a pack."""
     seconds = []
     for _ in range(times):
