@@ -106,6 +106,20 @@ def test_refresh_swaps_in_new_versions_and_skips_broken_ones(
         registry.unload("nothing")
 
 
+def gate_tensors(width: int, *, head: torch.Tensor) -> dict[str, torch.Tensor]:
+    """A one-fact gate table of `width`-wide embeddings, consistent but for what `head` breaks."""
+    return {
+        "gate.prompt_embeddings": torch.randn(1, width),
+        "gate.fact_rows": torch.zeros(1, dtype=torch.long),
+        "gate.prompt_hubness": torch.zeros(1),
+        "gate.prompt_is_question": torch.zeros(1, dtype=torch.bool),
+        "gate.question_probes": torch.randn(2, width),
+        "gate.statement_probes": torch.randn(2, width),
+        "gate.head": head,
+        "gate.threshold": torch.tensor(0.0),
+    }
+
+
 def test_a_pack_whose_gate_head_cannot_score_its_table_is_refused(
     backbone: Backbone, tmp_path: Path
 ) -> None:
@@ -113,17 +127,7 @@ def test_a_pack_whose_gate_head_cannot_score_its_table_is_refused(
     store = PackStore(tmp_path)
     manifest = publish_subject_pack(store, "a", backbone, ["france"], seed=1)
     pack = store.load(PackRef("a", manifest.version))
-    dim = 384
-    gate = {
-        "gate.prompt_embeddings": torch.zeros(1, dim),
-        "gate.fact_rows": torch.zeros(1, dtype=torch.long),
-        "gate.prompt_hubness": torch.zeros(1),
-        "gate.prompt_is_question": torch.zeros(1, dtype=torch.bool),
-        "gate.question_probes": torch.zeros(2, dim),
-        "gate.statement_probes": torch.zeros(2, dim),
-        "gate.head": torch.zeros(dim, 7),
-        "gate.threshold": torch.tensor(0.0),
-    }
+    gate = gate_tensors(384, head=torch.zeros(384, 7))
     content = replace(pack.content, table={**pack.content.table, **gate})
     store.publish("b", content, backbone_info(backbone))
     registry = PackRegistry(store, backbone)
@@ -236,17 +240,7 @@ def test_a_gate_built_with_another_encoder_is_refused(backbone: Backbone, tmp_pa
     store = PackStore(tmp_path)
     manifest = publish_subject_pack(store, "a", backbone, ["france"], seed=1)
     content = store.load(PackRef("a", manifest.version)).content
-    width = 8
-    gate = {
-        "gate.prompt_embeddings": torch.randn(1, width),
-        "gate.fact_rows": torch.zeros(1, dtype=torch.long),
-        "gate.prompt_hubness": torch.zeros(1),
-        "gate.prompt_is_question": torch.zeros(1, dtype=torch.bool),
-        "gate.question_probes": torch.randn(2, width),
-        "gate.statement_probes": torch.randn(2, width),
-        "gate.head": torch.eye(width),
-        "gate.threshold": torch.tensor(0.0),
-    }
+    gate = gate_tensors(8, head=torch.eye(8))
     store.publish("b", replace(content, table={**content.table, **gate}), backbone_info(backbone))
     registry = PackRegistry(store, backbone)
     with pytest.raises(
