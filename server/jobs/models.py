@@ -75,3 +75,17 @@ class PackVersionRow(Base):
     fact_ids: Mapped[list[int]] = mapped_column(JSON)
     metrics: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     published_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class IdempotencyKeyRow(Base):
+    """A submission made under an Idempotency-Key: one per (pack, key), with a hash of what was
+    asked, so a retry replays the first answer and another body under the same key is refused."""
+
+    __tablename__ = "idempotency_keys"
+
+    pack: Mapped[str] = mapped_column(String(64), primary_key=True)
+    key: Mapped[str] = mapped_column(String(200), primary_key=True)
+    request_hash: Mapped[str | None] = mapped_column(String(64), nullable=True)  # None: pre-0002
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id"))
+    fact_ids: Mapped[list[int]] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))

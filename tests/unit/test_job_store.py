@@ -1,18 +1,37 @@
 """The job store on SQLite and PostgreSQL: coalescing, idempotency, conflicts, leases, per-pack
-serialisation, cancellation, publishing records."""
+serialisation, cancellation, attempts, publishing records; and on PostgreSQL the races (made to
+happen on cue by another session holding a lock), migrations of processes starting together, a
+database that goes away and comes back."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
-from jobs_db import database_url
+from jobs_db import (
+    database_url,
+    holding,
+    later_database,
+    sessions_waiting_on_locks,
+    terminate_sessions,
+    wait_for,
+)
 
 from server.jobs.models import JobState
-from server.jobs.store import FactConflictError, JobStore, NotFoundError
+from server.jobs.store import (
+    FactConflictError,
+    JobStore,
+    NotFoundError,
+    StoreUnavailableError,
+    now,
+)
 from server.lks.facts import Fact
 
 
@@ -120,3 +139,205 @@ def test_concurrent_claims_never_share_a_job_or_a_pack(store: JobStore) -> None:
     got = [c for c in claims if c is not None]
     assert len(got) == 3
     assert len({c.id for c in got}) == 3 and {c.pack for c in got} == {"a", "b", "c"}  # type: ignore[attr-defined]
+
+
+def test_a_key_reused_for_another_request_is_refused(store: JobStore) -> None:
+    from server.jobs.store import IdempotencyKeyReusedError
+
+    first = store.submit("p", [fact("Ann")], idempotency_key="k")
+    assert store.submit("p", [fact("Ann")], idempotency_key="k").fact_ids == first.fact_ids
+    with pytest.raises(IdempotencyKeyReusedError, match="another request"):
+        store.submit("p", [fact("Bob")], idempotency_key="k")
+    with pytest.raises(IdempotencyKeyReusedError):
+        store.submit("p", [fact("Ann")], idempotency_key="k", replace=True)
+    assert store.facts("p")[1] == 1, "nothing of the refused requests was written"
+    other_pack = store.submit("q", [fact("Bob")], idempotency_key="k")  # keys are per pack
+    assert not other_pack.replayed
+    known = store.submit("p", [fact("Ann")], idempotency_key="k2")  # nothing new to store...
+    assert known.fact_ids == first.fact_ids
+    with pytest.raises(IdempotencyKeyReusedError):  # ...and the key is taken all the same
+        store.submit("p", [fact("Cid")], idempotency_key="k2")
+
+
+def test_facts_whose_job_ended_without_them_get_a_job_when_sent_again(store: JobStore) -> None:
+    first = store.submit("p", [fact("Ann")])
+    store.cancel(first.job_id)
+    again = store.submit("p", [fact("Ann")])
+    assert again.fact_ids == first.fact_ids, "the stored fact, not a copy"
+    assert again.job_id != first.job_id and store.job(again.job_id).state == JobState.QUEUED
+    claimed = store.claim("w", lease_seconds=30)
+    assert claimed is not None and claimed.id == again.job_id
+    store.finish(claimed.id, "w", JobState.SUCCEEDED, published=(1, first.fact_ids))
+    published = store.submit("p", [fact("Ann")])  # in the live version: nothing to do
+    assert published.job_id == claimed.id and [j.state for j in store.jobs()] == [
+        JobState.SUCCEEDED,
+        JobState.CANCELLED,
+    ]
+
+
+def test_a_job_whose_workers_keep_dying_ends_failed(store: JobStore) -> None:
+    job_id = store.submit("p", [fact("Ann")]).job_id
+    for attempt in (1, 2, 3):  # each worker dies: its lease runs out, the next one reclaims
+        owner = f"w{attempt}"
+        claimed = wait_for(lambda o=owner: store.claim(o, lease_seconds=0.2), what=owner)
+        assert claimed.id == job_id and claimed.attempts == attempt
+    wait_for(
+        lambda: (
+            store.claim("w4", lease_seconds=30) is None
+            and store.job(job_id).state == JobState.FAILED
+        ),
+        what="the job ending failed after its third worker died",
+    )
+    job = store.job(job_id)
+    assert job.attempts == 3 and job.finished_at is not None
+    assert "attempt 3 of 3" in (job.error or "") and "worker w3" in (job.error or "")
+
+
+def test_a_cancelled_job_whose_worker_died_ends_cancelled(store: JobStore) -> None:
+    job = store.submit("p", [fact("Ann")])
+    claimed = store.claim("w1", lease_seconds=0.2)
+    assert claimed is not None
+    asked = store.cancel(job.job_id)  # the worker would stop at its next heartbeat, but dies
+    assert asked.state == JobState.RUNNING and asked.cancel_requested
+    wait_for(
+        lambda: (
+            store.claim("w2", lease_seconds=30) is None
+            and store.job(job.job_id).state == JobState.CANCELLED
+        ),
+        what="the job ending cancelled once its worker's lease ran out",
+    )
+    later = store.submit("p", [fact("Bob")]).job_id
+    assert store.claim("w2", lease_seconds=0.2) is not None
+    expiry = now() + timedelta(seconds=0.25)
+    wait_for(lambda: now() > expiry, what="the lease running out")
+    cancelled = store.cancel(later)  # its worker is gone: cancelled at once
+    assert cancelled.state == JobState.CANCELLED and cancelled.finished_at is not None
+
+
+def test_keys_recorded_before_the_key_table_still_replay(tmp_path: Path) -> None:
+    """Migration 0002 carries the keys of a 0001 database into the key table."""
+    from alembic import command
+    from alembic.config import Config
+    from sqlalchemy import text
+
+    from server.jobs.models import IdempotencyKeyRow
+    from server.jobs.store import MIGRATIONS
+
+    url = f"sqlite:///{tmp_path / 'old.db'}"
+    store = JobStore(url)
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS))
+    with store.engine.begin() as connection:
+        config.attributes["connection"] = connection
+        command.upgrade(config, "0001")
+        connection.execute(
+            text(
+                "INSERT INTO jobs (id, pack, state, created_at, progress, metrics, attempts, "
+                "cancel_requested) VALUES (7, 'p', 'succeeded', '2024-01-01', 1, '{}', 1, 0)"
+            )
+        )
+        for fact_id, subject in ((3, "Ann"), (4, "Bob")):
+            connection.execute(
+                text(
+                    "INSERT INTO facts (id, pack, subject, prompt, target, extra, job_id, "
+                    "idempotency_key, created_at) VALUES (:id, 'p', :s, :s || ' lives in', "
+                    "'Paris', '{}', 7, 'old', '2024-01-01')"
+                ),
+                {"id": fact_id, "s": subject},
+            )
+    store.migrate()
+    replay = store.submit("p", [fact("Cid")], idempotency_key="old")  # body unknown: replayed
+    assert replay.replayed and (replay.job_id, replay.fact_ids) == (7, [3, 4])
+    with store.session() as session:
+        row = session.get(IdempotencyKeyRow, ("p", "old"))
+        assert row is not None and row.request_hash is None
+    store.close()
+
+
+# -- PostgreSQL: races on cue, migrations together, a database that comes back --------------
+
+
+@pytest.fixture
+def pg_url(tmp_path: Path) -> Iterator[str]:
+    with database_url("postgresql", tmp_path) as url:
+        yield url
+
+
+def test_a_fact_never_joins_a_job_whose_facts_were_already_read(pg_url: str) -> None:
+    """A submission racing a claim: its facts either reach the claimed job before the worker
+    reads the pack's facts, or go to a new queued job; never to a job that runs without them."""
+    store = JobStore.open(pg_url)
+    first = store.submit("p", [fact("Ann")])
+    with ThreadPoolExecutor(2) as pool:
+        # the submission stalls between choosing its job and writing its fact
+        with holding(pg_url, "LOCK TABLE facts IN SHARE MODE"):
+            submitted = pool.submit(store.submit, "p", [fact("Bob")])
+            wait_for(lambda: sessions_waiting_on_locks(pg_url) == 1, what="the stalled write")
+
+            def claim_and_read() -> tuple[object, set[int]]:
+                job = store.claim("w", lease_seconds=30)
+                return job, {f.id for f in store.live_facts("p")}  # what the worker trains
+
+            claimed = pool.submit(claim_and_read)
+            wait_for(
+                lambda: claimed.done() or sessions_waiting_on_locks(pg_url) == 2,
+                what="the claim done or waiting",
+            )
+        bob = submitted.result(timeout=30)
+        job, read = claimed.result(timeout=30)
+    assert job is not None and job.id == first.job_id  # type: ignore[attr-defined]
+    if bob.job_id == first.job_id:
+        assert set(bob.fact_ids) <= read, "the job runs without a fact it answered 202 for"
+    else:
+        assert store.job(bob.job_id).state == JobState.QUEUED
+    store.close()
+
+
+def test_retries_racing_under_one_key_store_the_facts_once(pg_url: str) -> None:
+    store = JobStore.open(pg_url)
+    with ThreadPoolExecutor(2) as pool:
+        with holding(pg_url, "LOCK TABLE facts IN SHARE MODE"):
+            tries = [pool.submit(store.submit, "p", [fact("Ann")], "k") for _ in range(2)]
+            wait_for(lambda: sessions_waiting_on_locks(pg_url) == 2, what="both tries waiting")
+        answers = [t.result(timeout=30) for t in tries]
+    assert answers[0].fact_ids == answers[1].fact_ids
+    assert sorted(a.replayed for a in answers) == [False, True]
+    assert store.facts("p")[1] == 1
+    store.close()
+
+
+def test_processes_starting_together_on_an_empty_database_both_come_up(pg_url: str) -> None:
+    """A server and a worker process migrating one empty database at once: one creates the
+    schema, the other waits for it and finds it done. (Another session's uncommitted table of
+    the same name holds both at the same point of the migration, so they collide there on
+    cue.)"""
+    opening = "import sys; from server.jobs.store import JobStore; JobStore.open(sys.argv[1])"
+    with holding(pg_url, "CREATE TABLE alembic_version (version_num VARCHAR(32) NOT NULL)"):
+        processes = [
+            subprocess.Popen([sys.executable, "-c", opening, pg_url], stderr=subprocess.PIPE)
+            for _ in range(2)
+        ]
+        try:
+            wait_for(lambda: sessions_waiting_on_locks(pg_url) == 2, what="both migrations")
+        except AssertionError:
+            for process in processes:
+                process.kill()
+            raise
+    errors = [process.communicate(timeout=60)[1].decode() for process in processes]
+    assert [process.returncode for process in processes] == [0, 0], errors
+    store = JobStore.open(pg_url)
+    assert store.jobs() == []
+    store.close()
+
+
+def test_the_store_comes_back_with_its_database(tmp_path: Path) -> None:
+    with later_database(tmp_path) as (url, create):
+        store = JobStore(url)  # the database is not there yet: as if it were down at start
+        with pytest.raises(StoreUnavailableError):
+            store.submit("p", [fact("Ann")])
+        create()  # it comes back: the same store migrates and serves, no restart
+        first = store.submit("p", [fact("Ann")])
+        assert terminate_sessions(url) >= 1  # a restart or a failover drops every connection
+        assert store.job(first.job_id).state == JobState.QUEUED
+        assert store.submit("p", [fact("Bob")]).job_id == first.job_id
+        store.close()
