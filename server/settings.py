@@ -106,6 +106,11 @@ class Settings(BaseSettings):
         gt=1,
         description="A dead worker's job is reclaimed after this long without a heartbeat.",
     )
+    job_max_attempts: int = Field(
+        default=3,
+        ge=1,
+        description="Attempts (an error, or a worker that died) before a job ends failed.",
+    )
     publish_min_reliability: float = Field(default=0.9, ge=0, le=1)
     publish_min_locality: float = Field(default=0.8, ge=0, le=1)
     max_facts_per_request: int = Field(default=1000, ge=1)

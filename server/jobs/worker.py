@@ -1,9 +1,15 @@
 """The worker: claim a job, train the pack's whole current fact set, check the result, publish.
 
 A version is published only when it passes the quality gate (reliability on its own facts;
-locality on the facts' own locality prompts where they have any). Publishing is ordered so that
-a crash at any point leaves every fact and every published pack intact: the pack directory is
-written whole and renamed into place, then the database records it, then the server is told.
+locality on the facts' own locality prompts where they have any); a pack whose last fact was
+deleted gets a version with no edits. Publishing is ordered so that a crash at any point leaves
+every fact and every published pack intact: the pack directory is written whole and renamed into
+place, then the database records it, then the server is told.
+
+A thread renews the job's lease for the whole run (reading facts, loading the encoder,
+precompute, training, the table, the quality check, publishing), not only between training
+steps: any of them can outlast the lease. An attempt that raises is retried up to
+`max_attempts`, then the job ends failed with its last error.
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ from dataclasses import dataclass, field
 import torch
 
 from server.jobs.models import JobState
-from server.jobs.store import JobStore, JobView, StoreUnavailableError
+from server.jobs.store import DEFAULT_MAX_ATTEMPTS, JobStore, JobView, StoreUnavailableError
 from server.lks.apply import EditSet
 from server.lks.editor import KnownParts, backbone_info, pack_content, train_edits
 from server.lks.evaluate import EvalItem, evaluate, top1_predictions
@@ -38,6 +44,7 @@ from server.lks.train import (
 )
 from server.model.backbone import Backbone
 from server.packs import PackError, PackRef
+from server.packs.format import BLOCKS_KEY, PackContent
 from server.packs.store import PackStore
 from server.settings import Settings
 
@@ -56,6 +63,7 @@ class WorkerConfig:
     lease_seconds: float = 30.0
     heartbeat_seconds: float = 2.0
     poll_seconds: float = 0.5
+    max_attempts: int = DEFAULT_MAX_ATTEMPTS
     min_reliability: float = 0.9
     min_locality: float = 0.8  # on the facts' own locality prompts and on held-out probes
     probe_limit: int = 120
@@ -69,6 +77,7 @@ class WorkerConfig:
     def from_settings(cls, settings: Settings) -> WorkerConfig:
         return cls(
             lease_seconds=settings.job_lease_seconds,
+            max_attempts=settings.job_max_attempts,
             min_reliability=settings.publish_min_reliability,
             min_locality=settings.publish_min_locality,
             cache_budget_bytes=settings.train_cache_mb << 20,
@@ -93,6 +102,68 @@ def facts_to_check(
     changed = [f for f, was in zip(facts, reused, strict=True) if not was]
     unchanged = [f for f, was in zip(facts, reused, strict=True) if was]
     return changed + random.Random(seed).sample(unchanged, min(sample, len(unchanged)))
+
+
+class JobLease:
+    """Renews a claimed job's lease from its own thread until the job ends, and carries the
+    latest progress to the database with each renewal. The job's thread calls `report` (or
+    `check`) at its checkpoints and stops there once the job was cancelled or the lease lost."""
+
+    def __init__(self, store: JobStore, job_id: int, owner: str, config: WorkerConfig) -> None:
+        self.store = store
+        self.job_id = job_id
+        self.owner = owner
+        self.config = config
+        self._progress: tuple[float, float | None] = (0.0, None)
+        self._lost = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._renew, name=f"lks-lease-{job_id}", daemon=True)
+
+    def __enter__(self) -> JobLease:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def report(self, progress: float, eta_seconds: float | None = None) -> None:
+        self._progress = (progress, eta_seconds)
+        self.check()
+
+    def check(self) -> None:
+        if self._lost.is_set():
+            raise JobCancelledError("cancelled, or the lease was lost to another worker")
+
+    def _renew(self) -> None:
+        while not self._stop.wait(self.config.heartbeat_seconds):
+            progress, eta = self._progress
+            try:
+                ours = self.store.heartbeat(
+                    self.job_id,
+                    self.owner,
+                    self.config.lease_seconds,
+                    progress=progress,
+                    eta_seconds=eta,
+                )
+            except Exception as exc:  # the database may come back before the lease runs out
+                log.warning("job %d: heartbeat failed (%s); retrying", self.job_id, exc)
+                continue
+            if not ours:
+                self._lost.set()
+                return
+
+
+def empty_content(layer: int, hidden_size: int) -> PackContent:
+    """A version with no subjects: publishing it takes a pack's last edits out of service."""
+    return PackContent(
+        layer=layer,
+        subjects=[],
+        table={BLOCKS_KEY: torch.zeros(0, hidden_size)},
+        hypernet={},
+        facts=[],
+        training={"empty": True},
+    )
 
 
 def worker_name() -> str:
@@ -136,7 +207,9 @@ class Worker:
 
     def run_once(self) -> bool:
         """Run one job if there is one; True if it did."""
-        job = self.store.claim(self.name, self.config.lease_seconds)
+        job = self.store.claim(
+            self.name, self.config.lease_seconds, max_attempts=self.config.max_attempts
+        )
         if job is None:
             return False
         log.info(
@@ -145,15 +218,20 @@ class Worker:
         started = time.monotonic()
         succeeded = False
         try:
-            succeeded = self._run(job)
+            with JobLease(self.store, job.id, self.name, self.config) as lease:
+                succeeded = self._run(job, lease)
         except JobCancelledError as exc:
             log.info("job %d stopped: %s", job.id, exc)
             self.store.finish(job.id, self.name, JobState.CANCELLED, error=str(exc))
         except Exception as exc:
-            log.exception("job %d failed", job.id)
-            self.store.finish(
-                job.id, self.name, JobState.FAILED, error=f"{type(exc).__name__}: {exc}"
+            log.exception("job %d: attempt %d failed", job.id, job.attempts)
+            ended = self.store.fail_attempt(
+                job.id,
+                self.name,
+                f"{type(exc).__name__}: {exc}",
+                max_attempts=self.config.max_attempts,
             )
+            log.info("job %d is now %s", job.id, ended or "another worker's")
         finally:
             release_freed_memory()
             if self.on_finished is not None:
@@ -165,28 +243,16 @@ class Worker:
             self._encoder = self.encoder_factory()
         return self._encoder
 
-    def _run(self, job: JobView) -> bool:
+    def _run(self, job: JobView, lease: JobLease) -> bool:
         stored = self.store.live_facts(job.pack)
         if not stored:
-            raise ValueError(f"pack {job.pack!r} has no facts left to train")
+            return self._publish_empty(job, lease)
         facts = [s.fact for s in stored]
-        last_beat = 0.0
-
-        def beat(progress: float, eta: float | None) -> None:
-            nonlocal last_beat
-            if time.monotonic() - last_beat < self.config.heartbeat_seconds:
-                return
-            last_beat = time.monotonic()
-            if not self.store.heartbeat(
-                job.id, self.name, self.config.lease_seconds, progress=progress, eta_seconds=eta
-            ):
-                raise JobCancelledError("cancelled, or the lease was lost to another worker")
 
         def on_progress(event: Progress) -> None:
             eta = event.eta_s if event.eta_s == event.eta_s else None  # NaN: unknown yet
-            beat(0.9 * event.fraction, eta)  # the last 10%: checking and publishing
+            lease.report(0.9 * event.fraction, eta)  # the last 10%: checking and publishing
 
-        beat(0.0, None)
         warm, learned, known = self._warm_start(job.pack, facts)
         # A grown set first tries the previous hypernetwork as it is (it reads new targets from
         # the feature texts, and earlier facts keep their blocks), then trains on the new facts
@@ -213,8 +279,7 @@ class Worker:
                 if apply_only
                 else facts
             )
-            last_beat = 0.0
-            beat(0.9, None)
+            lease.report(0.9)
             metrics = {
                 **self._check(checked, edit_set),
                 "warm_start": 1.0 if warm is not None else 0.0,
@@ -244,16 +309,35 @@ class Worker:
                 "version stays",
             )
             return False
-        beat(0.95, None)  # last chance to cancel before anything is written
+        lease.report(0.95)  # last chance to cancel before anything is written
         content = pack_content(result, gate_table, facts, metrics)
+        self._publish(job, content, metrics, [s.id for s in stored])
+        return True
+
+    def _publish_empty(self, job: JobView, lease: JobLease) -> bool:
+        """Every fact was deleted: a version with no edits takes the last ones out of service
+        (a pack never published has nothing to take out, and gets no version)."""
+        lease.check()
+        if not self.packs.versions(job.pack):
+            self.store.finish(job.id, self.name, JobState.SUCCEEDED, metrics={}, fact_count=0)
+            log.info("job %d: pack %s has no facts and no version; nothing to do", job.id, job.pack)
+            return True
+        layer = self.config.train.resolve_layer(self.backbone.num_layers)
+        self._publish(job, empty_content(layer, self.backbone.hidden_size), {}, [])
+        return True
+
+    def _publish(
+        self, job: JobView, content: PackContent, metrics: dict[str, float], fact_ids: list[int]
+    ) -> None:
+        """Write the version, record it with the job, then tell the server."""
         manifest = self.packs.publish(job.pack, content, backbone_info(self.backbone))
         recorded = self.store.finish(
             job.id,
             self.name,
             JobState.SUCCEEDED,
             metrics=metrics,
-            fact_count=len(facts),
-            published=(manifest.version, [s.id for s in stored]),
+            fact_count=len(fact_ids),
+            published=(manifest.version, fact_ids),
         )
         if not recorded:
             log.warning(
@@ -267,12 +351,11 @@ class Worker:
             job.id,
             job.pack,
             manifest.version,
-            len(facts),
-            metrics["reliability"],
+            len(fact_ids),
+            metrics.get("reliability", float("nan")),
         )
         if self.on_published is not None:
             self.on_published(job.pack, manifest.version)
-        return True
 
     def _warm_start(
         self, pack: str, facts: list[Fact]
@@ -296,7 +379,7 @@ class Worker:
             and previous.content.layer == self.config.train.resolve_layer(self.backbone.num_layers)
             and previous.content.training.get("hypernet") == self.config.train.hypernet
         )
-        if not compatible or not learned <= wanted:
+        if not compatible or not learned or not learned <= wanted:  # an empty version: no weights
             return nothing
         log.info(
             "pack %s: warm start from version %d (%d of %d facts learned)",

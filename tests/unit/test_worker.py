@@ -1,5 +1,7 @@
 """The worker on a tiny model with the real gate encoder: train, check, publish; a failed
-quality gate publishes nothing; a worker killed mid-job has its job reclaimed and finished."""
+quality gate publishes nothing; a worker killed mid-job has its job reclaimed and finished; the
+lease holds through any step; failed attempts end in a failed job; deletions take edits out of
+service only through a published version."""
 
 from __future__ import annotations
 
@@ -16,12 +18,15 @@ import torch
 from factories import TINY_FACTS, TINY_TRAIN
 
 from server.jobs.models import JobState
-from server.jobs.store import JobStore
+from server.jobs.store import JobStore, NotFoundError
 from server.jobs.worker import Worker, WorkerConfig
+from server.lks.apply import plan_edits
 from server.lks.facts import Fact
+from server.lks.gate import SentenceEncoder
 from server.model import Backbone, load_backbone
 from server.packs import PackRef, PackStore
 from server.packs.format import SubjectEntry
+from server.packs.registry import PackRegistry
 from server.settings import Settings
 
 FACTS, TRAIN = TINY_FACTS, TINY_TRAIN
@@ -177,11 +182,13 @@ def test_a_disk_full_while_publishing_keeps_the_old_version(
     job_id = store.submit("demo", FACTS[1:]).job_id
     assert worker.run_once()
     job = store.job(job_id)
-    assert job.state == JobState.FAILED and "No space left" in (job.error or "")
+    assert job.state == JobState.QUEUED and "No space left" in (job.error or "")
     assert packs.versions("demo") == [1], "the old version stays the latest"
     assert not any(p.name.startswith(".staging") for p in (tmp_path / "packs" / "demo").iterdir())
     assert [v.version for v in store.versions("demo")] == [1]
-    assert len(store.live_facts("demo")) == 2, "no fact lost: the next job retries them"
+    assert len(store.live_facts("demo")) == 2, "no fact lost: the next attempt retries them"
+    assert worker.run_once()  # the disk has room again
+    assert store.job(job_id).state == JobState.SUCCEEDED and packs.versions("demo") == [1, 2]
 
 
 def test_a_worker_process_exports_its_metrics(
@@ -230,3 +237,121 @@ def test_a_grown_set_trains_when_the_previous_weights_miss_the_gate(
     assert job.state == "failed" and "quality gate" in (job.error or "")
     assert job.metrics["trained_facts"] == 2  # the fallback trained (all of a set this small)
     assert packs.versions("demo") == [1]
+
+
+def test_a_job_keeps_its_lease_through_a_step_longer_than_the_lease(
+    backbone: Backbone, tmp_path: Path
+) -> None:
+    """Loading the gate encoder (cold disk, first job) outlasts the lease before training
+    reports any progress: the job's lease holds, and no second worker takes the job."""
+    store = JobStore.open(f"sqlite:///{tmp_path / 'jobs.db'}")
+    job_id = store.submit("demo", FACTS[:1]).job_id
+    taken: list[object] = []
+
+    def slow_encoder() -> SentenceEncoder:
+        time.sleep(2.5)  # the slow step itself, 2.5 leases long
+        taken.append(store.claim("intruder", lease_seconds=30))
+        return SentenceEncoder()
+
+    worker = Worker(
+        store,
+        PackStore(tmp_path / "packs"),
+        backbone,
+        WorkerConfig(train=TRAIN, lease_seconds=1.0, heartbeat_seconds=0.2, min_reliability=0.0),
+        encoder_factory=slow_encoder,
+        name="w",
+    )
+    assert worker.run_once()
+    assert taken == [None], "a second worker took a job that was still running"
+    job = store.job(job_id)
+    assert job.state == JobState.SUCCEEDED and job.attempts == 1, job.error
+
+
+def test_a_job_that_fails_every_attempt_ends_failed_with_its_last_error(
+    backbone: Backbone, tmp_path: Path
+) -> None:
+    store = JobStore.open(f"sqlite:///{tmp_path / 'jobs.db'}")
+    not_a_directory = tmp_path / "packs"
+    not_a_directory.write_text("the pack store cannot be written")  # every publish fails
+    worker = make_worker(store, PackStore(not_a_directory), backbone, min_reliability=0.0)
+    job_id = store.submit("demo", FACTS[:1]).job_id
+    assert worker.run_once()
+    first = store.job(job_id)
+    assert first.state == JobState.QUEUED and first.attempts == 1, "retried"
+    assert (first.error or "").startswith("attempt 1 of 3: NotADirectoryError")
+    worker.config = replace(worker.config, max_attempts=2)  # as LKS_JOB_MAX_ATTEMPTS=2
+    assert worker.run_once()
+    last = store.job(job_id)
+    assert last.state == JobState.FAILED and last.attempts == 2 and last.finished_at
+    assert (last.error or "").startswith("attempt 2 of 2: NotADirectoryError")
+    assert not worker.run_once(), "it ended: nothing runs it again"
+    assert len(store.live_facts("demo")) == 1, "its fact stays for the next job"
+
+
+def test_deleting_the_last_fact_publishes_a_version_with_no_edits(
+    backbone: Backbone, tmp_path: Path
+) -> None:
+    store = JobStore.open(f"sqlite:///{tmp_path / 'jobs.db'}")
+    packs = PackStore(tmp_path / "packs")
+    worker = make_worker(store, packs, backbone, min_reliability=0.0)
+    only = store.submit("demo", FACTS[:1])
+    assert worker.run_once()
+    text = FACTS[0].prompt
+    offsets = backbone.tokenizer(text, return_offsets_mapping=True)["offset_mapping"]
+
+    def edits_now() -> list[str]:
+        live = PackRegistry(packs, backbone).get(PackRef("demo"))  # what a server would load
+        return [edit.label for edit in plan_edits([live.edit_set], text, offsets)]
+
+    assert edits_now() == ["demo@1:danielle darrieux"]
+    retrain = store.delete_fact("demo", only.fact_ids[0])
+    assert worker.run_once()
+    job = store.job(retrain)
+    assert job.state == JobState.SUCCEEDED and job.published_version == 2, job.error
+    assert job.fact_count == 0 and packs.versions("demo") == [1, 2]
+    assert edits_now() == [], "the deleted fact's edit is out of service"
+    assert store.versions("demo")[-1].fact_ids == [] and store.facts("demo") == ([], 0)
+    again = store.submit("demo", FACTS[1:])  # the pack lives on from nothing
+    assert worker.run_once()
+    grown = store.job(again.job_id)
+    assert grown.published_version == 3 and grown.metrics["warm_start"] == 0.0
+
+
+def test_a_pack_emptied_before_its_first_version_gets_none(
+    backbone: Backbone, tmp_path: Path
+) -> None:
+    store = JobStore.open(f"sqlite:///{tmp_path / 'jobs.db'}")
+    packs = PackStore(tmp_path / "packs")
+    submitted = store.submit("demo", FACTS[:1])
+    store.delete_fact("demo", submitted.fact_ids[0])
+    assert make_worker(store, packs, backbone).run_once()
+    job = store.job(submitted.job_id)
+    assert job.state == JobState.SUCCEEDED and job.published_version is None, job.error
+    assert packs.versions("demo") == []
+
+
+def test_a_deleted_fact_stays_live_until_a_version_without_it_is_published(
+    backbone: Backbone, tmp_path: Path
+) -> None:
+    store = JobStore.open(f"sqlite:///{tmp_path / 'jobs.db'}")
+    packs = PackStore(tmp_path / "packs")
+    lenient = make_worker(store, packs, backbone, min_reliability=0.0)
+    submitted = store.submit("demo", FACTS)
+    assert lenient.run_once()
+    gone, kept = submitted.fact_ids
+    retrain = store.delete_fact("demo", gone)
+    assert make_worker(store, packs, backbone, min_reliability=1.01).run_once()
+    failed = store.job(retrain)
+    assert failed.state == JobState.FAILED and "quality gate" in (failed.error or "")
+    assert packs.versions("demo") == [1], "version 1, with the deleted fact, is still served"
+    listed, total = store.facts("demo")
+    assert total == 2
+    assert [(f.id, f.live, f.deleting) for f in listed] == [(gone, True, True), (kept, True, False)]
+    again = store.delete_fact("demo", gone)  # asking again queues another retrain
+    assert again != retrain and store.job(again).state == JobState.QUEUED
+    assert lenient.run_once()
+    assert store.job(again).state == JobState.SUCCEEDED and packs.versions("demo") == [1, 2]
+    listed, total = store.facts("demo")
+    assert total == 1 and [(f.id, f.live, f.deleting) for f in listed] == [(kept, True, False)]
+    with pytest.raises(NotFoundError):
+        store.delete_fact("demo", gone)
