@@ -15,7 +15,13 @@ from pydantic import BaseModel
 
 from server.api.errors import APIError, redact_paths
 from server.api.state import Caller, CallerDep, JobStoreDep, StateDep, get_caller
-from server.jobs.store import JobStore, JobView, NotFoundError, StoredFact
+from server.jobs.store import (
+    IdempotencyKeyReusedError,
+    JobStore,
+    JobView,
+    NotFoundError,
+    StoredFact,
+)
 from server.lks.facts import collect_facts
 from server.packs.names import validate_name
 
@@ -62,6 +68,8 @@ class FactOut(BaseModel):
     extra: dict[str, Any]
     job_id: int
     created_at: datetime
+    live: bool  # the pack's latest published version applies it
+    deleting: bool  # deleted; applied until a version without it is published
 
     @classmethod
     def of(cls, stored: StoredFact) -> FactOut:
@@ -75,6 +83,8 @@ class FactOut(BaseModel):
             extra=extra,
             job_id=stored.job_id,
             created_at=stored.created_at,
+            live=stored.live,
+            deleting=stored.deleting,
         )
 
 
@@ -110,9 +120,12 @@ async def submit_facts(
     if problems:
         detail = "; ".join(str(p).replace("line ", "fact ", 1) for p in problems[:20])
         raise APIError(422, f"{len(problems)} bad fact(s): {detail}", param="facts")
-    submission = await _in_thread(
-        store.submit, name, parsed.facts, idempotency_key, replace=replace
-    )
+    try:
+        submission = await _in_thread(
+            store.submit, name, parsed.facts, idempotency_key, replace=replace
+        )
+    except IdempotencyKeyReusedError as exc:
+        raise APIError(422, str(exc), param="Idempotency-Key") from exc
     url = f"/v1/jobs/{submission.job_id}"
     content = Submitted(
         pack=name, job_id=submission.job_id, fact_ids=submission.fact_ids, job_url=url
@@ -139,7 +152,9 @@ async def list_facts(
 async def delete_fact(
     name: str, fact_id: RowId, store: JobStoreDep, caller: CallerDep
 ) -> dict[str, Any]:
-    """Drop a fact; the queued job trains the next version without it."""
+    """Drop a fact; the queued job trains the next version without it. The fact is listed
+    (`deleting`) and its edit applied until that version is published; deleting it again after
+    a failed retrain queues another."""
     caller.require("write", [validate_name(name)])
     job_id = await _in_thread(store.delete_fact, validate_name(name), fact_id)
     return {

@@ -51,12 +51,14 @@ class ServerState:
     _worker_thread: threading.Thread | None = field(default=None, repr=False)
 
     def open_jobs(self) -> None:
-        """The job store opens before the model loads: submissions are accepted meanwhile."""
+        """The job store opens before the model loads: submissions are accepted meanwhile. A
+        database down at start answers 503 until it returns; the store then migrates and
+        serves without a restart."""
+        self.jobs = JobStore(self.settings.jobs_database_url)
         try:
-            self.jobs = JobStore.open(self.settings.jobs_database_url)
+            self.jobs.migrate()
         except StoreUnavailableError as exc:
-            self.jobs_error = str(exc)
-            log.error("job store unavailable: %s (submissions answer 503)", exc)
+            log.error("job store unavailable: %s (submissions answer 503 until it returns)", exc)
 
     def start_worker(self, serving: Serving) -> None:
         if not self.settings.worker or self.jobs is None:

@@ -10,9 +10,10 @@ from pathlib import Path
 import httpx
 import pytest
 from conftest import LiveServer
+from jobs_db import later_database, terminate_sessions
 
 from server.api import create_app
-from server.model import Backbone
+from server.model import Backbone, load_backbone
 from server.settings import Settings
 
 pytestmark = pytest.mark.http
@@ -177,3 +178,43 @@ def test_oversized_bodies_get_413(url: str) -> None:
 
     streamed = httpx.post(f"{url}/v1/packs/big/facts", content=chunks(), timeout=60)
     assert streamed.status_code == 413
+
+
+@pytest.fixture(scope="module")
+def tiny_backbone(tiny_model_dirs: dict[str, Path]) -> Backbone:
+    return load_backbone(Settings(model=tiny_model_dirs["llama"], device="cpu"))
+
+
+def test_a_key_reused_for_another_body_is_a_422(tiny_backbone: Backbone, tmp_path: Path) -> None:
+    settings = Settings(packs_dir=tmp_path, worker=False)
+    fact = {"subject": "france", "prompt": "the capital of france", "target": "berlin"}
+    with LiveServer(create_app(settings, backbone=tiny_backbone)) as server:
+        facts_url = f"{server.url}/v1/packs/p/facts"
+        key = {"Idempotency-Key": "once"}
+        first = httpx.post(facts_url, json=fact, headers=key)
+        assert first.status_code == 202
+        assert httpx.post(facts_url, json=fact, headers=key).json() == first.json()
+        other = httpx.post(facts_url, json={**fact, "target": "rome"}, headers=key)
+        assert other.status_code == 422, other.text
+        assert other.json()["error"]["param"] == "Idempotency-Key"
+        page = httpx.get(facts_url).json()
+        assert page["total"] == 1 and page["facts"][0]["target"] == "berlin"
+        assert not page["facts"][0]["live"] and not page["facts"][0]["deleting"]
+
+
+def test_the_job_store_comes_back_without_a_restart(
+    tiny_backbone: Backbone, tmp_path: Path
+) -> None:
+    fact = {"subject": "france", "prompt": "the capital of france", "target": "berlin"}
+    with later_database(tmp_path) as (url, create):
+        settings = Settings(packs_dir=tmp_path, database_url=url, worker=False)
+        with LiveServer(create_app(settings, backbone=tiny_backbone)) as server:
+            facts_url = f"{server.url}/v1/packs/p/facts"
+            down = httpx.post(facts_url, json=fact)  # the database is down at start
+            assert down.status_code == 503 and down.headers["Retry-After"] == "5"
+            create()  # it comes back
+            posted = httpx.post(facts_url, json=fact)
+            assert posted.status_code == 202, posted.text
+            assert terminate_sessions(url) >= 1  # and restarts, dropping every connection
+            job = httpx.get(f"{server.url}{posted.json()['job_url']}")
+            assert job.status_code == 200 and job.json()["state"] == "queued"
