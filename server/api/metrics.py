@@ -2,11 +2,14 @@
 
 Names follow the project's conventions (`lks_` prefix, base units, `_total` counters); label
 values are bounded: endpoint templates, status codes, pack names of loaded packs, job states.
-Gauges that mirror state (queue, loaded packs, jobs) are read at scrape time.
+Gauges that mirror state (queue, loaded packs) are read at scrape time; the job counts come from
+the database, so a scrape reads the last counts a background thread fetched and never waits on it.
 """
 
 from __future__ import annotations
 
+import logging
+import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from typing import TYPE_CHECKING
@@ -19,9 +22,13 @@ from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
     from server.api.state import ServerState
+    from server.jobs.store import JobStore
+
+log = logging.getLogger(__name__)
 
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64, 128)
 TRAINING_BUCKETS = (1, 5, 15, 30, 60, 120, 300, 600, 1200, 2400, 4800)
+JOB_COUNTS_MAX_AGE_SECONDS = 5.0
 
 
 class ServerMetrics:
@@ -97,11 +104,42 @@ class ServerMetrics:
             return Response(generate_latest(self.registry), media_type=CONTENT_TYPE_LATEST)
 
 
+class JobCounts:
+    """The job store's counts by state, as last fetched off the event loop. A scrape that finds
+    them older than `max_age` starts one fetch in a thread and answers with what it has: a slow
+    or unreachable database never holds up `/metrics` (nor, through it, the event loop)."""
+
+    def __init__(self, max_age: float = JOB_COUNTS_MAX_AGE_SECONDS) -> None:
+        self.max_age = max_age
+        self._counts: dict[str, int] = {}
+        self._fetched_at = float("-inf")
+        self._fetching = threading.Lock()
+
+    def read(self, store: JobStore) -> dict[str, int]:
+        stale = time.monotonic() - self._fetched_at > self.max_age
+        if stale and self._fetching.acquire(blocking=False):
+            threading.Thread(
+                target=self._fetch, args=(store,), name="lks-metrics-jobs", daemon=True
+            ).start()
+        return self._counts
+
+    def _fetch(self, store: JobStore) -> None:
+        try:
+            self._counts = store.count_by_state()
+        except Exception as exc:  # no figures rather than stale ones while the database is down
+            log.warning("job counts for /metrics unavailable: %s", exc)
+            self._counts = {}
+        finally:
+            self._fetched_at = time.monotonic()
+            self._fetching.release()
+
+
 class _StateCollector(Collector):
     """Gauges read from the server's state at scrape time."""
 
     def __init__(self, state: ServerState) -> None:
         self.state = state
+        self.job_counts = JobCounts()
 
     def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         serving = self.state.serving
@@ -125,9 +163,6 @@ class _StateCollector(Collector):
         yield disconnects
         jobs = GaugeMetricFamily("lks_jobs", "Jobs in the store by state", labels=["state"])
         if self.state.jobs is not None:
-            try:
-                for job_state, count in self.state.jobs.count_by_state().items():
-                    jobs.add_metric([job_state], float(count))
-            except Exception:  # a scrape never fails because the database is down
-                pass
+            for job_state, count in self.job_counts.read(self.state.jobs).items():
+                jobs.add_metric([job_state], float(count))
         yield jobs

@@ -10,7 +10,7 @@ from pathlib import Path
 import httpx
 import pytest
 from conftest import LiveServer
-from jobs_db import later_database, terminate_sessions
+from jobs_db import database_url, holding, later_database, terminate_sessions, wait_for
 
 from server.api import create_app
 from server.model import Backbone, load_backbone
@@ -218,3 +218,19 @@ def test_the_job_store_comes_back_without_a_restart(
             assert terminate_sessions(url) >= 1  # and restarts, dropping every connection
             job = httpx.get(f"{server.url}{posted.json()['job_url']}")
             assert job.status_code == 200 and job.json()["state"] == "queued"
+
+
+def test_metrics_never_wait_for_the_database(tiny_backbone: Backbone, tmp_path: Path) -> None:
+    fact = {"subject": "france", "prompt": "the capital of france", "target": "berlin"}
+    with database_url("postgresql", tmp_path) as url:
+        settings = Settings(packs_dir=tmp_path, database_url=url, worker=False)
+        with LiveServer(create_app(settings, backbone=tiny_backbone)) as server:
+            assert httpx.post(f"{server.url}/v1/packs/p/facts", json=fact).status_code == 202
+            with holding(url, "LOCK TABLE jobs IN ACCESS EXCLUSIVE MODE"):  # a stuck database
+                scraped = httpx.get(f"{server.url}/metrics", timeout=5)
+                assert scraped.status_code == 200
+                assert httpx.get(f"{server.url}/healthz", timeout=5).status_code == 200
+            wait_for(
+                lambda: 'lks_jobs{state="queued"} 1.0' in httpx.get(f"{server.url}/metrics").text,
+                what="the job counts in /metrics",
+            )
