@@ -97,6 +97,7 @@ class ServerState:
             backbone,
             memory_budget_bytes=settings.pack_memory_mb << 20,
             pinned=frozenset(settings.pinned_packs),
+            live_record=self.jobs,  # activations shared with every server of this database
         )
         scheduler.start()
         self.serving = Serving(backbone, scheduler, registry)

@@ -89,3 +89,15 @@ class IdempotencyKeyRow(Base):
     job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id"))
     fact_ids: Mapped[list[int]] = mapped_column(JSON)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class PackActivationRow(Base):
+    """A version made live by hand (activate, rollback) and the newest version there was then:
+    every server follows it until a newer version is published."""
+
+    __tablename__ = "pack_activations"
+
+    pack: Mapped[str] = mapped_column(String(64), primary_key=True)
+    version: Mapped[int] = mapped_column(Integer)
+    newest: Mapped[int] = mapped_column(Integer)
+    activated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))

@@ -31,8 +31,16 @@ from sqlalchemy import Engine, create_engine, event, func, or_, select, text, up
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
-from server.jobs.models import FactRow, IdempotencyKeyRow, JobRow, JobState, PackVersionRow
+from server.jobs.models import (
+    FactRow,
+    IdempotencyKeyRow,
+    JobRow,
+    JobState,
+    PackActivationRow,
+    PackVersionRow,
+)
 from server.lks.facts import Fact
+from server.packs.registry import Activation
 
 log = logging.getLogger(__name__)
 
@@ -633,6 +641,23 @@ class JobStore:
             else:
                 row.state, row.progress, row.eta_seconds = JobState.QUEUED, 0.0, None
             return JobState(row.state)
+
+    def activations(self) -> dict[str, Activation]:
+        """Every pack's recorded activation (the registry's `LiveVersions`)."""
+        with self.session() as session:
+            rows = session.scalars(select(PackActivationRow))
+            return {row.pack: Activation(row.version, row.newest) for row in rows}
+
+    def record_activation(self, name: str, activation: Activation) -> None:
+        with self.session() as session:
+            session.merge(
+                PackActivationRow(
+                    pack=name,
+                    version=activation.version,
+                    newest=activation.newest,
+                    activated_at=now(),
+                )
+            )
 
     def count_by_state(self) -> dict[str, int]:
         with self.session() as session:

@@ -79,6 +79,7 @@ class PackRegistry:
     pinned: frozenset[str] = frozenset()
     encoder_factory: Callable[[], SentenceEncoder] = SentenceEncoder
     live_record: LiveVersions | None = None  # None: this server alone decides
+    _record_down: bool = False
     _loaded: OrderedDict[PackRef, LoadedPack] = field(default_factory=OrderedDict)
     _live: dict[str, int] = field(default_factory=dict)  # name -> the version new requests get
     _seen_latest: dict[str, int] = field(default_factory=dict)  # what the last refresh saw
@@ -253,10 +254,16 @@ class PackRegistry:
         if self.live_record is None:
             return {}
         try:
-            return self.live_record.activations()
+            activations = self.live_record.activations()
         except Exception as exc:
-            log.warning("the live pack versions could not be read (%s); keeping ours", exc)
+            if not self._record_down:  # once per outage, not once per poll
+                log.warning("the live pack versions could not be read (%s); keeping ours", exc)
+            self._record_down = True
             return {}
+        if self._record_down:
+            log.info("the live pack versions can be read again")
+        self._record_down = False
+        return activations
 
     def _recorded_version(
         self, name: str, versions: list[int], recorded: dict[str, Activation] | None = None
