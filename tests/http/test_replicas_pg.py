@@ -67,13 +67,23 @@ def served_version(url: str) -> str:
     return label.split(":")[0]
 
 
-def wait_for(urls: list[str], version: str) -> float:
-    """Seconds until every server serves `version` (fails past the bound)."""
+def live_version(url: str) -> int:
+    """The version a server makes live for new requests (a cheap read: no generation)."""
+    response = httpx.get(f"{url}/v1/packs/p", timeout=60)
+    assert response.status_code == 200, response.text
+    return int(response.json()["live_version"])
+
+
+def wait_for(urls: list[str], version: int) -> float:
+    """Seconds until every server makes `version` live (fails well past the bound), then
+    checks that generation uses it."""
     started = time.monotonic()
-    while {served_version(url) for url in urls} != {version}:
-        assert time.monotonic() - started < BOUND_SECONDS + 2, f"not all on {version}"
-        time.sleep(0.05)
-    return time.monotonic() - started
+    while {live_version(url) for url in urls} != {version}:
+        assert time.monotonic() - started < BOUND_SECONDS + 5, f"not all on {version}"
+        time.sleep(0.02)
+    elapsed = time.monotonic() - started
+    assert {served_version(url) for url in urls} == {f"p@{version}"}
+    return elapsed
 
 
 def test_one_live_version_across_replicas(tiny_model_dirs: dict[str, Path], tmp_path: Path) -> None:
@@ -97,8 +107,8 @@ def test_one_live_version_across_replicas(tiny_model_dirs: dict[str, Path], tmp_
                 assert served_version(first) == served_version(second) == "p@2"
                 activated = httpx.post(f"{first}/v1/packs/p/versions/1:activate", timeout=60)
                 assert activated.status_code == 200, activated.text
-                assert wait_for([first, second], "p@1") <= BOUND_SECONDS
+                assert wait_for([first, second], 1) <= BOUND_SECONDS
             with serving(env) as restarted:
                 assert served_version(restarted) == "p@1", "a restart keeps the activation"
                 publish_subject_pack(store, "p", backbone, [SUBJECT], seed=3)
-                wait_for([first, restarted], "p@3")  # a newer version supersedes it
+                wait_for([first, restarted], 3)  # a newer version supersedes it
