@@ -106,10 +106,32 @@ def _weight(text: str) -> float:
     return value
 
 
+def _contexts(text: str) -> tuple[str, ...]:
+    """Answer contexts from the command line: a comma-separated list, or none."""
+    from server.lks.answers import CONTEXTS
+
+    if text.strip() == "none":
+        return ()
+    chosen = tuple(c.strip() for c in text.split(",") if c.strip())
+    unknown = [c for c in chosen if c not in CONTEXTS]
+    if unknown or not chosen:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: choose from {', '.join(CONTEXTS)} (comma-separated), or none"
+        )
+    return chosen
+
+
 def _train_config(args: argparse.Namespace) -> Any:
     from server.lks.train import TrainConfig
 
-    names = ("epochs", "lr", "layer", "seed", "continuation_weight", "repetition_weight")
+    names = (
+        "epochs",
+        "lr",
+        "layer",
+        "seed",
+        "continuation_weight",
+        "repetition_weight",
+    )
     overrides = {k: getattr(args, k) for k in names}
     return TrainConfig(**{k: v for k, v in overrides.items() if v is not None})
 
@@ -199,10 +221,24 @@ def cmd_eval(args: argparse.Namespace) -> int:
         cache_budget_bytes=settings.train_cache_mb << 20,
     )
     samples: list[GenerationSample] | None = [] if args.samples is not None else None
-    metrics = evaluate(backbone, items, edit_set, samples=samples)
-    if samples is not None:
+    answers: list[dict[str, Any]] | None = [] if args.samples is not None else None
+    metrics = evaluate(
+        backbone,
+        items,
+        edit_set,
+        samples=samples,
+        contexts=args.contexts,
+        answer_samples=answers,
+    )
+    if samples is not None and answers is not None:
+        # one file: the answers in each context, then the bare continuations behind exact match
+        # and fluency (context "continuation")
         with args.samples.open("w") as out:
-            out.writelines(json.dumps(dataclasses.asdict(s)) + "\n" for s in samples)
+            out.writelines(json.dumps(record) + "\n" for record in answers)
+            out.writelines(
+                json.dumps({"context": "continuation", **dataclasses.asdict(s)}) + "\n"
+                for s in samples
+            )
     report = {
         "dataset": args.dataset,
         "split": args.split,
@@ -217,6 +253,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         "repetition_weight": config.repetition_weight,
         # which relation head the gate used (generality and locality depend on it)
         "gate_threshold": round(float(gate.threshold), 4),
+        "contexts": ",".join(args.contexts),
     }
     if args.json:
         print(json.dumps(report))
@@ -390,7 +427,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--samples",
         type=Path,
         metavar="PATH",
-        help="write each item's edited and unedited generations (JSONL) to PATH",
+        help="write each item's edited and unedited answers in each context, and its bare "
+        "continuations (JSONL), to PATH",
+    )
+    evaluate.add_argument(
+        "--contexts",
+        type=_contexts,
+        default=_contexts("bare,qa,chat"),
+        metavar="LIST",
+        help="where answers are generated and judged: comma-separated of bare, qa, chat "
+        "(default all three), or none",
     )
     add_train_options(evaluate)
     evaluate.set_defaults(handler=cmd_eval)

@@ -134,7 +134,23 @@ def test_eval_trains_and_reports_under_the_chosen_protocol(
     report = json.loads(capsys.readouterr().out)
     assert report["protocol"] == protocol
     # the per-item generations are what the row's exact match and fluency average
-    samples = [json.loads(line) for line in samples_path.read_text().splitlines()]
+    records = [json.loads(line) for line in samples_path.read_text().splitlines()]
+    samples = [r for r in records if r["context"] == "continuation"]
+    # ... and the answers in each context are what its answer metrics average
+    answers = [r for r in records if r["context"] != "continuation"]
+    assert report["contexts"] == "bare,qa,chat"
+    assert {(r["context"], r["kind"]) for r in answers} == {
+        (c, k) for c in ("bare", "qa", "chat") for k in ("question", "paraphrase", "locality")
+    }
+    for context in ("bare", "qa", "chat"):
+        hits = [
+            r["answer_hit"] for r in answers if (r["context"], r["kind"]) == (context, "question")
+        ]
+        assert round(sum(hits) / len(hits), 4) == report[f"{context}_question_answer_hit"]
+        kept = [
+            r["unchanged"] for r in answers if (r["context"], r["kind"]) == (context, "locality")
+        ]
+        assert round(sum(kept) / len(kept), 4) == report[f"{context}_locality"]
     assert [(s["prompt"], s["target"]) for s in samples] == [
         (i["prompt"], i["target"]) for i in items
     ]
@@ -149,7 +165,7 @@ def test_eval_trains_and_reports_under_the_chosen_protocol(
     assert report["gate_threshold"] == round(RelationHead.load().threshold, 4)
     expected = [[i["locality"]["prompt"]] for i in items] if protocol == "reference" else [[], []]
     assert trained_on == expected
-    assert main([*argv, "--protocol", protocol]) == 0
+    assert main([*argv, "--protocol", protocol, "--contexts", "none"]) == 0
     assert re.search(rf"^ +protocol  {protocol} \(training ", capsys.readouterr().out, re.M)
 
 
