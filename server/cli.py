@@ -121,6 +121,13 @@ def _contexts(text: str) -> tuple[str, ...]:
     return chosen
 
 
+def _teacher_contexts(text: str) -> tuple[str, ...]:
+    chosen = tuple(c.strip() for c in text.split(",") if c.strip())
+    if not chosen or any(c not in ("chat", "free", "bare") for c in chosen):
+        raise argparse.ArgumentTypeError(f"{text!r}: choose from chat, free, bare")
+    return chosen
+
+
 def _train_config(args: argparse.Namespace) -> Any:
     from server.lks.train import TrainConfig
 
@@ -131,6 +138,8 @@ def _train_config(args: argparse.Namespace) -> Any:
         "seed",
         "continuation_weight",
         "repetition_weight",
+        "teacher_weight",
+        "teacher_contexts",
     )
     overrides = {k: getattr(args, k) for k in names}
     return TrainConfig(**{k: v for k, v in overrides.items() if v is not None})
@@ -251,6 +260,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         # the after-target terms change fluency and generality: each row says what it used
         "continuation_weight": config.continuation_weight,
         "repetition_weight": config.repetition_weight,
+        "teacher_weight": config.teacher_weight,
+        "teacher_contexts": ",".join(config.teacher_contexts),
         # which relation head the gate used (generality and locality depend on it)
         "gate_threshold": round(float(gate.threshold), 4),
         "contexts": ",".join(args.contexts),
@@ -396,6 +407,18 @@ def build_parser() -> argparse.ArgumentParser:
             "--repetition-weight",
             type=_weight,
             help="unlikelihood of saying the new target again after it (default 0.3; 0: off)",
+        )
+        command.add_argument(
+            "--teacher-weight",
+            type=_weight,
+            help="KL to the unedited model's answer when told the fact (0: off)",
+        )
+        command.add_argument(
+            "--teacher-contexts",
+            type=_teacher_contexts,
+            metavar="LIST",
+            help="where the teacher answers: comma-separated of chat (after the target), "
+            "free (chat, its own sentence), bare",
         )
 
     train = commands.add_parser("train", help="train a new version of a pack from facts (JSONL)")
