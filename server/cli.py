@@ -140,6 +140,7 @@ def _train_config(args: argparse.Namespace) -> Any:
         "repetition_weight",
         "teacher_weight",
         "teacher_contexts",
+        "teacher_tokens",
     )
     overrides = {k: getattr(args, k) for k in names}
     return TrainConfig(**{k: v for k, v in overrides.items() if v is not None})
@@ -262,6 +263,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         "repetition_weight": config.repetition_weight,
         "teacher_weight": config.teacher_weight,
         "teacher_contexts": ",".join(config.teacher_contexts),
+        "teacher_tokens": config.teacher_tokens,
+        "epochs": config.epochs,
         # which relation head the gate used (generality and locality depend on it)
         "gate_threshold": round(float(gate.threshold), 4),
         "contexts": ",".join(args.contexts),
@@ -412,6 +415,9 @@ def build_parser() -> argparse.ArgumentParser:
             "--teacher-weight",
             type=_weight,
             help="KL to the unedited model's answer when told the fact (0: off)",
+        )
+        command.add_argument(
+            "--teacher-tokens", type=int, help="the teacher's answer is cut after this many tokens"
         )
         command.add_argument(
             "--teacher-contexts",
