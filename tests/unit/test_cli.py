@@ -189,3 +189,34 @@ def test_a_bad_loss_weight_is_refused_before_anything_loads(
         main(["eval", "--dataset", "zsre", "--repetition-weight", value])
     assert exit_info.value.code == 2
     assert "--repetition-weight" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [
+        ("--contexts", "chatty"),
+        ("--contexts", ","),
+        ("--teacher-contexts", "qa"),
+        ("--teacher-weight", "-1"),
+    ],
+)
+def test_bad_answer_and_teacher_options_are_refused_before_anything_loads(
+    option: str, value: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from server.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["eval", "--dataset", "zsre", option, value])
+    assert exit_info.value.code == 2
+    assert option in capsys.readouterr().err
+
+
+def test_answer_contexts_parse_from_a_list_or_none() -> None:
+    from server.cli import build_parser
+
+    parser = build_parser()
+    assert parser.parse_args(["eval", "--dataset", "zsre"]).contexts == ("bare", "qa", "chat")
+    assert parser.parse_args(["eval", "--dataset", "zsre", "--contexts", "chat"]).contexts == (
+        "chat",
+    )
+    assert parser.parse_args(["eval", "--dataset", "zsre", "--contexts", "none"]).contexts == ()
