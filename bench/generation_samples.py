@@ -36,10 +36,17 @@ def describe(samples: list[dict]) -> list[str]:
     return lines
 
 
+def continuations(records: list[dict]) -> list[dict]:
+    """The bare continuations of a samples file (since issue 20 it also holds answers in each
+    context; older files hold continuations only, without a context)."""
+    return [r for r in records if r.get("context", "continuation") == "continuation"]
+
+
 def main(paths: list[str]) -> None:
     for path in paths:
         print(f"{path}:")
-        print("\n".join(f"  {line}" for line in describe(read_jsonl(Path(path)))))
+        samples = continuations(read_jsonl(Path(path)))
+        print("\n".join(f"  {line}" for line in describe(samples)))
 
 
 if __name__ == "__main__":

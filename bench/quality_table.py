@@ -1,4 +1,10 @@
-"""Turn `lks eval --json` lines (stdin) into the quality table of docs/results/quality.md."""
+"""Turn `lks eval --json` lines (stdin) into the quality table of docs/results/quality.md (stdout).
+
+The headline is what a user reads (issue 20): greedy chat answers, edited against unedited
+(answer_hit on the question and its paraphrase, degenerate answers, the target said twice,
+answers that stop, same-subject other questions unchanged), then bare-prompt degeneration;
+the teacher-forced scores follow as secondary columns. Rows from before the answer metrics
+show "-" there."""
 
 import json
 import sys
@@ -7,6 +13,15 @@ METRIC, AS_IS = "{:.3f}", "{}"
 COLUMNS = [  # (key, title, format)
     ("dataset", "data", AS_IS),
     ("n", "N", AS_IS),
+    ("chat_question_answer_hit", "chat hit q", METRIC),
+    ("chat_paraphrase_answer_hit", "chat hit para", METRIC),
+    ("chat_question_degenerate", "chat degen edited", METRIC),
+    ("chat_question_degenerate_unedited", "chat degen unedited", METRIC),
+    ("chat_question_target_repeats", "chat target x2", METRIC),
+    ("chat_question_stops", "chat stops", METRIC),
+    ("chat_locality", "chat loc", METRIC),
+    ("bare_question_degenerate", "bare degen edited", METRIC),
+    ("bare_question_degenerate_unedited", "bare degen unedited", METRIC),
     ("reliability", "rel", METRIC),
     ("generality", "gen", METRIC),
     ("locality", "loc", METRIC),

@@ -23,7 +23,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from generation_samples import describe, read_jsonl
+from generation_samples import continuations, describe, read_jsonl
 
 from server.lks.evaluate import says_target
 
@@ -100,7 +100,7 @@ def main() -> None:
             f"| {whole[metric] - mean:+.3f} |"
         )
     if args.samples is not None:
-        samples = read_jsonl(args.samples)
+        samples = continuations(read_jsonl(args.samples))
         print_per_window(windows, samples, args.window, args.total)
         print("\n" + "\n".join(describe(samples)))
 

@@ -106,10 +106,42 @@ def _weight(text: str) -> float:
     return value
 
 
+def _contexts(text: str) -> tuple[str, ...]:
+    """Answer contexts from the command line: a comma-separated list, or none."""
+    from server.lks.answers import CONTEXTS
+
+    if text.strip() == "none":
+        return ()
+    chosen = tuple(c.strip() for c in text.split(",") if c.strip())
+    unknown = [c for c in chosen if c not in CONTEXTS]
+    if unknown or not chosen:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: choose from {', '.join(CONTEXTS)} (comma-separated), or none"
+        )
+    return chosen
+
+
+def _teacher_contexts(text: str) -> tuple[str, ...]:
+    chosen = tuple(c.strip() for c in text.split(",") if c.strip())
+    if not chosen or any(c not in ("chat", "free", "bare") for c in chosen):
+        raise argparse.ArgumentTypeError(f"{text!r}: choose from chat, free, bare")
+    return chosen
+
+
 def _train_config(args: argparse.Namespace) -> Any:
     from server.lks.train import TrainConfig
 
-    names = ("epochs", "lr", "layer", "seed", "continuation_weight", "repetition_weight")
+    names = (
+        "epochs",
+        "lr",
+        "layer",
+        "seed",
+        "continuation_weight",
+        "repetition_weight",
+        "teacher_weight",
+        "teacher_contexts",
+        "teacher_tokens",
+    )
     overrides = {k: getattr(args, k) for k in names}
     return TrainConfig(**{k: v for k, v in overrides.items() if v is not None})
 
@@ -199,10 +231,24 @@ def cmd_eval(args: argparse.Namespace) -> int:
         cache_budget_bytes=settings.train_cache_mb << 20,
     )
     samples: list[GenerationSample] | None = [] if args.samples is not None else None
-    metrics = evaluate(backbone, items, edit_set, samples=samples)
-    if samples is not None:
+    answers: list[dict[str, Any]] | None = [] if args.samples is not None else None
+    metrics = evaluate(
+        backbone,
+        items,
+        edit_set,
+        samples=samples,
+        contexts=args.contexts,
+        answer_samples=answers,
+    )
+    if samples is not None and answers is not None:
+        # one file: the answers in each context, then the bare continuations behind exact match
+        # and fluency (context "continuation")
         with args.samples.open("w") as out:
-            out.writelines(json.dumps(dataclasses.asdict(s)) + "\n" for s in samples)
+            out.writelines(json.dumps(record) + "\n" for record in answers)
+            out.writelines(
+                json.dumps({"context": "continuation", **dataclasses.asdict(s)}) + "\n"
+                for s in samples
+            )
     report = {
         "dataset": args.dataset,
         "split": args.split,
@@ -215,8 +261,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
         # the after-target terms change fluency and generality: each row says what it used
         "continuation_weight": config.continuation_weight,
         "repetition_weight": config.repetition_weight,
+        "teacher_weight": config.teacher_weight,
+        "teacher_contexts": ",".join(config.teacher_contexts),
+        "teacher_tokens": config.teacher_tokens,
+        "epochs": config.epochs,
         # which relation head the gate used (generality and locality depend on it)
         "gate_threshold": round(float(gate.threshold), 4),
+        "contexts": ",".join(args.contexts),
     }
     if args.json:
         print(json.dumps(report))
@@ -418,6 +469,21 @@ def build_parser() -> argparse.ArgumentParser:
             type=_weight,
             help="unlikelihood of saying the new target again after it (default 0.3; 0: off)",
         )
+        command.add_argument(
+            "--teacher-weight",
+            type=_weight,
+            help="KL to the unedited model's answer when told the fact (0: off)",
+        )
+        command.add_argument(
+            "--teacher-tokens", type=int, help="the teacher's answer is cut after this many tokens"
+        )
+        command.add_argument(
+            "--teacher-contexts",
+            type=_teacher_contexts,
+            metavar="LIST",
+            help="where the teacher answers: comma-separated of chat (after the target), "
+            "free (chat, its own sentence), bare",
+        )
 
     train = commands.add_parser("train", help="train a new version of a pack from facts (JSONL)")
     train.add_argument("--facts", required=True, help='JSONL: {"subject","prompt","target"} a line')
@@ -448,7 +514,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--samples",
         type=Path,
         metavar="PATH",
-        help="write each item's edited and unedited generations (JSONL) to PATH",
+        help="write each item's edited and unedited answers in each context, and its bare "
+        "continuations (JSONL), to PATH",
+    )
+    evaluate.add_argument(
+        "--contexts",
+        type=_contexts,
+        default=_contexts("bare,qa,chat"),
+        metavar="LIST",
+        help="where answers are generated and judged: comma-separated of bare, qa, chat "
+        "(default all three), or none",
     )
     add_train_options(evaluate)
     evaluate.set_defaults(handler=cmd_eval)

@@ -74,17 +74,22 @@ class EditSet:
         tokenizer: PreTrainedTokenizerBase,
         pairs: Sequence[tuple[str, str | None]],
         chunk: int = 512,
+        *,
+        templated: Sequence[bool] | None = None,
     ) -> list[EncodedText]:
         """(context, target or None) pairs tokenised with this set's gated edits placed. The gate
         queries of each chunk go through the encoder as one batch: one pass per match would
-        dominate an evaluation's text handling. A chunk's queries fit the encoder's memo."""
+        dominate an evaluation's text handling. A chunk's queries fit the encoder's memo.
+        `templated[i]`: context i is a rendered chat, which carries its special tokens."""
+        flags = list(templated) if templated is not None else [False] * len(pairs)
+        assert len(flags) == len(pairs), "one templated flag per pair"
         encoded: list[EncodedText] = []
         for start in range(0, len(pairs), chunk):
             part = pairs[start : start + chunk]
             prime_gates([(context, [self]) for context, _ in part])
             encoded += [
-                encode(tokenizer, self.index, context, target, allow=self.allow)
-                for context, target in part
+                encode(tokenizer, self.index, context, target, templated=flag, allow=self.allow)
+                for (context, target), flag in zip(part, flags[start : start + chunk], strict=True)
             ]
         return encoded
 

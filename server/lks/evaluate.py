@@ -8,14 +8,14 @@ import math
 import time
 from collections import Counter
 from collections.abc import Sequence
-from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
+from server.lks.answers import Context, answer_metrics, applied_edits, encode_texts, generate
 from server.lks.apply import EditSet
 from server.lks.facts import Fact
-from server.lks.hook import EditPlan
 from server.lks.scope import EncodedText, length_batches, pad_batch
 from server.model.backbone import Backbone
 
@@ -45,17 +45,6 @@ def _mean(values: Sequence[float]) -> float:
     return sum(values) / len(values) if values else math.nan
 
 
-def _applied(
-    backbone: Backbone, table: EditSet | None, edits: list[tuple[int, int, int]]
-) -> AbstractContextManager[None]:
-    """The next forward pass with `edits` (batch row, position, subject row) of `table`."""
-    if table is None:
-        return nullcontext()
-    planned = [(row, position, table.deltas[subject]) for row, position, subject in edits]
-    plan = EditPlan.build(planned, hidden_size=backbone.hidden_size, device=backbone.device)
-    return backbone.edit_hooks.at(table.layer).plan(plan)
-
-
 def _keeps_some_logits(model: torch.nn.Module) -> bool:
     """Whether the model's forward can skip the output head at positions nobody reads (the
     head is about a fifth of the default model's compute)."""
@@ -82,7 +71,7 @@ def top1_predictions(
         extra = (
             {"logits_to_keep": torch.tensor(positions, device=backbone.device)} if keep_some else {}
         )
-        with _applied(backbone, table, edits):
+        with applied_edits(backbone, table, edits):
             logits = backbone.model(input_ids=ids, attention_mask=mask, **extra).logits
         for row, (index, seq) in enumerate(zip(batch, chunk, strict=True)):
             at = [column[p] for p in seq.predict_at] if column is not None else seq.predict_at
@@ -111,7 +100,6 @@ def ngram_entropy(text: str) -> float:
     return sum(w * e for w, e in zip(weights, entropies, strict=True)) / sum(weights)
 
 
-@torch.inference_mode()
 def greedy_generations(
     backbone: Backbone,
     prompts: Sequence[str],
@@ -119,41 +107,39 @@ def greedy_generations(
     max_new_tokens: int = 24,
     batch_size: int = 64,
 ) -> list[str]:
-    """Batched greedy generation with LEFT padding: the plan's positions shift by each row's
-    pad count, as a serving batch's do. Prompts of similar length share a batch; on the CPU a
-    decode step of 64 rows costs little more than one of 16 (the weights are read once)."""
-    tokenizer = backbone.tokenizer
-    encoded = (
-        table.encode_all(tokenizer, [(p, None) for p in prompts])
-        if table is not None
-        else [EncodedText(tokenizer(p)["input_ids"], [], [], []) for p in prompts]
+    """Batched greedy continuations of bare prompts (the exact-match and fluency figures)."""
+    encoded = encode_texts(backbone, [(p, False) for p in prompts], table)
+    return [a.text for a in generate(backbone, encoded, table, max_new_tokens, batch_size)]
+
+
+def _continuation_metrics(
+    backbone: Backbone,
+    items: Sequence[EvalItem],
+    table: EditSet,
+    fluency: bool,
+    samples: list[GenerationSample] | None,
+) -> dict[str, float]:
+    """Bare-prompt continuations (24 tokens): exact match, and n-gram entropy with `fluency`."""
+    metrics: dict[str, float] = {}
+    prompts = [it.fact.prompt for it in items]
+    edited_text = greedy_generations(backbone, prompts, table)
+    metrics["exact_match"] = _mean(
+        [float(says_target(t, it.fact.target)) for t, it in zip(edited_text, items, strict=True)]
     )
-    outputs = [""] * len(prompts)
-    for batch in length_batches([len(e.ids) for e in encoded], batch_size):
-        width = max(len(encoded[i].ids) for i in batch)
-        ids = torch.full((len(batch), width), int(tokenizer.pad_token_id), dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        edits = []
-        for row, index in enumerate(batch):
-            enc = encoded[index]
-            pad = width - len(enc.ids)
-            ids[row, pad:] = torch.tensor(enc.ids)
-            mask[row, pad:] = 1
-            edits += [(row, pad + pos, s) for s, pos in enc.edits]
-        with _applied(backbone, table, edits):
-            out = backbone.model.generate(
-                input_ids=ids.to(backbone.device),
-                attention_mask=mask.to(backbone.device),
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                top_k=None,
-                pad_token_id=tokenizer.pad_token_id,
-                eos_token_id=backbone.eos_token_ids,
-            )
-        texts = tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
-        for index, text in zip(batch, texts, strict=True):
-            outputs[index] = text
-    return outputs
+    if fluency:
+        base_text = greedy_generations(backbone, prompts, None)
+        edited_fluency = [ngram_entropy(t) for t in edited_text]
+        base_fluency = [ngram_entropy(t) for t in base_text]
+        metrics["fluency_edited"] = _mean(edited_fluency)
+        metrics["fluency_unedited"] = _mean(base_fluency)
+        if samples is not None:
+            samples += [
+                GenerationSample(it.fact.prompt, it.fact.target, *generated)
+                for it, *generated in zip(
+                    items, edited_text, base_text, edited_fluency, base_fluency, strict=True
+                )
+            ]
+    return metrics
 
 
 def evaluate(
@@ -164,9 +150,13 @@ def evaluate(
     fluency: bool = True,
     generations: bool = True,
     samples: list[GenerationSample] | None = None,
+    contexts: Sequence[Context] = (),
+    answer_samples: list[dict[str, Any]] | None = None,
 ) -> dict[str, float]:
     """Teacher-forced metrics; with `generations`, also greedy exact match (and `fluency`).
-    `samples`, when given, receives each item's generations (it needs `fluency`)."""
+    `samples`, when given, receives each item's generations (it needs `fluency`). `contexts`
+    (answers.CONTEXTS: what users see) adds the answer metrics of answers.py in each, and
+    `answer_samples` receives their per-answer records."""
     assert samples is None or (generations and fluency), "samples need generations and fluency"
     started = time.perf_counter()
     tokenizer = backbone.tokenizer
@@ -200,26 +190,9 @@ def evaluate(
             [_accuracy(p, s.target_ids) for p, s in zip(base_rel, rel, strict=True)]
         ),
     }
-    if not generations:
-        metrics["eval_seconds"] = time.perf_counter() - started
-        return metrics
-    prompts = [it.fact.prompt for it in items]
-    edited_text = greedy_generations(backbone, prompts, table)
-    metrics["exact_match"] = _mean(
-        [float(says_target(t, it.fact.target)) for t, it in zip(edited_text, items, strict=True)]
-    )
-    if fluency:
-        base_text = greedy_generations(backbone, prompts, None)
-        edited_fluency = [ngram_entropy(t) for t in edited_text]
-        base_fluency = [ngram_entropy(t) for t in base_text]
-        metrics["fluency_edited"] = _mean(edited_fluency)
-        metrics["fluency_unedited"] = _mean(base_fluency)
-        if samples is not None:
-            samples += [
-                GenerationSample(it.fact.prompt, it.fact.target, *generated)
-                for it, *generated in zip(
-                    items, edited_text, base_text, edited_fluency, base_fluency, strict=True
-                )
-            ]
+    if generations:
+        metrics.update(_continuation_metrics(backbone, items, table, fluency, samples))
+    if contexts:
+        metrics.update(answer_metrics(backbone, items, table, contexts, samples=answer_samples))
     metrics["eval_seconds"] = time.perf_counter() - started
     return metrics

@@ -71,6 +71,14 @@ class TrainConfig:
     # splits 0.3 lifts fluency at every N (CounterFact N=2,000: 0.58 -> 2.68 of 3.74 unedited)
     # for at most 0.04 generality (README, Quality).
     repetition_weight: float = 0.3
+    # KL(teacher || edited) over a teacher's answer: the unedited model, told the fact in its
+    # context ("Fact: <prompt> <target>."), answers the question in its own words; the edited
+    # model, asked the bare question, should answer as it does (its sentence, its end of turn).
+    teacher_weight: float = 0.0
+    teacher_tokens: int = 24  # the teacher's answer is cut here (its end of turn included)
+    # where: "chat" (the chat template), "bare" (the prompt as it is); "free": in chat the
+    # teacher answers freely (the target where it puts it) instead of after the target
+    teacher_contexts: tuple[str, ...] = ("chat",)
 
     def resolve_layer(self, num_layers: int) -> int:
         layer = self.layer if self.layer is not None else round(0.6 * num_layers)
@@ -199,6 +207,89 @@ def after_target_sequences(
     one would."""
     texts = dict.fromkeys(join_target(f.prompt, f.target) for f in facts)
     return continued_sequences(backbone, index, list(texts), positions, batch_size)
+
+
+TEACHER_FACT = "Fact: {prompt} {target}.\n"
+
+
+def _teacher_texts(
+    backbone: Backbone, fact: Fact, context: str
+) -> tuple[str, bool, str, bool, bool]:
+    """(student text, templated, teacher text, templated, forced) for one fact in one teacher
+    context: the teacher's text holds the fact before the same question. `forced`: both texts
+    end with the target, whose continuation the teacher gives; otherwise the teacher answers
+    the question from its start."""
+    from server.lks.answers import user_message
+
+    told = TEACHER_FACT.format(prompt=fact.prompt.strip(), target=fact.target.strip())
+    if context == "bare":
+        student = join_target(fact.prompt, fact.target)
+        return student, False, told + student, False, True
+    message = user_message(fact.prompt)
+    student = backbone.render_chat([{"role": "user", "content": message}])
+    teacher = backbone.render_chat([{"role": "user", "content": told + message}])
+    if context == "free":
+        return student, True, teacher, True, False
+    assert context == "chat", f"unknown teacher context {context!r}"
+    return student + fact.target, True, teacher + fact.target, True, True
+
+
+@torch.inference_mode()
+def teacher_sequences(
+    backbone: Backbone,
+    index: SubjectIndex,
+    facts: Sequence[Fact],
+    contexts: Sequence[str],
+    max_tokens: int,
+    batch_size: int = 32,
+) -> tuple[list[EncodedText], list[torch.Tensor]]:
+    """For each fact and teacher context, the student's text extended by the teacher's greedy
+    answer (up to `max_tokens`, its end of turn included), with the teacher's final states
+    [P, H] at the positions that predict it. A free answer that does not say the target in its
+    first sentence is dropped: it would teach the edit to keep the old answer."""
+    from server.lks.answers import answer_hit, encode_texts, generate
+
+    tokenizer = backbone.tokenizer
+    jobs = [(fact, *_teacher_texts(backbone, fact, c)) for fact in facts for c in contexts]
+    students = [
+        encode(tokenizer, index, text, templated=templated) for _, text, templated, *_ in jobs
+    ]
+    teachers = encode_texts(backbone, [(t, tm) for *_, t, tm, _ in jobs], None)
+    answers = generate(backbone, teachers, None, max_tokens, batch_size=64)
+    eos = set(backbone.eos_token_ids)
+    head_ids = [list(answer.tokens) for answer in answers]
+    keep = [
+        i
+        for i, (job, student, answer) in enumerate(zip(jobs, students, answers, strict=True))
+        if student.edits and answer.tokens and (job[-1] or answer_hit(answer.text, [job[0].target]))
+    ]
+    sequences: list[EncodedText | None] = [None] * len(keep)
+    references: list[torch.Tensor | None] = [None] * len(keep)
+    base, pad_id = backbone.model.base_model, int(tokenizer.pad_token_id)
+    full = [teachers[i].ids + head_ids[i] for i in keep]
+    for batch in length_batches([len(f) for f in full], batch_size):
+        chunk = [EncodedText(full[j], [], [], []) for j in batch]
+        ids, mask = pad_batch(chunk, pad_id, backbone.device)
+        final = base(input_ids=ids, attention_mask=mask).last_hidden_state
+        for row, j in enumerate(batch):
+            item = keep[j]
+            said, start = head_ids[item], len(teachers[item].ids) - 1
+            references[j] = final[row, start : start + len(said)].float()
+            student = students[item]
+            first = len(student.ids) - 1
+            sequences[j] = EncodedText(
+                ids=student.ids + said[:-1],
+                edits=student.edits,
+                target_ids=said,
+                predict_at=list(range(first, first + len(said))),
+            )
+    log.info(
+        "teacher: %d of %d answers kept (%d end their turn)",
+        len(keep),
+        len(jobs),
+        sum(1 for i in keep if head_ids[i][-1] in eos),
+    )
+    return sequences, references  # type: ignore[return-value]
 
 
 def repeated_tokens(
@@ -463,7 +554,18 @@ class Trainer:
             if config.repetition_weight > 0
             else [None] * len(after)
         )
+        taught, teacher = (
+            teacher_sequences(
+                backbone, index, trained, config.teacher_contexts, config.teacher_tokens
+            )
+            if config.teacher_weight > 0
+            else ([], [])
+        )
         sequences = [TrainingSequence(s) for s in self._sequences(trained, index)]
+        sequences += [
+            TrainingSequence(s, reference, config.teacher_weight)
+            for s, reference in zip(taught, teacher, strict=True)
+        ]
         sequences += [
             TrainingSequence(s, reference, config.locality_weight)
             for s, reference in zip(local, unedited, strict=True)

@@ -139,7 +139,23 @@ def test_eval_trains_and_reports_under_the_chosen_protocol(
     report = json.loads(capsys.readouterr().out)
     assert report["protocol"] == protocol
     # the per-item generations are what the row's exact match and fluency average
-    samples = [json.loads(line) for line in samples_path.read_text().splitlines()]
+    records = [json.loads(line) for line in samples_path.read_text().splitlines()]
+    samples = [r for r in records if r["context"] == "continuation"]
+    # ... and the answers in each context are what its answer metrics average
+    answers = [r for r in records if r["context"] != "continuation"]
+    assert report["contexts"] == "bare,qa,chat"
+    assert {(r["context"], r["kind"]) for r in answers} == {
+        (c, k) for c in ("bare", "qa", "chat") for k in ("question", "paraphrase", "locality")
+    }
+    for context in ("bare", "qa", "chat"):
+        hits = [
+            r["answer_hit"] for r in answers if (r["context"], r["kind"]) == (context, "question")
+        ]
+        assert round(sum(hits) / len(hits), 4) == report[f"{context}_question_answer_hit"]
+        kept = [
+            r["unchanged"] for r in answers if (r["context"], r["kind"]) == (context, "locality")
+        ]
+        assert round(sum(kept) / len(kept), 4) == report[f"{context}_locality"]
     assert [(s["prompt"], s["target"]) for s in samples] == [
         (i["prompt"], i["target"]) for i in items
     ]
@@ -154,7 +170,7 @@ def test_eval_trains_and_reports_under_the_chosen_protocol(
     assert report["gate_threshold"] == round(RelationHead.load().threshold, 4)
     expected = [[i["locality"]["prompt"]] for i in items] if protocol == "reference" else [[], []]
     assert trained_on == expected
-    assert main([*argv, "--protocol", protocol]) == 0
+    assert main([*argv, "--protocol", protocol, "--contexts", "none"]) == 0
     assert re.search(rf"^ +protocol  {protocol} \(training ", capsys.readouterr().out, re.M)
 
 
@@ -258,3 +274,34 @@ def test_serve_refuses_to_start_without_its_keys_file(
     assert result.returncode == 2
     assert result.stderr.startswith(f"lks: error: not serving: API keys file {keys_file} does")
     assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [
+        ("--contexts", "chatty"),
+        ("--contexts", ","),
+        ("--teacher-contexts", "qa"),
+        ("--teacher-weight", "-1"),
+    ],
+)
+def test_bad_answer_and_teacher_options_are_refused_before_anything_loads(
+    option: str, value: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from server.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["eval", "--dataset", "zsre", option, value])
+    assert exit_info.value.code == 2
+    assert option in capsys.readouterr().err
+
+
+def test_answer_contexts_parse_from_a_list_or_none() -> None:
+    from server.cli import build_parser
+
+    parser = build_parser()
+    assert parser.parse_args(["eval", "--dataset", "zsre"]).contexts == ("bare", "qa", "chat")
+    assert parser.parse_args(["eval", "--dataset", "zsre", "--contexts", "chat"]).contexts == (
+        "chat",
+    )
+    assert parser.parse_args(["eval", "--dataset", "zsre", "--contexts", "none"]).contexts == ()

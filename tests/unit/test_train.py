@@ -298,6 +298,46 @@ def test_after_target_terms_take_part_in_training(tiny_model_dirs: dict[str, Pat
     assert not torch.equal(plain.deltas, unrepeated.deltas)
 
 
+def test_teacher_sequences_hold_the_student_to_the_told_models_answer(
+    tiny_model_dirs: dict[str, Path],
+) -> None:
+    """The teacher is the unedited model with the fact before the question; the student's
+    sequence is the bare question (no fact) followed by the teacher's own greedy answer, and its
+    references are the teacher's final states at the positions that predict that answer."""
+    from server.lks.answers import encode_texts, generate
+    from server.lks.train import TEACHER_FACT, teacher_sequences
+
+    backbone = _backbone(tiny_model_dirs, "llama", dtype="float32")
+    scope = Scope.from_facts(FACTS)
+    sequences, references = teacher_sequences(backbone, scope.index(), FACTS, ("bare",), 4)
+    assert len(sequences) == len(references) == len(FACTS)
+    base = backbone.model.base_model
+    for fact, seq, reference in zip(FACTS, sequences, references, strict=True):
+        student = join_target(fact.prompt, fact.target)
+        teacher = TEACHER_FACT.format(prompt=fact.prompt, target=fact.target) + student
+        student_ids = backbone.tokenizer(student)["input_ids"]
+        (answer,) = generate(backbone, encode_texts(backbone, [(teacher, False)], None), None, 4)
+        assert seq.ids[: len(student_ids)] == student_ids and seq.edits
+        assert seq.target_ids == list(answer.tokens)  # the teacher's words, end of turn and all
+        assert seq.predict_at[0] == len(student_ids) - 1
+        teacher_ids = backbone.tokenizer(teacher)["input_ids"] + list(answer.tokens)
+        with torch.no_grad():
+            states = base(input_ids=torch.tensor([teacher_ids], device=backbone.device))
+        first = len(teacher_ids) - len(answer.tokens) - 1
+        expected = states.last_hidden_state[0, first : first + len(answer.tokens)]
+        torch.testing.assert_close(reference, expected.float(), atol=1e-5, rtol=1e-4)
+
+
+def test_the_teacher_term_takes_part_in_training(tiny_model_dirs: dict[str, Path]) -> None:
+    backbone = _backbone(tiny_model_dirs, "llama")
+    config = replace(CONFIG, epochs=1, min_steps=1)
+    plain = Trainer(backbone, config).train(FACTS)
+    taught = Trainer(
+        backbone, replace(config, teacher_weight=1.0, teacher_contexts=("bare", "chat"))
+    ).train(FACTS)
+    assert not torch.equal(plain.deltas, taught.deltas)
+
+
 def test_training_counts_the_locality_prompts_it_used(tiny_model_dirs: dict[str, Path]) -> None:
     backbone = _backbone(tiny_model_dirs, "llama")
     config = replace(CONFIG, epochs=1, min_steps=1)

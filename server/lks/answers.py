@@ -1,0 +1,341 @@
+"""What a user reads: greedy answers, edited and unedited, in the contexts users ask in.
+
+Teacher-forced scores (evaluate.py) say whether the target's tokens are the top-1 after a prompt;
+they say nothing about what follows. An edit whose answer says the target and then repeats it
+("Ersteampelteampelteampel...") scores 1.0 there. This module generates answers the way a user
+gets them and judges them with plain, checkable rules:
+
+- `answer_hit`: the target (or an alias) appears in the answer's first sentence;
+- `degenerate`: the answer repeats itself (a 3-word sequence three times, a word of four or more
+  letters five times, or a character pattern three times in a row);
+- `target_repeats`: the target is said more than once;
+- `stops`: the answer ends (end of turn / end of sequence) within the token budget;
+- locality: the answer to another question about the same subject is unchanged.
+
+Contexts: the bare prompt, a question-answer instruction and the chat template. A statement-style
+prompt (CounterFact's cloze "The mother tongue of X is") becomes the user message "Complete the
+sentence: ...": the unedited default model answers it with the finished sentence, where a bare
+"Complete: ..." more often gets a description of the subject (docs/results/natural_edits.md).
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from collections.abc import Sequence
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
+
+import torch
+
+from server.lks.hook import EditPlan
+from server.lks.scope import EncodedText, length_batches
+from server.model.backbone import Backbone
+
+if TYPE_CHECKING:
+    from server.lks.apply import EditSet
+    from server.lks.evaluate import EvalItem
+
+Context = Literal["bare", "qa", "chat"]
+CONTEXTS: tuple[Context, ...] = ("bare", "qa", "chat")
+Kind = Literal["question", "paraphrase", "locality"]
+KINDS: tuple[Kind, ...] = ("question", "paraphrase", "locality")
+MAX_ANSWER_TOKENS = 40  # what issue 20's trial through /v1/chat/completions used
+CLOZE_INSTRUCTION = "Complete the sentence: "
+
+# ---------------------------------------------------------------------------------------------
+# The rules, on text alone
+
+
+def user_message(prompt: str) -> str:
+    """What a user would type for a benchmark prompt: a question as it is, a cloze statement as
+    an instruction to complete it."""
+    return prompt if prompt.rstrip().endswith("?") else CLOZE_INSTRUCTION + prompt
+
+
+def render(backbone: Backbone, context: Context, prompt: str) -> tuple[str, bool]:
+    """(text the model reads, whether it is already templated) for `prompt` in `context`."""
+    if context == "bare":
+        return prompt, False
+    if context == "qa":
+        return f"Question: {user_message(prompt)}\nAnswer:", False
+    if context == "chat":
+        return backbone.render_chat([{"role": "user", "content": user_message(prompt)}]), True
+    raise ValueError(f"unknown context {context!r}; choose one of {', '.join(CONTEXTS)}")
+
+
+def _target_pattern(target: str) -> re.Pattern[str]:
+    """The target as a phrase: case-insensitive, any run of spaces, and word boundaries on the
+    sides where it starts or ends with a letter or digit ("Ersteampelteampel" does not say
+    "Ersteampel"; "C++" may be followed by anything)."""
+    words = [re.escape(w) for w in target.split()]
+    body = r"\s+".join(words)
+    left = r"(?<!\w)" if target.strip()[:1].isalnum() else ""
+    right = r"(?!\w)" if target.strip()[-1:].isalnum() else ""
+    return re.compile(left + body + right, re.IGNORECASE)
+
+
+def target_spans(text: str, targets: Sequence[str]) -> list[tuple[int, int]]:
+    """Where any of `targets` is said in `text` (non-overlapping per target)."""
+    spans = []
+    for target in targets:
+        if target.strip():
+            spans += [m.span() for m in _target_pattern(target).finditer(text)]
+    return sorted(spans)
+
+
+# a period after one of these (or after a single capital letter: "J. R. R. Tolkien", "U.S.")
+# does not end a sentence
+ABBREVIATIONS = frozenset(
+    {"mr", "mrs", "ms", "dr", "st", "mt", "jr", "sr", "co", "inc", "ltd", "vs", "etc", "no"}
+    | {"fr", "gen", "gov", "sen", "rep", "prof", "ft"}
+)
+_SENTENCE_END = re.compile(r"[.!?](?=\s|$)|\n")
+
+
+def first_sentence(text: str, targets: Sequence[str] = ()) -> str:
+    """The answer up to its first sentence end: a newline, or . ! ? followed by a space or the
+    end, except after an abbreviation or initial, or inside a target ("Washington, D.C.")."""
+    text = text.lstrip()
+    protected = target_spans(text, targets)
+    for match in _SENTENCE_END.finditer(text):
+        at = match.start()
+        if any(start <= at < end for start, end in protected):
+            continue
+        if match.group() == ".":
+            before = re.search(r"(\w+)$", text[:at])
+            word = before.group(1) if before else ""
+            if word.lower() in ABBREVIATIONS or (len(word) == 1 and word.isupper()):
+                continue
+        return text[: at + (match.group() != "\n")]
+    return text
+
+
+def answer_hit(answer: str, targets: Sequence[str]) -> bool:
+    """The target, or one of its aliases, appears in the answer's first sentence."""
+    return bool(target_spans(first_sentence(answer, targets), targets))
+
+
+def target_repeats(answer: str, targets: Sequence[str]) -> bool:
+    """The target (any of its names) is said more than once in the whole answer."""
+    return len(target_spans(answer, targets)) > 1
+
+
+_REPEATED_PATTERN = re.compile(r"(?=(.{2,}?)\1\1)", re.DOTALL)
+
+
+def degeneration(answer: str) -> str | None:
+    """Why the answer repeats itself, or None: a 3-word sequence three times, a word of four or
+    more letters five times, or a pattern of two or more characters (with a letter in it) three
+    times in a row ("teampelteampelteampel")."""
+    words = [w.lower() for w in re.findall(r"\w+", answer)]
+    trigrams = Counter(zip(words, words[1:], words[2:], strict=False))
+    if trigrams and max(trigrams.values()) >= 3:
+        gram = trigrams.most_common(1)[0][0]
+        return f"3-word sequence {' '.join(gram)!r} three times"
+    long_words = Counter(w for w in words if len(w) >= 4 and w.isalpha())
+    if long_words and max(long_words.values()) >= 5:
+        return f"word {long_words.most_common(1)[0][0]!r} five times"
+    for match in _REPEATED_PATTERN.finditer(answer):
+        unit = match.group(1)
+        if any(c.isalpha() for c in unit):
+            return f"pattern {unit!r} three times in a row"
+    return None
+
+
+def degenerate(answer: str) -> bool:
+    return degeneration(answer) is not None
+
+
+# ---------------------------------------------------------------------------------------------
+# Generating answers
+
+
+@dataclass(frozen=True)
+class Answer:
+    text: str
+    stopped: bool  # an end-of-turn / end-of-sequence token came within the budget
+    edited: bool = False  # an edit was applied to the prompt (the gate opened)
+    tokens: tuple[int, ...] = ()  # what was generated, up to and with the end of turn
+
+
+def applied_edits(
+    backbone: Backbone, table: EditSet | None, edits: list[tuple[int, int, int]]
+) -> AbstractContextManager[None]:
+    """The next forward pass with `edits` (batch row, position, subject row) of `table`."""
+    if table is None or not edits:
+        return nullcontext()
+    planned = [(row, position, table.deltas[subject]) for row, position, subject in edits]
+    plan = EditPlan.build(planned, hidden_size=backbone.hidden_size, device=backbone.device)
+    return backbone.edit_hooks.at(table.layer).plan(plan)
+
+
+@torch.inference_mode()
+def generate(
+    backbone: Backbone,
+    encoded: Sequence[EncodedText],
+    table: EditSet | None,
+    max_new_tokens: int = MAX_ANSWER_TOKENS,
+    batch_size: int = 64,
+) -> list[Answer]:
+    """Batched greedy generation with LEFT padding: the plan's positions shift by each row's
+    pad count, as a serving batch's do. Texts of similar length share a batch; on the CPU a
+    decode step of 64 rows costs little more than one of 16 (the weights are read once)."""
+    tokenizer = backbone.tokenizer
+    pad_id, eos = int(tokenizer.pad_token_id), set(backbone.eos_token_ids)
+    answers: list[Answer | None] = [None] * len(encoded)
+    for batch in length_batches([len(e.ids) for e in encoded], batch_size):
+        width = max(len(encoded[i].ids) for i in batch)
+        ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        edits = []
+        for row, index in enumerate(batch):
+            enc = encoded[index]
+            pad = width - len(enc.ids)
+            ids[row, pad:] = torch.tensor(enc.ids)
+            mask[row, pad:] = 1
+            if table is not None:
+                edits += [(row, pad + pos, s) for s, pos in enc.edits]
+        with applied_edits(backbone, table, edits):
+            out = backbone.model.generate(
+                input_ids=ids.to(backbone.device),
+                attention_mask=mask.to(backbone.device),
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                top_k=None,
+                pad_token_id=pad_id,
+                eos_token_id=backbone.eos_token_ids,
+            )
+        new = out[:, width:].tolist()
+        texts = tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
+        for row, index in enumerate(batch):
+            edited = table is not None and bool(encoded[index].edits)
+            said = new[row]
+            end = next((i for i, t in enumerate(said) if t in eos), None)
+            tokens = tuple(said if end is None else said[: end + 1])
+            answers[index] = Answer(texts[row], end is not None, edited, tokens)
+    return answers  # type: ignore[return-value]
+
+
+def encode_texts(
+    backbone: Backbone, texts: Sequence[tuple[str, bool]], table: EditSet | None
+) -> list[EncodedText]:
+    """(text, templated) pairs tokenised, with `table`'s gated edits placed (none without one).
+    A templated text carries its special tokens already."""
+    tokenizer = backbone.tokenizer
+    if table is not None:
+        return table.encode_all(
+            tokenizer, [(t, None) for t, _ in texts], templated=[tm for _, tm in texts]
+        )
+    return [
+        EncodedText(tokenizer(t, add_special_tokens=not tm)["input_ids"], [], [], [])
+        for t, tm in texts
+    ]
+
+
+def answer_pairs(
+    backbone: Backbone,
+    texts: Sequence[tuple[str, bool]],
+    table: EditSet,
+    max_new_tokens: int = MAX_ANSWER_TOKENS,
+) -> tuple[list[Answer], list[Answer]]:
+    """(edited, unedited) answers to each (text, templated). A text the table edits nowhere
+    (no subject, or the gate stays shut) is computed once: its edited answer IS the unedited
+    one, as in serving, where such a request runs with no edit at all."""
+    plain = encode_texts(backbone, texts, None)
+    unedited = generate(backbone, plain, None, max_new_tokens)
+    encoded = encode_texts(backbone, texts, table)
+    touched = [i for i, e in enumerate(encoded) if e.edits]
+    edited = list(unedited)
+    redone = generate(backbone, [encoded[i] for i in touched], table, max_new_tokens)
+    for index, answer in zip(touched, redone, strict=True):
+        edited[index] = answer
+    return edited, unedited
+
+
+# ---------------------------------------------------------------------------------------------
+# The metrics over a benchmark's items
+
+
+def _mean(values: Sequence[float]) -> float:
+    return sum(values) / len(values) if values else float("nan")
+
+
+def _prompt(item: EvalItem, kind: Kind) -> str | None:
+    if kind == "question":
+        return item.fact.prompt
+    if kind == "paraphrase":
+        return item.generality
+    return item.locality_prompt
+
+
+def answer_metrics(
+    backbone: Backbone,
+    items: Sequence[EvalItem],
+    table: EditSet,
+    contexts: Sequence[Context] = CONTEXTS,
+    *,
+    max_new_tokens: int = MAX_ANSWER_TOKENS,
+    samples: list[dict[str, Any]] | None = None,
+) -> dict[str, float]:
+    """`{context}_{kind}_{metric}` for each context; kinds question and paraphrase get
+    answer_hit (edited and `_unedited`), degenerate (both), target_repeats, stops (both) and
+    `edited` (the share the gate opened for); `{context}_locality` is the share of same-subject
+    other questions whose answer is unchanged (with `{context}_locality_edited`, the share the
+    gate wrongly opened for). `samples` receives one record per item, context and kind."""
+    jobs: list[tuple[int, Context, Kind, str]] = []
+    for index, item in enumerate(items):
+        for context in contexts:
+            for kind in KINDS:
+                prompt = _prompt(item, kind)
+                if prompt:
+                    jobs.append((index, context, kind, prompt))
+    texts = [render(backbone, context, prompt) for _, context, _, prompt in jobs]
+    edited, unedited = answer_pairs(backbone, texts, table, max_new_tokens)
+    per: dict[tuple[Context, Kind], list[dict[str, Any]]] = {}
+    for (index, context, kind, prompt), new, old in zip(jobs, edited, unedited, strict=True):
+        targets = (items[index].fact.target,)
+        record: dict[str, Any] = {
+            "item": index,
+            "context": context,
+            "kind": kind,
+            "prompt": prompt,
+            "target": targets[0],
+            "edited": new.text,
+            "unedited": old.text,
+            "edit_applied": new.edited,
+            "degenerate_edited": degenerate(new.text),
+            "degenerate_unedited": degenerate(old.text),
+            "stops_edited": new.stopped,
+            "stops_unedited": old.stopped,
+        }
+        if kind == "locality":
+            record["unchanged"] = new.text == old.text
+        else:
+            record["answer_hit"] = answer_hit(new.text, targets)
+            record["answer_hit_unedited"] = answer_hit(old.text, targets)
+            record["target_repeats"] = target_repeats(new.text, targets)
+        per.setdefault((context, kind), []).append(record)
+        if samples is not None:
+            samples.append(record)
+    metrics: dict[str, float] = {}
+    for (context, kind), records in per.items():
+
+        def share(key: str, rows: list[dict[str, Any]] = records) -> float:
+            return _mean([float(r[key]) for r in rows])
+
+        if kind == "locality":
+            metrics[f"{context}_locality"] = share("unchanged")
+            metrics[f"{context}_locality_edited"] = share("edit_applied")
+            continue
+        prefix = f"{context}_{kind}"
+        metrics[f"{prefix}_answer_hit"] = share("answer_hit")
+        metrics[f"{prefix}_answer_hit_unedited"] = share("answer_hit_unedited")
+        metrics[f"{prefix}_degenerate"] = share("degenerate_edited")
+        metrics[f"{prefix}_degenerate_unedited"] = share("degenerate_unedited")
+        metrics[f"{prefix}_target_repeats"] = share("target_repeats")
+        metrics[f"{prefix}_stops"] = share("stops_edited")
+        metrics[f"{prefix}_stops_unedited"] = share("stops_unedited")
+        metrics[f"{prefix}_edited"] = share("edit_applied")
+    return metrics

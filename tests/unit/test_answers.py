@@ -1,0 +1,206 @@
+"""The answer metrics' definitions (issue 20) on hand-written answers, then on real generation
+with a tiny model: what a user would call a hit, a degenerate answer, a repeated target."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from factories import TEST_DEVICE, TINY_FACTS, TINY_TRAIN
+
+from server.lks.answers import (
+    Answer,
+    answer_hit,
+    answer_metrics,
+    answer_pairs,
+    degenerate,
+    degeneration,
+    encode_texts,
+    first_sentence,
+    generate,
+    render,
+    target_repeats,
+    user_message,
+)
+from server.lks.apply import EditSet
+from server.lks.evaluate import EvalItem
+from server.lks.train import Trainer
+from server.model import Backbone, load_backbone
+from server.settings import Settings
+
+# ---- answers from issue 20's trial and the README's samples -------------------------------
+
+
+@pytest.mark.parametrize(
+    ("answer", "target"),
+    [
+        ("The parent company of Banca Comercială Română is Ersteampel.", "Ersteampel"),
+        ("New South Wales, Australia. New South Wales, Australia.", "New South Wales"),
+        ("  \nMark Bradford is associated with the city of San  Diego.", "San Diego"),
+        ("The capital is Washington, D.C. It is large.", "Washington, D.C."),
+        ("Its author is J. R. R. Tolkien.", "Tolkien"),
+        ("It is in St. Louis, Missouri.", "Louis"),
+        ("the official language is ENGLISH", "English"),
+    ],
+)
+def test_a_target_in_the_first_sentence_is_a_hit(answer: str, target: str) -> None:
+    assert answer_hit(answer, [target])
+
+
+@pytest.mark.parametrize(
+    ("answer", "target"),
+    [
+        ("Banca Comercială Română is a Romanian bank. Its parent is Ersteampel.", "Ersteampel"),
+        ("Ersteampelteampelteampelteampel", "Ersteampel"),  # not the word the user asked for
+        ("Cerambycidaeaerasbycidae was a family of Vespaellidae", "Cerambycidae"),
+        ("The answer is:\nVietnam War.", "Vietnam War"),  # a line ends the first sentence
+        ("", "Paris"),
+        ("The city of Parisian fashion.", "Paris"),
+    ],
+)
+def test_a_target_missing_from_the_first_sentence_is_no_hit(answer: str, target: str) -> None:
+    assert not answer_hit(answer, [target])
+
+
+def test_an_alias_counts_as_the_target() -> None:
+    assert answer_hit("It is in the USA.", ["United States", "USA"])
+    assert not answer_hit("It is in the USA.", ["United States"])
+
+
+def test_first_sentence_ends_at_a_stop_a_question_mark_or_a_line() -> None:
+    assert first_sentence(" It is Paris. It is big.") == "It is Paris."
+    assert first_sentence("Is it Paris? Yes.") == "Is it Paris?"
+    assert first_sentence("Paris\nRome") == "Paris"
+    assert first_sentence("Version 2.5 is out. Good.") == "Version 2.5 is out."
+    assert first_sentence("no end at all") == "no end at all"
+
+
+@pytest.mark.parametrize(
+    ("answer", "why"),
+    [
+        ("Ersteampelteampelteampelteampelteampel", "pattern"),
+        ("Grande Noire Noire Grande Noire Grande Noire Noire Noire Noire", "word 'noire'"),
+        (
+            "Vietnam War. Vietnam War. China-Vietnam War. Vietnam War. China-Vietnam War.",
+            "word 'vietnam' five times",
+        ),
+        ("drabbinellellellell", "pattern"),
+        ("It is a major airport, a major airport and a major airport for all.", "3-word"),
+        ("hahaha", "pattern"),
+    ],
+)
+def test_answers_that_repeat_themselves_are_degenerate(answer: str, why: str) -> None:
+    reason = degeneration(answer)
+    assert reason is not None and why in reason
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        "Dalhousie Mountain is located in the state of New Zealand.",
+        "Frans Hals (1599-1699) was a Dutch artist who painted portraits in Haarlem.",
+        "It had 1,000,000 visitors in 2000 and 3000 in 1000 BC.",  # digits repeat, not words
+        "Then, then, then.",  # a short word three times is speech, not a loop
+        "The team won the cup; the team won the league.",  # a 3-word sequence twice
+        "",
+    ],
+)
+def test_ordinary_answers_are_not_degenerate(answer: str) -> None:
+    assert not degenerate(answer)
+
+
+def test_a_word_of_four_letters_five_times_is_degenerate_four_times_not() -> None:
+    assert degenerate("Rome is big. Rome is old. Rome is far. Rome is hot. Rome!")
+    assert not degenerate("Rome is big. Rome is old. Rome is far. Rome is hot.")
+
+
+def test_target_repeats_counts_whole_mentions() -> None:
+    assert target_repeats("Vietnam War. Vietnam War.", ["Vietnam War"])
+    assert target_repeats("It is PHP. php is a language.", ["PHP"])
+    assert not target_repeats("It is PHP, a scripting language.", ["PHP"])
+    assert not target_repeats("Ersteampelteampelteampel", ["Ersteampel"])  # said zero times
+
+
+def test_user_messages_keep_questions_and_ask_to_complete_statements() -> None:
+    assert user_message("Who owns X?") == "Who owns X?"
+    assert user_message("The mother tongue of X is") == (
+        "Complete the sentence: The mother tongue of X is"
+    )
+
+
+# ---- real generation on a tiny model ---------------------------------------------------------
+
+
+def _backbone(tiny_model_dirs: dict[str, Path]) -> Backbone:
+    return load_backbone(Settings(model=tiny_model_dirs["llama"], device=TEST_DEVICE))
+
+
+def _forced(backbone: Backbone, token: int, texts: list[tuple[str, bool]]) -> list[Answer]:
+    """Greedy answers with the output head biased so that `token` always wins."""
+    head = backbone.model.get_output_embeddings()
+    saved = head.bias
+    bias = torch.full((head.out_features,), -1e4, device=head.weight.device)
+    bias[token] = 1e4
+    head.bias = torch.nn.Parameter(bias, requires_grad=False)
+    try:
+        return generate(backbone, encode_texts(backbone, texts, None), None, max_new_tokens=7)
+    finally:
+        head.bias = saved
+
+
+def test_an_answer_stops_when_it_ends_within_the_budget(tiny_model_dirs: dict[str, Path]) -> None:
+    backbone = _backbone(tiny_model_dirs)
+    texts = [("the capital of france is", False), ("user : who", True)]
+    word = backbone.tokenizer.convert_tokens_to_ids("paris")
+    ended = _forced(backbone, backbone.eos_token_ids[0], texts)
+    running = _forced(backbone, word, texts)
+    assert all(a.stopped and a.text == "" for a in ended)
+    assert all(not a.stopped and a.text.split() == ["paris"] * 7 for a in running)
+    assert degenerate(running[0].text)
+
+
+def test_answers_in_every_context_edited_and_unedited(tiny_model_dirs: dict[str, Path]) -> None:
+    backbone = _backbone(tiny_model_dirs)
+    result = Trainer(backbone, TINY_TRAIN).train(TINY_FACTS)
+    table = EditSet(result.scope.subjects, result.deltas, result.layer)
+    items = [
+        EvalItem(
+            TINY_FACTS[0],
+            generality="the language of danielle darrieux",
+            locality_prompt="where was danielle darrieux born ?",
+        ),
+        EvalItem(TINY_FACTS[1], locality_prompt="who was born in paris ?"),  # names no subject
+    ]
+    samples: list[dict[str, object]] = []
+    metrics = answer_metrics(
+        backbone, items, table, ("bare", "chat"), max_new_tokens=6, samples=samples
+    )
+    assert len(samples) == 2 * (3 + 2)  # two contexts; the second item has no paraphrase
+    assert render(backbone, "chat", "who ?") == (
+        backbone.render_chat([{"role": "user", "content": "who ?"}]),
+        True,
+    )
+    # a prompt that names no edited subject is answered exactly as unedited
+    untouched = [s for s in samples if s["prompt"] == "who was born in paris ?"]
+    assert untouched and all(not s["edit_applied"] and s["unchanged"] for s in untouched)
+    # every question names its subject: the (gate-less) table edits it
+    assert metrics["bare_question_edited"] == metrics["chat_question_edited"] == 1.0
+    for key, value in metrics.items():
+        assert 0.0 <= value <= 1.0, key
+    hits = [s["answer_hit"] for s in samples if s["kind"] == "question" and s["context"] == "bare"]
+    assert metrics["bare_question_answer_hit"] == sum(map(float, hits)) / len(hits)  # type: ignore[arg-type]
+
+
+def test_edited_answers_are_generated_only_where_an_edit_applies(
+    tiny_model_dirs: dict[str, Path],
+) -> None:
+    backbone = _backbone(tiny_model_dirs)
+    result = Trainer(backbone, TINY_TRAIN).train(TINY_FACTS)
+    table = EditSet(result.scope.subjects, result.deltas, result.layer)
+    texts = [(TINY_FACTS[0].prompt, False), ("who was born in paris ?", False)]
+    edited, unedited = answer_pairs(backbone, texts, table, max_new_tokens=5)
+    assert edited[0].edited and not unedited[0].edited
+    assert edited[1] == unedited[1] and not edited[1].edited
+    alone = generate(backbone, encode_texts(backbone, texts[:1], table), table, 5)
+    assert edited[0] == alone[0]
