@@ -121,7 +121,7 @@ def test_a_huge_prompt_repeating_a_gated_subject_does_not_slow_others(
     """100,000 characters naming the pack's subject over and over: it is refused for its
     length after tokenising (off the engine thread), so it costs the engine nothing."""
     post(server.url, ORDINARY)  # warm
-    usual = ordinary_latency(server.url)
+    before = ordinary_latency(server.url)
     hostile = (f"Is {SUBJECT} worth a visit? " * 4000)[:100_000]
     stop = threading.Event()
     answers: list[int] = []
@@ -145,6 +145,8 @@ def test_a_huge_prompt_repeating_a_gated_subject_does_not_slow_others(
     finally:
         stop.set()
         sender.join(BOUND_SECONDS)
+    # alone before and after: what other work on the machine does to both moments counts once
+    usual = max(before, ordinary_latency(server.url))
     print(f"ordinary request: {usual:.3f} s alone, {loaded:.3f} s beside the flood")
     assert answers and set(answers) == {422}, answers
     assert loaded <= 2 * usual, (usual, loaded)
