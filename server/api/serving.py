@@ -148,7 +148,7 @@ class GenerationService:
         except BaseException:
             stream.abort()
             raise
-        if isinstance(first, Rejected):  # tokenised once, at admission: it does not fit
+        if isinstance(first, Rejected):  # prepared above, so only a bound the engine checks
             raise APIError(422, first.message, param=first.param)
         if not isinstance(first, Admitted):
             raise APIError(500, f"the engine answered {type(first).__name__} before admitting")

@@ -279,7 +279,7 @@ class BatchEngine:
         try:
             self._drop_finished()
             admitted = self._admit()
-            short = [row for row in admitted if not self._chunked(row)]
+            short = [row for row in admitted if not self._long(row.request)]
             if short:
                 self._prefill_and_join(short)
             if self._prefilling is None and len(short) < len(admitted):
@@ -348,9 +348,6 @@ class BatchEngine:
         assert request.prompt is not None
         chunk = self.prefill_chunk_tokens
         return chunk is not None and len(request.prompt.token_ids) > chunk
-
-    def _chunked(self, row: _Running) -> bool:
-        return self._long(row.request)
 
     def _row(self, request: EngineRequest) -> _Running:
         assert request.prompt is not None
