@@ -257,6 +257,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         "protocol": args.protocol,
         **{k: round(v, 4) for k, v in metrics.items()},
         "train_seconds": round(result.seconds, 1),
+        "train_cpu_seconds": round(result.cpu_seconds, 1),
         "epochs_run": result.epochs_run,
         # the after-target terms change fluency and generality: each row says what it used
         "continuation_weight": config.continuation_weight,
