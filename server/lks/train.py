@@ -119,10 +119,18 @@ class TrainResult:
     seconds: float
     history: list[float] = field(default_factory=list)
     locality_prompts: int = 0  # locality prompts that supervised training (they name a subject)
+    # the epochs planned, as the log counts them ("epoch 1 of 40"): config.epochs, or more for a
+    # small set (config.min_steps); 0 when the weights were applied without training
+    epochs: int = 0
 
     def training_record(self) -> dict[str, object]:
         record: dict[str, object] = asdict(self.config)
-        record.update(layer=self.layer, epochs_run=self.epochs_run, final_loss=self.final_loss)
+        record.update(
+            layer=self.layer,
+            epochs=self.epochs,
+            epochs_run=self.epochs_run,
+            final_loss=self.final_loss,
+        )
         record["locality_prompts"] = self.locality_prompts
         record["train_seconds"] = round(self.seconds, 2)
         return record
@@ -667,6 +675,7 @@ class Trainer:
             seconds=time.perf_counter() - started,
             history=history,
             locality_prompts=len(local),
+            epochs=epochs,
         )
 
     def _loss(
