@@ -13,8 +13,9 @@ from fastapi import APIRouter, Body, Depends, Header, Path, Query
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
+from server.api.auth import Caller
 from server.api.errors import APIError, redact_paths
-from server.api.state import Caller, CallerDep, JobStoreDep, StateDep, get_caller
+from server.api.state import CallerDep, JobStoreDep, StateDep, get_caller
 from server.jobs.store import (
     IdempotencyKeyReusedError,
     Job,
