@@ -122,10 +122,18 @@ class TrainResult:
     # CPU seconds the process spent (all its threads): on a machine shared with other work the
     # wall time says more about the others than about training
     cpu_seconds: float = math.nan
+    # the epochs planned, as the log counts them ("epoch 1 of 40"): config.epochs, or more for a
+    # small set (config.min_steps); 0 when the weights were applied without training
+    epochs: int = 0
 
     def training_record(self) -> dict[str, object]:
         record: dict[str, object] = asdict(self.config)
-        record.update(layer=self.layer, epochs_run=self.epochs_run, final_loss=self.final_loss)
+        record.update(
+            layer=self.layer,
+            epochs=self.epochs,
+            epochs_run=self.epochs_run,
+            final_loss=self.final_loss,
+        )
         record["locality_prompts"] = self.locality_prompts
         record["train_seconds"] = round(self.seconds, 2)
         return record
@@ -723,6 +731,7 @@ class Trainer:
             history=history,
             locality_prompts=len(local),
             cpu_seconds=time.process_time() - started_cpu,
+            epochs=epochs,
         )
 
     def _loss(
