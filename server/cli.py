@@ -509,12 +509,12 @@ def build_parser() -> argparse.ArgumentParser:
         command.add_argument(
             "--repetition-weight",
             type=_weight,
-            help="unlikelihood of saying the new target again after it (default 0.3; 0: off)",
+            help="unlikelihood of saying the new target again after it (default 0: off)",
         )
         command.add_argument(
             "--teacher-weight",
             type=_weight,
-            help="KL to the unedited model's answer when told the fact (0: off)",
+            help="KL to the unedited model's answer when told the fact (default 1; 0: off)",
         )
         command.add_argument(
             "--teacher-tokens", type=int, help="the teacher's answer is cut after this many tokens"

@@ -26,8 +26,9 @@ TINY_FACTS = [
     ),
     Fact(subject="france", prompt="the capital of france", target="berlin"),
 ]
-# The repetition term is off: a random tiny model cannot learn to say a target exactly once
-# (tests of the term set it); the real model's tests train with the default.
+# The repetition and teacher terms are off: a random tiny model cannot learn to say a target
+# exactly once, nor answer in a voice (tests of the terms set them); the real model's tests
+# train with the default.
 TINY_TRAIN = TrainConfig(
     layer=1,
     epochs=15,
@@ -37,6 +38,7 @@ TINY_TRAIN = TrainConfig(
     chat_variant=False,
     stop_loss=0.0,
     repetition_weight=0.0,
+    teacher_weight=0.0,
 )
 
 
