@@ -19,6 +19,7 @@ first read, since masked columns still enter the attention product and must be f
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 
 import torch
@@ -36,6 +37,12 @@ INITIAL_COLUMNS = 512  # uninitialised, so a roomy start costs no memory on the 
 def bucket(n: int, limit: int, *, minimum: int = 1) -> int:
     """`n` rounded up to a power of two (at least `minimum`), capped at `limit`."""
     size = max(minimum, 1 << max(0, n - 1).bit_length())
+    return min(size, limit)
+
+
+def row_bucket(n: int, limit: int) -> int:
+    """Rows padded for a compiled step: 1, 2, 4, 8, then multiples of 8, capped at `limit`."""
+    size = bucket(n, limit) if n <= 8 else -(-n // 8) * 8
     return min(size, limit)
 
 
@@ -159,29 +166,32 @@ def _prefill_layers(cache: DynamicCache) -> list[DynamicLayer]:
 
 
 class SlotDecoder:
-    """The decode step over slots: eager, or compiled once per shape bucket.
+    """The decode step over slots: eager, or compiled (`fullgraph`: the whole model in one graph).
 
-    Compiled, the step pads the rows and the columns it reads up to powers of two, so joins and
-    leaves reuse a few shapes; torch.compile's automatic dynamic shapes then cover the rest with
-    one more graph. On CUDA the mode is "reduce-overhead" (CUDA graphs) and the buffers are
-    marked static, so a replay reads them in place.
+    Compiled, the step pads the rows to a bucket (1, 2, 4, 8, then multiples of 8) and the
+    columns it reads to a power of two, and marks both dimensions dynamic: one graph for one row
+    and one for the rest, compiled on first use, so joins and leaves never recompile. On CUDA
+    the mode is "reduce-overhead" (CUDA graphs, one per bucket) and the buffers are marked
+    static, so a replay reads them in place. A step that cannot compile falls back to eager,
+    logged, for the life of the decoder.
     """
 
-    def __init__(self, model: torch.nn.Module, slots: int, *, compile: bool = False) -> None:
+    def __init__(
+        self, model: torch.nn.Module, slots: int, *, compile: bool = False, fullgraph: bool = True
+    ) -> None:
         self.model = model
         self.slots = slots
         self.compiled = compile
         self.kv: SlotKV | None = None
         self._view: SlotCacheView | None = None
         self._shapes: set[tuple[int, int]] = set()
-        implementation = model.config._attn_implementation
-        self._bool_mask = implementation == "sdpa"
+        self._bool_mask = model.config._attn_implementation == "sdpa"
         self._forward: Callable[..., torch.Tensor] = self._run
         if compile:
             device = next(model.parameters()).device
             mode = "reduce-overhead" if device.type == "cuda" else None
-            self._forward = torch.compile(self._run, mode=mode, dynamic=None)
-            log.info("the decode step is compiled lazily, per shape bucket (mode %s)", mode)
+            self._forward = torch.compile(self._run, mode=mode, fullgraph=fullgraph)
+            log.info("the decode step compiles on first use of a shape (mode %s)", mode)
 
     def join(self, cache: DynamicCache, rows: list[tuple[int, int, int]]) -> None:
         """Copy prefilled rows into their slots: (slot, row of `cache`, prompt length) each;
@@ -211,7 +221,7 @@ class SlotDecoder:
         kv, view = self.kv, self._view
         assert kv is not None and view is not None
         if self.compiled:
-            rows = bucket(max(slots) + 1, self.slots)
+            rows = row_bucket(max(slots) + 1, self.slots)
             width = bucket(max(lengths) + 1, kv.columns, minimum=MIN_COLUMNS)
         else:
             rows, width = max(slots) + 1, max(lengths) + 1
@@ -225,11 +235,32 @@ class SlotDecoder:
         valid = torch.arange(width, device=device)[None, :] <= columns[:, None]
         mask = valid if self._bool_mask else _additive(valid, kv.keys[0].dtype)
         view.columns, view.mask = columns, mask[:, None, None, :]
-        if self.compiled and (rows, width) not in self._shapes:
-            self._shapes.add((rows, width))
-            log.info("decode step: first pass at %d rows x %d columns", rows, width)
-        logits = self._forward(input_ids[:, None], columns[:, None], view.mask)
+        inputs = (input_ids[:, None], columns[:, None], view.mask)
+        logits = self._compiled(inputs, rows, width) if self.compiled else self._run(*inputs)
         return logits[index]
+
+    def _compiled(self, inputs: tuple[torch.Tensor, ...], rows: int, width: int) -> torch.Tensor:
+        for tensor in inputs:
+            torch._dynamo.maybe_mark_dynamic(tensor, 0)
+        torch._dynamo.maybe_mark_dynamic(inputs[2], 3)
+        first = (rows, width) not in self._shapes
+        self._shapes.add((rows, width))
+        started = time.perf_counter()
+        try:
+            logits = self._forward(*inputs)
+        except Exception:
+            log.exception("the compiled decode step failed; decoding eager from now on")
+            self.compiled = False
+            self._forward = self._run
+            return self._run(*inputs)
+        if first:
+            log.info(
+                "decode step: first pass at %d rows x %d columns took %.2f s (compiles if new)",
+                rows,
+                width,
+                time.perf_counter() - started,
+            )
+        return logits
 
     def _run(
         self, input_ids: torch.Tensor, position_ids: torch.Tensor, mask: torch.Tensor

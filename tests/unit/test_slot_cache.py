@@ -121,3 +121,42 @@ def test_growing_the_slots_keeps_the_written_columns(backbone: Backbone) -> None
     assert kv.columns == 64 == bucket(40, 1 << 20, minimum=64)
     for mine, layer in zip(kv.keys, cache.layers, strict=True):
         assert torch.equal(mine[2, :, :9], layer.keys[1])
+
+
+def long_prepared(backbone: Backbone, index: int) -> tuple[PreparedPrompt, SamplingParams]:
+    """As `prepared`, some long enough that the rows read past 64 columns (the next bucket)."""
+    prompt, params = prepared(backbone, index)
+    if index % 4 == 1:
+        prompt = PreparedPrompt((prompt.token_ids * 50)[:50], prompt.edits)
+        params = SamplingParams(max_tokens=20, ignore_eos=True)
+    return prompt, params
+
+
+def test_a_compiled_step_is_one_graph_and_stops_compiling_once_warm(
+    tiny_model_dirs: dict[str, Path],
+) -> None:
+    """`fullgraph=True` (the default): the edit hook and the slot cache trace without a break;
+    the compiled engine gives the eager engine's tokens, and rows joining and leaving at other
+    batch sizes and widths compile nothing more once one row and several rows have run."""
+    from torch._dynamo.utils import counters
+
+    backbone = load_backbone(Settings(model=tiny_model_dirs["llama"], device=TEST_DEVICE))
+
+    def workload(engine: BatchEngine, first: int, count: int) -> list[Generation]:
+        results = []
+        for index in range(first, first + count):  # one row alone first, then joins and leaves
+            prompt, params = long_prepared(backbone, index)
+            results.append(EngineRequest("", params, prompt=prompt))
+        return engine.generate(results[:1]) + engine.generate(results[1:])
+
+    compiled = BatchEngine(backbone, max_batch_size=8, compile_decode=True)
+    eager = BatchEngine(backbone, max_batch_size=8)
+    assert workload(compiled, 0, 4) == workload(eager, 0, 4)
+    assert compiled._slots is not None and compiled._slots.compiled, "no fallback to eager"
+    warm = counters["stats"]["unique_graphs"]
+    assert warm >= 1
+    assert workload(compiled, 10, 9) == workload(eager, 10, 9)
+    assert compiled._slots.compiled
+    assert counters["stats"]["unique_graphs"] == warm, "joins and leaves recompiled"
+    assert {rows for rows, _ in compiled._slots._shapes} >= {1, 2, 8}
+    assert {width for _, width in compiled._slots._shapes} == {64, 128}
