@@ -372,7 +372,7 @@ class BatchEngine:
             request,
             prompt.token_ids,
             prompt.edits,
-            make_rng(request.params),
+            make_rng(request.params, self.backbone.device),
             IncrementalDetokenizer(self.backbone.tokenizer),
         )
         row.emit(Admitted(len(prompt.token_ids), [e.label for e in prompt.edits]))
