@@ -1,12 +1,14 @@
-"""Decode benchmark: the engine's tokens/s on the default model by dtype, decode step and batch.
+"""Decode benchmark: the engine's decode step on the default model, by dtype, step and rows.
 
-Every configuration runs the same greedy requests (zsRE test prompts, exactly T new tokens,
-`ignore_eos`) through `BatchEngine.generate` in this one process, after one untimed warm-up
-pass of the same shapes (so a compiled step is compiled before it is timed). Configurations:
-the serving dtype (float32, bfloat16), the decode step (eager, compiled) and the rows decoded
-together (1, 16). Outputs a Markdown table; `--json` writes one JSON object per row.
+Every configuration is an engine of its own holding `rows` greedy requests (zsRE test prompts,
+`ignore_eos`); after a warm-up (a compiled step compiles there), the engines take one decode
+step each in turn, round after round, so drift and load from other work on the machine fall on
+all of them alike. A figure is the median step time (robust to a step stalled by another
+process) and rows / that median as tokens/s. Configurations: the serving dtype (float32,
+bfloat16), the decode step (eager, compiled) and the rows decoded together (1, 16). Outputs a
+Markdown table; `--json` writes one JSON object per row.
 
-    .venv/bin/python bench/decode.py [--tokens 64] [--dtypes float32 bfloat16] [--json out]
+    .venv/bin/python bench/decode.py [--rounds 48] [--dtypes float32 bfloat16] [--json out]
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import statistics
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -27,6 +30,7 @@ from server.model import load_backbone
 from server.settings import Settings
 
 log = logging.getLogger("bench.decode")
+WARM_UP_STEPS = 8
 
 
 @dataclass
@@ -35,22 +39,13 @@ class Row:
     step: str
     rows: int
     tokens_per_s: float
-    ms_per_step: float
-
-
-def measure(engine: BatchEngine, prompts: list[str], tokens: int) -> float:
-    """Seconds to generate `tokens` for every prompt, all decoding together."""
-    params = SamplingParams(max_tokens=tokens, ignore_eos=True)
-    started = time.perf_counter()
-    results = engine.generate([EngineRequest(p, params) for p in prompts])
-    elapsed = time.perf_counter() - started
-    assert all(r.tokens == tokens for r in results)
-    return elapsed
+    median_ms_per_step: float
+    p90_ms_per_step: float
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=48, help="timed steps per configuration")
     parser.add_argument("--rows", type=int, nargs="+", default=[1, 16])
     parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
     parser.add_argument("--steps", nargs="+", default=["eager", "compiled"])
@@ -60,7 +55,8 @@ def main() -> int:
     base = Settings()
     items = load_items(dataset_path(base.data_dir, "zsre"), "test", max(args.rows))
     prompts = [it.fact.prompt for it in items]
-    results: list[Row] = []
+    params = SamplingParams(max_tokens=WARM_UP_STEPS + args.rounds + 2, ignore_eos=True)
+    engines: dict[tuple[str, str, int], BatchEngine] = {}
     for dtype in args.dtypes:
         backbone = load_backbone(base.model_copy(update={"dtype": dtype}))
         for step in args.steps:
@@ -68,21 +64,35 @@ def main() -> int:
                 engine = BatchEngine(
                     backbone, max_batch_size=rows, compile_decode=step == "compiled"
                 )
-                measure(engine, prompts[:rows], args.tokens)  # warm-up: compiles, if it does
-                elapsed = measure(engine, prompts[:rows], args.tokens)
-                row = Row(
-                    dtype, step, rows, rows * args.tokens / elapsed, 1e3 * elapsed / args.tokens
-                )
-                log.info("%s", row)
-                results.append(row)
-        del backbone
+                for prompt in prompts[:rows]:
+                    engine.add(EngineRequest(prompt, params))
+                for _ in range(WARM_UP_STEPS):
+                    engine.step()
+                assert engine.running == rows
+                engines[(dtype, step, rows)] = engine
+                log.info("warm: %s %s %d rows", dtype, step, rows)
+    times: dict[tuple[str, str, int], list[float]] = {key: [] for key in engines}
+    for _ in range(args.rounds):
+        for key, engine in engines.items():
+            started = time.perf_counter()
+            engine.step()
+            times[key].append(time.perf_counter() - started)
+    results = []
+    for (dtype, step, rows), seconds in times.items():
+        median = statistics.median(seconds)
+        p90 = statistics.quantiles(seconds, n=10)[-1]
+        results.append(Row(dtype, step, rows, rows / median, 1e3 * median, 1e3 * p90))
     print(
-        f"\nmodel {base.model_name}, {args.tokens} new tokens, {torch.get_num_threads()} threads\n"
+        f"\nmodel {base.model_name}, {args.rounds} timed steps each, "
+        f"{torch.get_num_threads()} threads\n"
     )
-    print("| dtype | decode step | rows | tokens/s | ms per step |")
-    print("|---|---|---|---|---|")
+    print("| dtype | decode step | rows | tokens/s | median ms per step | p90 ms per step |")
+    print("|---|---|---|---|---|---|")
     for r in results:
-        print(f"| {r.dtype} | {r.step} | {r.rows} | {r.tokens_per_s:.1f} | {r.ms_per_step:.1f} |")
+        print(
+            f"| {r.dtype} | {r.step} | {r.rows} | {r.tokens_per_s:.1f} | "
+            f"{r.median_ms_per_step:.1f} | {r.p90_ms_per_step:.1f} |"
+        )
     if args.json:
         with args.json.open("w") as out:
             for r in results:
