@@ -5,7 +5,8 @@ Every configuration is an engine of its own holding `rows` greedy requests (zsRE
 step each in turn, round after round, so drift and load from other work on the machine fall on
 all of them alike. A figure is the median step time (robust to a step stalled by another
 process) and rows / that median as tokens/s. Configurations: the serving dtype (float32,
-bfloat16), the decode step (eager, compiled) and the rows decoded together (1, 16). Outputs a
+bfloat16), the decode step (eager or compiled on the slot cache; `dynamic`: eager on the
+re-batched `DynamicCache`) and the rows decoded together (1, 16). Outputs a
 Markdown table; `--json` writes one JSON object per row.
 
     .venv/bin/python bench/decode.py [--rounds 48] [--dtypes float32 bfloat16] [--json out]
@@ -48,7 +49,13 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=48, help="timed steps per configuration")
     parser.add_argument("--rows", type=int, nargs="+", default=[1, 16])
     parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
-    parser.add_argument("--steps", nargs="+", default=["eager", "compiled"])
+    parser.add_argument(
+        "--steps",
+        nargs="+",
+        choices=["dynamic", "eager", "compiled"],
+        default=["dynamic", "eager", "compiled"],
+        help="dynamic: the re-batched DynamicCache; eager and compiled: the slot cache",
+    )
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -62,7 +69,10 @@ def main() -> int:
         for step in args.steps:
             for rows in args.rows:
                 engine = BatchEngine(
-                    backbone, max_batch_size=rows, compile_decode=step == "compiled"
+                    backbone,
+                    max_batch_size=rows,
+                    slot_cache=step != "dynamic",
+                    compile_decode=step == "compiled",
                 )
                 for prompt in prompts[:rows]:
                     engine.add(EngineRequest(prompt, params))

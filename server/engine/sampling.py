@@ -57,13 +57,12 @@ def make_rng(params: SamplingParams, device: torch.device | str = "cpu") -> torc
     return torch.Generator(device=device).manual_seed(params.seed)
 
 
-def unusable(logits: torch.Tensor) -> torch.Tensor:
-    """[B] True where no sampler can use a row: a NaN or +inf anywhere, or nothing finite."""
-    return (
-        torch.isnan(logits).any(dim=-1)
-        | torch.isposinf(logits).any(dim=-1)
-        | torch.isneginf(logits).all(dim=-1)
-    )
+def best(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's greedy pick, and [B] True where no sampler can use the row (a NaN or +inf
+    anywhere, or nothing finite), in one pass: a row's maximum is NaN, +inf or -inf exactly
+    then."""
+    values, picks = logits.max(dim=-1)
+    return picks, ~torch.isfinite(values)
 
 
 def sample_rows(
@@ -76,8 +75,7 @@ def sample_rows(
     in one copy."""
     if not (logits.ndim == 2 and logits.shape[0] == len(params) == len(rngs)):
         raise ValueError(f"logits {tuple(logits.shape)} for {len(params)} rows")
-    bad = unusable(logits)
-    picks = logits.argmax(dim=-1)
+    picks, bad = best(logits)
     for row, (p, rng) in enumerate(zip(params, rngs, strict=True)):
         if not p.greedy:
             # a bad row is sampled from zeros (harmless) and reported below

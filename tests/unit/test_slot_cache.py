@@ -160,3 +160,20 @@ def test_a_compiled_step_is_one_graph_and_stops_compiling_once_warm(
     assert counters["stats"]["unique_graphs"] == warm, "joins and leaves recompiled"
     assert {rows for rows, _ in compiled._slots._shapes} >= {1, 2, 8}
     assert {width for _, width in compiled._slots._shapes} == {64, 128}
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_eager_attention_reads_the_slots_through_an_additive_mask(
+    family: str, tiny_model_dirs: dict[str, Path]
+) -> None:
+    """Eager attention adds its mask: the slot path builds that form for it, and falls back to
+    the re-batched `DynamicCache` for an attention it cannot mask."""
+    backbone = load_backbone(Settings(model=tiny_model_dirs[family], device=TEST_DEVICE))
+    backbone.model.set_attn_implementation("eager")
+    slot_engine = BatchEngine(backbone, max_batch_size=3)
+    assert slot_engine._slots is not None and not slot_engine._slots._bool_mask
+    dynamic_engine = BatchEngine(backbone, max_batch_size=3, slot_cache=False)
+    slots = run_joining_and_leaving(slot_engine, backbone, 7)
+    assert slots == run_joining_and_leaving(dynamic_engine, backbone, 7)
+    backbone.model.config._attn_implementation = "flash_attention_2"
+    assert BatchEngine(backbone)._slots is None
