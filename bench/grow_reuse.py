@@ -13,9 +13,9 @@ import logging
 import time
 from pathlib import Path
 
-from server.jobs.worker import facts_to_check
+from server.lks.build import facts_to_check
 from server.lks.datasets import dataset_path, load_items
-from server.lks.editor import KnownParts, pack_content, train_edits
+from server.lks.editor import KnownParts, apply_edits, train_edits
 from server.lks.evaluate import EvalItem, evaluate
 from server.lks.gate import SentenceEncoder
 from server.model import load_backbone
@@ -42,17 +42,14 @@ def main() -> int:
         value = fn()
         return value, round(time.perf_counter() - started, 2)
 
-    (result, gate, _), full_s = timed(lambda: train_edits(backbone, old, encoder))
-    weights = result.hypernet.state_dict()
-    known = KnownParts.from_content(pack_content(result, gate, old))
-    (plain, _, _), plain_s = timed(
-        lambda: train_edits(backbone, grown, encoder, warm_start=weights, apply_only=True)
+    trained, full_s = timed(lambda: train_edits(backbone, old, encoder))
+    weights = trained.result.hypernet.state_dict()
+    known = KnownParts.from_content(trained.content(old))
+    plain, plain_s = timed(lambda: apply_edits(backbone, grown, encoder, weights).result)
+    reused_edits, reused_s = timed(
+        lambda: apply_edits(backbone, grown, encoder, weights, known=known)
     )
-    (reused, _, edit_set), reused_s = timed(
-        lambda: train_edits(
-            backbone, grown, encoder, warm_start=weights, apply_only=True, known=known
-        )
-    )
+    reused, edit_set = reused_edits.result, reused_edits.edit_set
     checked = facts_to_check(grown, reused.scope, known, args.check_sample)
     everything, all_s = timed(
         lambda: evaluate(backbone, [EvalItem(f) for f in grown], edit_set, generations=False)

@@ -278,7 +278,8 @@ def cmd_grow_published(
     """The worker's growth at 10,000 facts: the published pack's weights applied to the grown
     fact set, reusing the blocks and gate embeddings the published version computed (only the
     new subjects cost a forward pass). Needs the pack `serve --packs-dir` published."""
-    from server.lks.editor import KnownParts, train_edits
+    from server.lks.build import BuildPolicy, StartingPoint, build_version
+    from server.lks.editor import KnownParts
     from server.lks.gate import SentenceEncoder
     from server.packs import PackStore
     from server.packs.names import PackRef
@@ -289,11 +290,14 @@ def cmd_grow_published(
     known = KnownParts.from_content(pack.content)
     old_items, new_items, weights = growth_inputs(args, settings)
     facts = [it.fact for it in old_items + new_items]
+    learned = frozenset(fact_key(f) for f in facts[: len(old_items)])
+    start = StartingPoint(weights, learned, known, source="massive")
     started = time.perf_counter()
-    result, _, _ = train_edits(
-        backbone, facts, SentenceEncoder(), TrainConfig(), warm_start=weights,
-        apply_only=True, known=known,
-    )  # fmt: skip
+    # the worker's first try, unchecked here: the previous weights as they are
+    candidate = build_version(
+        backbone, facts, SentenceEncoder(), start, BuildPolicy(quality_gate=False)
+    )
+    result = candidate.edits.result
     seconds = time.perf_counter() - started
     old_texts = [t for t in result.scope.feature_texts if t in known.blocks]
     row_of = {t: row for row, t in enumerate(result.scope.feature_texts)}
@@ -365,19 +369,18 @@ def build_massive_pack(
 ) -> dict[str, Any]:
     """Publish the 10,000-fact pack from trained hypernetwork weights: the subject table and
     the gate table are recomputed (the blocks are a function of the weights), as the worker's
-    growth does with `apply_only`."""
-    from server.lks.editor import backbone_info, pack_content, train_edits
+    growth first does."""
+    from server.lks.build import BuildPolicy, StartingPoint, build_version
+    from server.lks.editor import backbone_info
     from server.lks.gate import SentenceEncoder
     from server.packs import PackStore
 
     started = time.perf_counter()
-    weights = load_file(str(hypernet_path))
-    result, gate, _ = train_edits(
-        backbone, facts, SentenceEncoder(), TrainConfig(), warm_start=weights, apply_only=True
+    start = StartingPoint(load_file(str(hypernet_path)), frozenset(map(fact_key, facts)))
+    candidate = build_version(
+        backbone, facts, SentenceEncoder(), start, BuildPolicy(quality_gate=False)
     )
-    manifest = PackStore(packs_dir).publish(
-        name, pack_content(result, gate, facts), backbone_info(backbone)
-    )
+    manifest = PackStore(packs_dir).publish(name, candidate.content, backbone_info(backbone))
     return {"pack": manifest.name, "build_seconds": round(time.perf_counter() - started, 1)}
 
 

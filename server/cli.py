@@ -64,7 +64,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
         edit_sets.append(load_edit_set(pack, backbone, SentenceEncoder()))
     params = SamplingParams(
-        max_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed
+        max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed
     )
     text = (
         backbone.render_chat([{"role": "user", "content": args.prompt}])
@@ -167,37 +167,47 @@ def cmd_train(args: argparse.Namespace) -> int:
     _configure_logging(settings)
     from transformers.utils import logging as hf_logging
 
-    from server.lks.editor import backbone_info, pack_content, train_edits
-    from server.lks.evaluate import EvalItem, evaluate
+    from server.lks.build import BuildPolicy, build_version, latest_start
+    from server.lks.editor import backbone_info
     from server.lks.gate import SentenceEncoder
     from server.model import load_backbone
 
     hf_logging.disable_progress_bar()
+    policy = BuildPolicy.from_settings(
+        settings,
+        train=_train_config(args),
+        warm_start=args.warm_start,
+        growth=args.growth,
+        reuse=args.reuse,
+        quality_gate=args.quality_gate,
+    )
+    store = PackStore.from_settings(settings)
     backbone = load_backbone(settings)
-    result, gate_table, edit_set = train_edits(
+    start = latest_start(store, args.pack, backbone, policy.train)
+    candidate = build_version(
         backbone,
         parsed.facts,
         SentenceEncoder(),
-        _train_config(args),
+        start,
+        policy,
         progress=_progress_bar("training") if sys.stderr.isatty() else None,
-        cache_budget_bytes=settings.train_cache_mb << 20,
     )
-    metrics = evaluate(backbone, [EvalItem(f) for f in parsed.facts], edit_set, fluency=False)
-    manifest = PackStore.from_settings(settings).publish(
-        args.pack,
-        pack_content(result, gate_table, parsed.facts, _clean_metrics(metrics)),
-        backbone_info(backbone),
+    if candidate.rejection is not None:
+        raise CLIError(
+            f"{candidate.rejection}; nothing was published (--no-quality-gate publishes anyway)"
+        )
+    manifest = store.publish(args.pack, candidate.content, backbone_info(backbone))
+    metrics = candidate.metrics
+    checked = (
+        f"reliability {metrics['reliability']:.3f}" if "reliability" in metrics else "not checked"
     )
+    warm = f", warm start from {start.source}" if metrics["warm_start"] else ""
     print(
         f"published {manifest.name}@{manifest.version}: {manifest.subject_count} subjects, "
-        f"{len(parsed.facts)} facts, reliability {metrics['reliability']:.3f}, "
-        f"trained in {result.seconds:.0f} s"
+        f"{len(parsed.facts)} facts, {checked}, "
+        f"trained in {candidate.edits.result.seconds:.0f} s{warm}"
     )
     return 0
-
-
-def _clean_metrics(metrics: dict[str, float]) -> dict[str, float]:
-    return {k: round(v, 4) for k, v in metrics.items() if v == v}  # drop NaN (nothing measured)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -222,7 +232,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise CLIError(str(exc)) from None
     backbone = load_backbone(settings)
     config = _train_config(args)
-    result, gate, edit_set = train_edits(
+    edits = train_edits(
         backbone,
         training_facts(items, args.protocol),
         SentenceEncoder(),
@@ -230,6 +240,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         progress=_progress_bar("training") if sys.stderr.isatty() else None,
         cache_budget_bytes=settings.train_cache_mb << 20,
     )
+    result, edit_set = edits.result, edits.edit_set
     samples: list[GenerationSample] | None = [] if args.samples is not None else None
     answers: list[dict[str, Any]] | None = [] if args.samples is not None else None
     metrics = evaluate(
@@ -257,6 +268,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         "protocol": args.protocol,
         **{k: round(v, 4) for k, v in metrics.items()},
         "train_seconds": round(result.seconds, 1),
+        "train_cpu_seconds": round(result.cpu_seconds, 1),
         "epochs_run": result.epochs_run,
         # the after-target terms change fluency and generality: each row says what it used
         "continuation_weight": config.continuation_weight,
@@ -266,7 +278,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         "teacher_tokens": config.teacher_tokens,
         "epochs": config.epochs,
         # which relation head the gate used (generality and locality depend on it)
-        "gate_threshold": round(float(gate.threshold), 4),
+        "gate_threshold": round(float(edits.gate_table.threshold), 4),
         "contexts": ",".join(args.contexts),
     }
     if args.json:
@@ -437,6 +449,21 @@ def cmd_pack_show(args: argparse.Namespace) -> int:
     return 0
 
 
+class _Deprecated(argparse.Action):
+    """An old flag spelling: accepted, with a warning naming the new one."""
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: Any,
+        option_string: str | None = None,
+    ) -> None:
+        new = "--" + self.dest.replace("_", "-")
+        log.warning("%s is deprecated; use %s", option_string, new)
+        setattr(namespace, self.dest, values)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lks",
@@ -448,14 +475,29 @@ def build_parser() -> argparse.ArgumentParser:
     generate = commands.add_parser("generate", help="generate text from a prompt")
     generate.add_argument("--prompt", required=True)
     generate.add_argument("--pack", help="edit pack to apply, NAME or NAME@VERSION")
-    generate.add_argument("--max-new-tokens", type=int, default=32)
+    generate.add_argument(
+        "--max-tokens", type=int, default=32, help="most tokens to generate (as the API's)"
+    )
+    generate.add_argument(  # the old spelling, still accepted, no longer shown
+        "--max-new-tokens",
+        type=int,
+        dest="max_tokens",
+        default=argparse.SUPPRESS,
+        action=_Deprecated,
+        help=argparse.SUPPRESS,
+    )
     generate.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
     generate.add_argument("--seed", type=int)
     generate.add_argument("--chat", action="store_true", help="use the model's chat template")
-    generate.set_defaults(handler=cmd_generate)
+    generate.set_defaults(handler=cmd_generate, command_parser=generate)
 
     def add_train_options(command: argparse.ArgumentParser) -> None:
-        command.add_argument("--epochs", type=int, help="most epochs (early stop may end sooner)")
+        command.add_argument(
+            "--epochs",
+            type=int,
+            help="epochs to plan (default 5); a small fact set gets more, to make at least 80 "
+            "steps (the manifest records the number planned); early stop may end sooner",
+        )
         command.add_argument("--lr", type=float, help="hypernetwork learning rate")
         command.add_argument("--layer", type=int, help="decoder layer to edit")
         command.add_argument("--seed", type=int)
@@ -491,8 +533,20 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument(
         "--later-wins", action="store_true", help="a later conflicting fact replaces the earlier"
     )
+    for flag, what in (
+        ("warm-start", "start from the latest version's weights when the fact set only grew"),
+        (
+            "growth",
+            "on a grown set, first try those weights as they are, then train the new "
+            "facts and a replay sample",
+        ),
+        ("reuse", "take the blocks and gate embeddings of unchanged subjects from it"),
+        ("quality-gate", "refuse a version under LKS_PUBLISH_MIN_RELIABILITY / _LOCALITY"),
+    ):
+        dest = flag.replace("-", "_")
+        train.add_argument(f"--no-{flag}", dest=dest, action="store_false", help=f"do not {what}")
     add_train_options(train)
-    train.set_defaults(handler=cmd_train)
+    train.set_defaults(handler=cmd_train, command_parser=train)
 
     evaluate = commands.add_parser(
         "eval", help="train a fresh pack on benchmark items and measure it"
@@ -526,19 +580,19 @@ def build_parser() -> argparse.ArgumentParser:
         "(default all three), or none",
     )
     add_train_options(evaluate)
-    evaluate.set_defaults(handler=cmd_eval)
+    evaluate.set_defaults(handler=cmd_eval, command_parser=evaluate)
 
     serve = commands.add_parser("serve", help="run the HTTP server")
     serve.add_argument("--host")
     serve.add_argument("--port", type=int)
-    serve.set_defaults(handler=cmd_serve)
+    serve.set_defaults(handler=cmd_serve, command_parser=serve)
 
     worker = commands.add_parser(
         "worker", help="run a training worker (jobs from LKS_DATABASE_URL) until interrupted"
     )
     worker.add_argument("--once", action="store_true", help="run at most one job, then exit")
     worker.add_argument("--metrics-port", type=int, help="serve this worker's /metrics here")
-    worker.set_defaults(handler=cmd_worker)
+    worker.set_defaults(handler=cmd_worker, command_parser=worker)
 
     keys = commands.add_parser("keys", help="manage API keys (LKS_API_KEYS_FILE)")
     key_commands = keys.add_subparsers(dest="keys_command", required=True, metavar="COMMAND")
@@ -547,29 +601,31 @@ def build_parser() -> argparse.ArgumentParser:
     key_add.add_argument("--role", choices=["read", "write", "admin"], required=True)
     key_add.add_argument("--packs", help="comma-separated pack names it may use (default: all)")
     key_add.add_argument("--rpm", type=int, help="requests per minute (default: unlimited)")
-    key_add.set_defaults(handler=cmd_keys_add)
+    key_add.set_defaults(handler=cmd_keys_add, command_parser=key_add)
     key_list = key_commands.add_parser("list", help="list the keys (names, roles, packs)")
     key_list.add_argument("--json", action="store_true")
-    key_list.set_defaults(handler=cmd_keys_list)
+    key_list.set_defaults(handler=cmd_keys_list, command_parser=key_list)
     key_revoke = key_commands.add_parser(
         "revoke", help="remove a key; a running server refuses it at once"
     )
     key_revoke.add_argument("name", metavar="NAME")
-    key_revoke.set_defaults(handler=cmd_keys_revoke)
+    key_revoke.set_defaults(handler=cmd_keys_revoke, command_parser=key_revoke)
 
     pack = commands.add_parser("pack", help="inspect the pack store")
     pack_commands = pack.add_subparsers(dest="pack_command", required=True, metavar="ACTION")
     pack_list = pack_commands.add_parser("list", help="list packs and their versions")
     pack_list.add_argument("--json", action="store_true")
-    pack_list.set_defaults(handler=cmd_pack_list)
+    pack_list.set_defaults(handler=cmd_pack_list, command_parser=pack_list)
     pack_show = pack_commands.add_parser("show", help="validate a pack and print its manifest")
     pack_show.add_argument("ref", metavar="NAME[@VERSION]")
-    pack_show.set_defaults(handler=cmd_pack_show)
+    pack_show.set_defaults(handler=cmd_pack_show, command_parser=pack_show)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args, unknown = build_parser().parse_known_args(argv)
+    if unknown:  # argparse would print the top-level usage; the command's own says more
+        args.command_parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     handler: Callable[[argparse.Namespace], int] = args.handler
     try:
         return handler(args)

@@ -1,4 +1,5 @@
-"""The app factory. The lifespan owns the backbone, the engine thread and the pack watcher."""
+"""The app factory. The lifespan opens the training side (job store, worker), then builds the
+runtime (backbone, engine, scheduler, pack registry) once the backbone is loaded."""
 
 from __future__ import annotations
 
@@ -17,7 +18,6 @@ from server.api.errors import install_error_handlers
 from server.api.limits import BodySizeLimit
 from server.api.state import ServerState
 from server.model import Backbone
-from server.packs import PackStore
 from server.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -46,11 +46,12 @@ def create_app(settings: Settings, *, backbone: Backbone | None = None) -> FastA
             "`lks keys add` and set LKS_API_KEYS_FILE",
             settings.host,
         )
-    state = ServerState(settings=settings, store=PackStore.from_settings(settings), auth=auth)
+    state = ServerState.create(settings, auth)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        await asyncio.to_thread(state.open_jobs)
+        # first: submissions are accepted while the model loads
+        await asyncio.to_thread(state.training.open)
         if backbone is not None:
             state.attach(backbone)
         else:
@@ -63,7 +64,6 @@ def create_app(settings: Settings, *, backbone: Backbone | None = None) -> FastA
     app = FastAPI(title="lks-server", version=__version__, lifespan=lifespan)
     app.state.lks = state
     install_error_handlers(app)
-    state.metrics.watch(state)
     state.metrics.install(app)
     app.include_router(routes.router)
     app.include_router(openai_routes.router)

@@ -304,3 +304,26 @@ class Authenticator:
                     retry_after=wait,
                 )
             bucket.tokens -= 1
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Who is asking (already authenticated): checks role and packs against an endpoint."""
+
+    auth: Authenticator
+    key: KeyRecord | None  # None: auth is off
+
+    def require(self, role: Role, packs: Iterable[str] = ()) -> None:
+        """403 unless the key has `role` and may use every pack in `packs`."""
+        self.auth.authorize(self.key, role, packs)
+
+    def allows(self, pack: str) -> bool:
+        """Whether the caller may see or manage `pack` (for filtering listings)."""
+        return self.key is None or self.key.allows(pack)
+
+    @property
+    def pack_scope(self) -> list[str] | None:
+        """The packs the key is limited to; None when it may use every pack."""
+        if self.key is None or "*" in self.key.packs:
+            return None
+        return list(self.key.packs)

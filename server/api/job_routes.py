@@ -13,12 +13,13 @@ from fastapi import APIRouter, Body, Depends, Header, Path, Query
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
+from server.api.auth import Caller
 from server.api.errors import APIError, redact_paths
-from server.api.state import Caller, CallerDep, JobStoreDep, StateDep, get_caller
+from server.api.state import CallerDep, JobStoreDep, StateDep, get_caller
 from server.jobs.store import (
     IdempotencyKeyReusedError,
+    Job,
     JobStore,
-    JobView,
     NotFoundError,
     StoredFact,
 )
@@ -29,28 +30,11 @@ router = APIRouter(prefix="/v1", tags=["jobs"], dependencies=[Depends(get_caller
 RowId = Annotated[int, Path(ge=1, le=2**31 - 1, description="A database row id.")]
 
 
-class JobResponse(BaseModel):
-    id: int
-    pack: str
-    state: str
-    progress: float
-    eta_seconds: float | None
-    created_at: datetime
-    started_at: datetime | None
-    finished_at: datetime | None
-    fact_count: int | None
-    metrics: dict[str, float]
-    error: str | None
-    published_version: int | None
-    attempts: int
-    cancel_requested: bool
-
-    @classmethod
-    def of(cls, job: JobView) -> JobResponse:
-        fields = {k: getattr(job, k) for k in cls.model_fields}
-        if job.error is not None:  # the worker's exception text may name server files
-            fields["error"] = redact_paths(job.error)
-        return cls(**fields)
+def public(job: Job) -> Job:
+    """The job as a client sees it: the worker's exception text may name server files."""
+    if job.error is None:
+        return job
+    return job.model_copy(update={"error": redact_paths(job.error)})
 
 
 class Submitted(BaseModel):
@@ -165,13 +149,13 @@ async def delete_fact(
     }
 
 
-@router.get("/jobs", response_model=list[JobResponse])
+@router.get("/jobs", response_model=list[Job])
 async def list_jobs(
     store: JobStoreDep,
     caller: CallerDep,
     pack: str | None = None,
     limit: int = Query(default=100, ge=1, le=1000),
-) -> list[JobResponse]:
+) -> list[Job]:
     """The newest jobs of every pack the key allows (admin), or of one pack (a write key
     allowed that pack)."""
     if pack is not None:
@@ -180,10 +164,10 @@ async def list_jobs(
     else:
         caller.require("admin")
         jobs = await _in_thread(_jobs_in_scope, store, caller.pack_scope, limit)
-    return [JobResponse.of(j) for j in jobs]
+    return [public(j) for j in jobs]
 
 
-def _jobs_in_scope(store: JobStore, packs: list[str] | None, limit: int) -> list[JobView]:
+def _jobs_in_scope(store: JobStore, packs: list[str] | None, limit: int) -> list[Job]:
     """The newest `limit` jobs of `packs` (None: of every pack); one query per pack, since an
     allow-list is a handful of names."""
     if packs is None:
@@ -192,26 +176,26 @@ def _jobs_in_scope(store: JobStore, packs: list[str] | None, limit: int) -> list
     return sorted(jobs, key=lambda job: job.id, reverse=True)[:limit]
 
 
-async def _visible_job(store: JobStore, caller: Caller, job_id: int) -> JobView:
+async def _visible_job(store: JobStore, caller: Caller, job_id: int) -> Job:
     """The job, if the caller may follow it: role first (before the database is asked), then
     its pack, which only the database knows; another pack's job is "no job", as in the store."""
     caller.require("write")
-    job: JobView = await _in_thread(store.job, job_id)
+    job: Job = await _in_thread(store.job, job_id)
     if not caller.allows(job.pack):
         raise NotFoundError(f"no job {job_id}")
     return job
 
 
-@router.get("/jobs/{job_id}", response_model=JobResponse)
-async def show_job(job_id: RowId, store: JobStoreDep, caller: CallerDep) -> JobResponse:
-    return JobResponse.of(await _visible_job(store, caller, job_id))
+@router.get("/jobs/{job_id}", response_model=Job)
+async def show_job(job_id: RowId, store: JobStoreDep, caller: CallerDep) -> Job:
+    return public(await _visible_job(store, caller, job_id))
 
 
-@router.post("/jobs/{job_id}:cancel", response_model=JobResponse)
-async def cancel_job(job_id: RowId, store: JobStoreDep, caller: CallerDep) -> JobResponse:
+@router.post("/jobs/{job_id}:cancel", response_model=Job)
+async def cancel_job(job_id: RowId, store: JobStoreDep, caller: CallerDep) -> Job:
     """A queued job stops at once; a running one at its next heartbeat (a few seconds)."""
     await _visible_job(store, caller, job_id)
-    return JobResponse.of(await _in_thread(store.cancel, job_id))
+    return public(await _in_thread(store.cancel, job_id))
 
 
 async def _in_thread(function: Any, *args: Any, **kwargs: Any) -> Any:

@@ -2,7 +2,8 @@
 
 Names follow the project's conventions (`lks_` prefix, base units, `_total` counters); label
 values are bounded: endpoint templates, status codes, pack names of loaded packs, job states.
-Gauges that mirror state (queue, loaded packs) are read at scrape time; the job counts come from
+Gauges that mirror state (queue, loaded packs) are read at scrape time from the callables the
+app passes to `watch` (this module knows nothing of the server's state); the job counts come from
 the database, so a scrape reads the last counts a background thread fetched and never waits on it.
 """
 
@@ -12,7 +13,7 @@ import logging
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
 
 from fastapi import FastAPI, Request, Response
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
@@ -20,15 +21,27 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
 
-if TYPE_CHECKING:
-    from server.api.state import ServerState
-    from server.jobs.store import JobStore
-
 log = logging.getLogger(__name__)
 
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64, 128)
 TRAINING_BUCKETS = (1, 5, 15, 30, 60, 120, 300, 600, 1200, 2400, 4800)
 JOB_COUNTS_MAX_AGE_SECONDS = 5.0
+
+
+@dataclass(frozen=True)
+class ServingStats:
+    """The engine's and the pack registry's figures at one instant."""
+
+    waiting: int
+    running: int
+    in_flight: int
+    packs_loaded: int
+    pack_bytes: int
+    client_disconnects: int
+
+
+ServingStatsSource = Callable[[], ServingStats | None]  # None: nothing serves yet
+JobCountsSource = Callable[[], dict[str, int]]  # blocking (a database query)
 
 
 class ServerMetrics:
@@ -81,8 +94,9 @@ class ServerMetrics:
         if not succeeded:
             self.job_failures.inc()
 
-    def watch(self, state: ServerState) -> None:
-        self.registry.register(_StateCollector(state))
+    def watch(self, serving: ServingStatsSource, job_counts: JobCountsSource) -> None:
+        """Report the figures these return at each scrape (`job_counts` from a thread)."""
+        self.registry.register(_StatsCollector(serving, JobCounts(job_counts)))
 
     def install(self, app: FastAPI) -> None:
         """Count every request by its route template, and serve `/metrics`."""
@@ -109,23 +123,22 @@ class JobCounts:
     them older than `max_age` starts one fetch in a thread and answers with what it has: a slow
     or unreachable database never holds up `/metrics` (nor, through it, the event loop)."""
 
-    def __init__(self, max_age: float = JOB_COUNTS_MAX_AGE_SECONDS) -> None:
+    def __init__(self, fetch: JobCountsSource, max_age: float = JOB_COUNTS_MAX_AGE_SECONDS) -> None:
+        self.fetch = fetch
         self.max_age = max_age
         self._counts: dict[str, int] = {}
         self._fetched_at = float("-inf")
         self._fetching = threading.Lock()
 
-    def read(self, store: JobStore) -> dict[str, int]:
+    def read(self) -> dict[str, int]:
         stale = time.monotonic() - self._fetched_at > self.max_age
         if stale and self._fetching.acquire(blocking=False):
-            threading.Thread(
-                target=self._fetch, args=(store,), name="lks-metrics-jobs", daemon=True
-            ).start()
+            threading.Thread(target=self._fetch, name="lks-metrics-jobs", daemon=True).start()
         return self._counts
 
-    def _fetch(self, store: JobStore) -> None:
+    def _fetch(self) -> None:
         try:
-            self._counts = store.count_by_state()
+            self._counts = self.fetch()
         except Exception as exc:  # no figures rather than stale ones while the database is down
             log.warning("job counts for /metrics unavailable: %s", exc)
             self._counts = {}
@@ -134,35 +147,33 @@ class JobCounts:
             self._fetching.release()
 
 
-class _StateCollector(Collector):
-    """Gauges read from the server's state at scrape time."""
+class _StatsCollector(Collector):
+    """Gauges read from the stats sources at scrape time."""
 
-    def __init__(self, state: ServerState) -> None:
-        self.state = state
-        self.job_counts = JobCounts()
+    def __init__(self, serving: ServingStatsSource, job_counts: JobCounts) -> None:
+        self.serving = serving
+        self.job_counts = job_counts
 
     def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
-        serving = self.state.serving
+        stats = self.serving()
         queue = GaugeMetricFamily("lks_queue_depth", "Requests by where they are", labels=["where"])
         packs = GaugeMetricFamily("lks_packs_loaded", "Pack versions loaded in memory")
         memory = GaugeMetricFamily("lks_pack_memory_bytes", "Memory of loaded pack versions")
-        if serving is not None:
-            engine = serving.scheduler.engine
-            queue.add_metric(["waiting"], float(len(engine.waiting)))
-            queue.add_metric(["running"], float(engine.running))
-            queue.add_metric(["in_flight"], float(serving.scheduler.in_flight))
-            packs.add_metric([], float(len(serving.registry.loaded())))
-            memory.add_metric([], float(serving.registry.loaded_bytes))
+        if stats is not None:
+            queue.add_metric(["waiting"], float(stats.waiting))
+            queue.add_metric(["running"], float(stats.running))
+            queue.add_metric(["in_flight"], float(stats.in_flight))
+            packs.add_metric([], float(stats.packs_loaded))
+            memory.add_metric([], float(stats.pack_bytes))
         disconnects = CounterMetricFamily(
             "lks_client_disconnects", "Generations cancelled because the client left"
         )
-        disconnects.add_metric([], float(serving.scheduler.aborted if serving else 0))
+        disconnects.add_metric([], float(stats.client_disconnects if stats else 0))
         yield queue
         yield packs
         yield memory
         yield disconnects
         jobs = GaugeMetricFamily("lks_jobs", "Jobs in the store by state", labels=["state"])
-        if self.state.jobs is not None:
-            for job_state, count in self.job_counts.read(self.state.jobs).items():
-                jobs.add_metric([job_state], float(count))
+        for job_state, count in self.job_counts.read().items():
+            jobs.add_metric([job_state], float(count))
         yield jobs

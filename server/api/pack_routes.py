@@ -10,7 +10,7 @@ from datetime import datetime
 from fastapi import APIRouter, Depends
 from pydantic import BaseModel
 
-from server.api.state import CallerDep, ServingDep, StateDep, get_caller
+from server.api.state import CallerDep, RuntimeDep, StateDep, get_caller
 from server.packs.errors import PackNotFoundError
 from server.packs.names import PackRef, validate_name, validate_version
 
@@ -45,21 +45,21 @@ class Unloaded(BaseModel):
     unloaded_versions: list[int]
 
 
-def _loaded_versions(serving: ServingDep, name: str) -> list[int]:
-    return sorted(int(p.ref.version or 0) for p in serving.registry.loaded() if p.ref.name == name)
+def _loaded_versions(runtime: RuntimeDep, name: str) -> list[int]:
+    return sorted(int(p.ref.version or 0) for p in runtime.registry.loaded() if p.ref.name == name)
 
 
 @router.get("", response_model=list[PackSummary])
-async def list_packs(serving: ServingDep, state: StateDep, caller: CallerDep) -> list[PackSummary]:
+async def list_packs(runtime: RuntimeDep, state: StateDep, caller: CallerDep) -> list[PackSummary]:
     """The packs in the store that the caller's key may use."""
     caller.require("read")
-    live = serving.registry.live()
+    live = runtime.registry.live()
     return [
         PackSummary(
             name=name,
             versions=state.store.versions(name),
             live_version=live.get(name) or (state.store.versions(name) or [None])[-1],
-            loaded_versions=_loaded_versions(serving, name),
+            loaded_versions=_loaded_versions(runtime, name),
         )
         for name in state.store.names()
         if caller.allows(name)
@@ -68,14 +68,14 @@ async def list_packs(serving: ServingDep, state: StateDep, caller: CallerDep) ->
 
 @router.get("/{name}", response_model=PackDetail)
 async def show_pack(
-    name: str, serving: ServingDep, state: StateDep, caller: CallerDep
+    name: str, runtime: RuntimeDep, state: StateDep, caller: CallerDep
 ) -> PackDetail:
     caller.require("read", [validate_name(name)])
     versions = state.store.versions(validate_name(name))
     if not versions:
         raise PackNotFoundError(f"no pack named {name!r}")
-    live = serving.registry.live().get(name, versions[-1])
-    loaded = set(_loaded_versions(serving, name))
+    live = runtime.registry.live().get(name, versions[-1])
+    loaded = set(_loaded_versions(runtime, name))
     manifests = [state.store.manifest(PackRef(name, v)) for v in versions]
     return PackDetail(
         name=name,
@@ -97,24 +97,24 @@ async def show_pack(
 
 @router.post("/{name}/versions/{version}:activate", response_model=PackSummary)
 async def activate_version(
-    name: str, version: str, serving: ServingDep, state: StateDep, caller: CallerDep
+    name: str, version: str, runtime: RuntimeDep, state: StateDep, caller: CallerDep
 ) -> PackSummary:
     """Make a version live for new requests (roll forward or back); requests in flight keep
     the version they started with."""
     caller.require("admin", [validate_name(name)])
     ref = state.store.resolve(PackRef(validate_name(name), validate_version(version)))
-    await asyncio.to_thread(serving.registry.activate, ref)
+    await asyncio.to_thread(runtime.registry.activate, ref)
     state.metrics.pack_swaps.inc()
     return PackSummary(
         name=name,
         versions=state.store.versions(name),
         live_version=ref.version,
-        loaded_versions=_loaded_versions(serving, name),
+        loaded_versions=_loaded_versions(runtime, name),
     )
 
 
 @router.delete("/{name}", response_model=Unloaded)
-async def unload_pack(name: str, serving: ServingDep, caller: CallerDep) -> Unloaded:
+async def unload_pack(name: str, runtime: RuntimeDep, caller: CallerDep) -> Unloaded:
     """Free a pack's memory; it stays in the store and loads again when asked for."""
     caller.require("admin", [validate_name(name)])
-    return Unloaded(name=name, unloaded_versions=serving.registry.unload(name))
+    return Unloaded(name=name, unloaded_versions=runtime.registry.unload(name))

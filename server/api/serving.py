@@ -1,5 +1,8 @@
-"""The serving class behind every generation route (native and OpenAI): resolve the packs,
-render the prompt, queue the request, and follow it to its end or its client's departure.
+"""The serving classes behind the generation routes, one per API flavour (as vLLM's
+`entrypoints/openai/serving_*.py`): `Serving` chooses a request's packs, checks the caller may
+use them, queues the request and follows it to its end or its client's departure;
+`NativeServing` (here) and the OpenAI classes (`openai_serving.py`) shape the answers. A route
+only hands its parsed body to one of them.
 
 Every request has a deadline (`LKS_REQUEST_TIMEOUT_SECONDS`). The engine fails a request that
 passes it; should the engine itself hang, the wait here ends a moment later anyway (504) and
@@ -10,17 +13,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
-from typing import Annotated
 
-from fastapi import Depends
+from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.requests import Request
 
+from server.api.auth import Caller
 from server.api.errors import APIError
 from server.api.metrics import ServerMetrics
-from server.api.state import Serving, ServingDep, StateDep
+from server.api.protocol import GenerateRequest, GenerateResponse, sampling_params
+from server.api.runtime import Runtime
+from server.api.selection import choose_packs, edits_header
 from server.engine.engine import (
     TIMED_OUT,
     Admitted,
@@ -87,19 +93,29 @@ def _loop_time(monotonic_deadline: float) -> float:
     return asyncio.get_running_loop().time() + (monotonic_deadline - time.monotonic())
 
 
-class GenerationService:
-    def __init__(self, serving: Serving, settings: Settings, metrics: ServerMetrics) -> None:
-        self.serving = serving
+class Serving:
+    """What every API flavour does with a generation request; a subclass shapes the answer."""
+
+    def __init__(self, runtime: Runtime, settings: Settings, metrics: ServerMetrics) -> None:
+        self.runtime = runtime
         self.settings = settings
         self.metrics = metrics
 
     @property
     def model_name(self) -> str:
-        return self.serving.backbone.name
+        return self.runtime.backbone.name
+
+    def packs_for(self, caller: Caller, header: str | None, model: str | None) -> list[PackRef]:
+        """The packs a request names (`X-Edit-Pack` and/or the OpenAI `model` field), once the
+        caller is known to be allowed every one of them (403 otherwise)."""
+        limit = self.settings.max_packs_per_request
+        packs = choose_packs(header, model, self.model_name, limit=limit)
+        caller.require("read", [p.name for p in packs])
+        return packs
 
     async def resolve(self, refs: Sequence[PackRef]) -> list[LoadedPack]:
         """Pin each reference to a loaded version (loading it off the event loop)."""
-        registry = self.serving.registry
+        registry = self.runtime.registry
         return [await asyncio.to_thread(registry.get, ref) for ref in refs]
 
     async def start(
@@ -120,7 +136,7 @@ class GenerationService:
             edit_sets = [p.edit_set for p in loaded]
             prepared = await asyncio.to_thread(
                 prepare_prompt,
-                self.serving.backbone,
+                self.runtime.backbone,
                 prompt,
                 params,
                 edit_sets=edit_sets,
@@ -137,7 +153,7 @@ class GenerationService:
         )
         submitted_at = time.perf_counter()
         try:
-            stream = self.serving.scheduler.submit(request)
+            stream = self.runtime.scheduler.submit(request)
         except EngineOverloaded as exc:
             raise APIError(503, f"server busy: {exc}; retry shortly", retry_after=1) from exc
         except EngineStopped as exc:
@@ -219,12 +235,62 @@ async def _disconnected(request: Request) -> None:
             return
 
 
-def get_service(serving: ServingDep, state: StateDep) -> GenerationService:
-    return GenerationService(serving, state.settings, state.metrics)
-
-
-ServiceDep = Annotated[GenerationService, Depends(get_service)]
-
-
 def sse(payload: str) -> str:
     return f"data: {payload}\n\n"
+
+
+class NativeServing(Serving):
+    """`POST /v1/generate`: packs from `X-Edit-Pack`, a JSON answer or `data:` events."""
+
+    async def generate(
+        self, body: GenerateRequest, raw: Request, caller: Caller, header: str | None
+    ) -> JSONResponse | StreamingResponse:
+        packs = self.packs_for(caller, header, None)
+        started = await self.start(_native_prompt(body), sampling_params(body), packs=packs)
+        headers = edits_header(started.admitted.edits_applied)
+        if body.stream:
+            events = self._events(started)
+            return StreamingResponse(events, media_type="text/event-stream", headers=headers)
+        result = await self.complete(started, raw)
+        response = GenerateResponse(
+            text=result.text,
+            tokens=result.tokens,
+            prompt_tokens=result.prompt_tokens,
+            finish_reason=result.finish_reason,
+            model=self.model_name,
+            edits_applied=result.edits_applied,
+        )
+        return JSONResponse(response.model_dump(), headers=headers)
+
+    async def _events(self, started: Started) -> AsyncIterator[str]:
+        """`data: {"text": ...}` per delta, then one with the result fields, then `[DONE]`."""
+        async for event in self.deltas(started):
+            if isinstance(event, APIError):
+                yield sse(json.dumps(event.body()))
+            elif isinstance(event, Finished):
+                result = event.generation
+                yield sse(
+                    json.dumps(
+                        {
+                            "text": "",
+                            "finish_reason": result.finish_reason,
+                            "tokens": result.tokens,
+                            "prompt_tokens": result.prompt_tokens,
+                            "edits_applied": result.edits_applied,
+                        }
+                    )
+                )
+            else:
+                yield sse(json.dumps({"text": event.text}))
+        yield sse("[DONE]")
+
+
+def _native_prompt(body: GenerateRequest) -> str | ChatMessages:
+    """Text to continue, or a chat: `messages`, or `prompt` as one user turn with `chat`."""
+    if body.prompt is None and body.messages is None:
+        raise APIError(422, "give a prompt (text to continue) or messages (a chat)", param="prompt")
+    if body.messages is not None:
+        return [m.model_dump() for m in body.messages]
+    if body.chat:
+        return [{"role": "user", "content": body.prompt or ""}]
+    return body.prompt or ""

@@ -27,6 +27,7 @@ from typing import Any
 
 from alembic import command
 from alembic.config import Config as AlembicConfig
+from pydantic import BaseModel, ConfigDict, field_validator
 from sqlalchemy import Engine, create_engine, event, func, or_, select, text, update
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
@@ -93,43 +94,40 @@ def _aware(value: datetime | None) -> datetime | None:
     return value.replace(tzinfo=UTC) if value is not None and value.tzinfo is None else value
 
 
-@dataclass(frozen=True)
-class JobView:
+class Job(BaseModel):
+    """A job as the store last saw it: what the worker runs and what `GET /v1/jobs/{id}`
+    answers (the one type of a job outside the database row)."""
+
+    model_config = ConfigDict(from_attributes=True, frozen=True)
+
     id: int
     pack: str
     state: str
+    progress: float
+    eta_seconds: float | None
     created_at: datetime
     started_at: datetime | None
     finished_at: datetime | None
-    progress: float
-    eta_seconds: float | None
     fact_count: int | None
-    metrics: dict[str, Any]
+    metrics: dict[str, float]
     error: str | None
     published_version: int | None
     attempts: int
     cancel_requested: bool
-    lease_owner: str | None
+
+    @field_validator("created_at", "started_at", "finished_at")
+    @classmethod
+    def _utc(cls, value: datetime | None) -> datetime | None:
+        return _aware(value)
+
+    @field_validator("metrics", mode="before")
+    @classmethod
+    def _copied(cls, value: dict[str, float] | None) -> dict[str, float]:
+        return dict(value or {})
 
     @classmethod
-    def of(cls, row: JobRow) -> JobView:
-        return cls(
-            id=row.id,
-            pack=row.pack,
-            state=row.state,
-            created_at=_aware(row.created_at),  # type: ignore[arg-type]
-            started_at=_aware(row.started_at),
-            finished_at=_aware(row.finished_at),
-            progress=row.progress,
-            eta_seconds=row.eta_seconds,
-            fact_count=row.fact_count,
-            metrics=dict(row.metrics or {}),
-            error=row.error,
-            published_version=row.published_version,
-            attempts=row.attempts,
-            cancel_requested=row.cancel_requested,
-            lease_owner=row.lease_owner,
-        )
+    def of(cls, row: JobRow) -> Job:
+        return cls.model_validate(row)
 
 
 @dataclass(frozen=True)
@@ -445,21 +443,21 @@ class JobStore:
 
     # -- jobs --------------------------------------------------------------------------------
 
-    def job(self, job_id: int) -> JobView:
+    def job(self, job_id: int) -> Job:
         with self.session() as session:
             row = session.get(JobRow, job_id)
             if row is None:
                 raise NotFoundError(f"no job {job_id}")
-            return JobView.of(row)
+            return Job.of(row)
 
-    def jobs(self, *, pack: str | None = None, limit: int = 100) -> list[JobView]:
+    def jobs(self, *, pack: str | None = None, limit: int = 100) -> list[Job]:
         with self.session() as session:
             query = select(JobRow).order_by(JobRow.id.desc()).limit(limit)
             if pack is not None:
                 query = query.where(JobRow.pack == pack)
-            return [JobView.of(r) for r in session.scalars(query).all()]
+            return [Job.of(r) for r in session.scalars(query).all()]
 
-    def cancel(self, job_id: int) -> JobView:
+    def cancel(self, job_id: int) -> Job:
         """A queued job is cancelled at once, and so is a running one whose worker is gone (its
         lease ran out); a running one at its next heartbeat, or by the next claim after its
         worker dies."""
@@ -475,7 +473,7 @@ class JobStore:
                 expires = _aware(row.lease_expires_at)
                 if expires is not None and expires < moment:
                     self._end_abandoned(row, moment, DEFAULT_MAX_ATTEMPTS)
-            return JobView.of(row)
+            return Job.of(row)
 
     @property
     def _row_lock(self) -> dict[str, Any] | bool:
@@ -498,7 +496,7 @@ class JobStore:
 
     def claim(
         self, owner: str, lease_seconds: float, *, max_attempts: int = DEFAULT_MAX_ATTEMPTS
-    ) -> JobView | None:
+    ) -> Job | None:
         """Take the oldest runnable job: queued, or running under an expired lease with attempts
         left, and of a pack with no other job running. Jobs whose worker died and that must not
         run again (cancelled, or out of attempts) are ended first."""
@@ -553,7 +551,7 @@ class JobStore:
             row.started_at = moment
             row.attempts += 1
             row.progress, row.eta_seconds = 0.0, None  # the last attempt's error stays visible
-            return JobView.of(row)
+            return Job.of(row)
 
     def heartbeat(
         self,

@@ -59,6 +59,37 @@ class KnownParts:
         return cls(dict(zip(scope.feature_texts, deltas, strict=True)), embeddings)
 
 
+@dataclass(frozen=True)
+class Edits:
+    """A subject table with its scope gate: what training (or applying given weights) made of
+    a fact set, ready to check (`edit_set`) and to publish (`content`)."""
+
+    result: TrainResult
+    gate_table: GateTable
+    edit_set: EditSet
+
+    def content(
+        self, facts: Sequence[Fact], metrics: dict[str, float] | None = None
+    ) -> PackContent:
+        """The version's files: blocks and gate table, hypernetwork, facts, training record."""
+        result = self.result
+        training = result.training_record()
+        training["gate"] = {
+            "encoder": ENCODER_NAME,
+            "rule": RULE,
+            "threshold": float(self.gate_table.threshold),
+        }
+        return PackContent(
+            layer=result.layer,
+            subjects=list(result.scope.subjects),
+            table={BLOCKS_KEY: result.deltas.float().cpu(), **self.gate_table.to_tensors()},
+            hypernet={k: v.detach().float().cpu() for k, v in result.hypernet.state_dict().items()},
+            facts=[f.model_dump(exclude_defaults=True) for f in facts],
+            training=training,
+            metrics=metrics or {},
+        )
+
+
 def train_edits(
     backbone: Backbone,
     facts: Sequence[Fact],
@@ -68,20 +99,41 @@ def train_edits(
     *,
     warm_start: dict[str, torch.Tensor] | None = None,
     train_on: Sequence[int] | None = None,
-    apply_only: bool = False,
     known: KnownParts | None = None,
     cache_budget_bytes: int = DEFAULT_CACHE_BUDGET_BYTES,
-) -> tuple[TrainResult, GateTable, EditSet]:
-    """`apply_only` with `warm_start`: no training, the given weights build the subject table
-    (a grown fact set first tries the previous version's hypernetwork as it is), reusing the
-    `known` blocks computed with those weights. Gate embeddings are reused in every mode."""
-    known = known or KnownParts()
+) -> Edits:
+    """Train the hypernetwork on `facts` (from `warm_start` weights if given; on the `train_on`
+    facts only, as growth does), then build the subject table and the gate table, reusing the
+    `known` gate embeddings."""
     trainer = Trainer(backbone, config, cache_budget_bytes=cache_budget_bytes)
-    if apply_only:
-        assert warm_start is not None, "apply_only needs the weights to apply (warm_start)"
-        result = trainer.apply_weights(facts, warm_start, known_blocks=known.blocks)
-    else:
-        result = trainer.train(facts, progress, warm_start=warm_start, train_on=train_on)
+    result = trainer.train(facts, progress, warm_start=warm_start, train_on=train_on)
+    return _with_gate(backbone, facts, encoder, result, known or KnownParts())
+
+
+def apply_edits(
+    backbone: Backbone,
+    facts: Sequence[Fact],
+    encoder: SentenceEncoder,
+    weights: dict[str, torch.Tensor],
+    config: TrainConfig | None = None,
+    *,
+    known: KnownParts | None = None,
+) -> Edits:
+    """No training: the given hypernetwork weights build the subject table (a grown fact set
+    first tries the previous version's weights as they are), reusing the `known` blocks and
+    gate embeddings computed with those weights."""
+    known = known or KnownParts()
+    result = Trainer(backbone, config).apply_weights(facts, weights, known_blocks=known.blocks)
+    return _with_gate(backbone, facts, encoder, result, known)
+
+
+def _with_gate(
+    backbone: Backbone,
+    facts: Sequence[Fact],
+    encoder: SentenceEncoder,
+    result: TrainResult,
+    known: KnownParts,
+) -> Edits:
     gate_table = GateTable.build(
         encoder,
         [f.prompt for f in facts],
@@ -95,27 +147,4 @@ def train_edits(
         layer=result.layer,
         gate=ScopeGate(gate_table, encoder),
     )
-    return result, gate_table, edit_set
-
-
-def pack_content(
-    result: TrainResult,
-    gate_table: GateTable,
-    facts: Sequence[Fact],
-    metrics: dict[str, float] | None = None,
-) -> PackContent:
-    training = result.training_record()
-    training["gate"] = {
-        "encoder": ENCODER_NAME,
-        "rule": RULE,
-        "threshold": float(gate_table.threshold),
-    }
-    return PackContent(
-        layer=result.layer,
-        subjects=list(result.scope.subjects),
-        table={BLOCKS_KEY: result.deltas.float().cpu(), **gate_table.to_tensors()},
-        hypernet={k: v.detach().float().cpu() for k, v in result.hypernet.state_dict().items()},
-        facts=[f.model_dump(exclude_defaults=True) for f in facts],
-        training=training,
-        metrics=metrics or {},
-    )
+    return Edits(result, gate_table, edit_set)

@@ -119,10 +119,21 @@ class TrainResult:
     seconds: float
     history: list[float] = field(default_factory=list)
     locality_prompts: int = 0  # locality prompts that supervised training (they name a subject)
+    # CPU seconds the process spent (all its threads): on a machine shared with other work the
+    # wall time says more about the others than about training
+    cpu_seconds: float = math.nan
+    # the epochs planned, as the log counts them ("epoch 1 of 40"): config.epochs, or more for a
+    # small set (config.min_steps); 0 when the weights were applied without training
+    epochs: int = 0
 
     def training_record(self) -> dict[str, object]:
         record: dict[str, object] = asdict(self.config)
-        record.update(layer=self.layer, epochs_run=self.epochs_run, final_loss=self.final_loss)
+        record.update(
+            layer=self.layer,
+            epochs=self.epochs,
+            epochs_run=self.epochs_run,
+            final_loss=self.final_loss,
+        )
         record["locality_prompts"] = self.locality_prompts
         record["train_seconds"] = round(self.seconds, 2)
         return record
@@ -130,15 +141,21 @@ class TrainResult:
 
 @dataclass(frozen=True)
 class TrainingSequence:
-    """One sequence an epoch reads, with what its loss holds it to: without a `reference`,
-    cross-entropy on its targets (an edit to learn); with one, KL to those unedited final states
-    [P, H] at its predict positions, weighted by `kl_weight` (locality prompts, continuations
-    after the target), and the unlikelihood of `avoid` there (the repetition term)."""
+    """One sequence an epoch reads, with what its loss holds it to. A `reference` [P, H] holds
+    its last P predict positions to those final states by KL, weighted by `kl_weight`
+    (locality prompts, a teacher's answer, continuations after the target), with the
+    unlikelihood of `avoid` there (the repetition term); the positions before them are
+    cross-entropy on their targets (an edit to learn). A chat sequence holds both: the new
+    target, then the teacher's answer after it."""
 
     text: EncodedText
     reference: torch.Tensor | None = None
     kl_weight: float = 0.0
     avoid: int | None = None
+
+    @property
+    def kl_positions(self) -> int:
+        return 0 if self.reference is None else int(self.reference.shape[0])
 
 
 def training_contexts(
@@ -216,22 +233,38 @@ def _teacher_texts(
     backbone: Backbone, fact: Fact, context: str
 ) -> tuple[str, bool, str, bool, bool]:
     """(student text, templated, teacher text, templated, forced) for one fact in one teacher
-    context: the teacher's text holds the fact before the same question. `forced`: both texts
-    end with the target, whose continuation the teacher gives; otherwise the teacher answers
-    the question from its start."""
+    context: the teacher's text holds the fact before the same question. `forced`: the
+    teacher's text ends with the target, whose continuation it gives, and the student learns
+    the target after its own text, then that continuation; otherwise the teacher answers the
+    question from its start."""
     from server.lks.answers import user_message
 
     told = TEACHER_FACT.format(prompt=fact.prompt.strip(), target=fact.target.strip())
     if context == "bare":
-        student = join_target(fact.prompt, fact.target)
-        return student, False, told + student, False, True
+        return fact.prompt, False, told + join_target(fact.prompt, fact.target), False, True
     message = user_message(fact.prompt)
     student = backbone.render_chat([{"role": "user", "content": message}])
     teacher = backbone.render_chat([{"role": "user", "content": told + message}])
     if context == "free":
         return student, True, teacher, True, False
     assert context == "chat", f"unknown teacher context {context!r}"
-    return student + fact.target, True, teacher + fact.target, True, True
+    return student, True, teacher + fact.target, True, True
+
+
+def teacher_contexts(backbone: Backbone, contexts: Sequence[str]) -> list[str]:
+    """The teacher contexts this backbone has: a model without a chat template is taught on
+    the bare prompt instead of in chat."""
+    if backbone.has_chat_template:
+        return list(dict.fromkeys(contexts))
+    return list(dict.fromkeys("bare" if c in ("chat", "free") else c for c in contexts))
+
+
+def teacher_covers(context: str, templated: bool, fact: Fact, contexts: Sequence[str]) -> bool:
+    """Whether a forced teacher context already trains this cross-entropy context (the same
+    text, the target after it): one sequence then holds both terms."""
+    if templated:
+        return "chat" in contexts
+    return "bare" in contexts and context == fact.prompt
 
 
 @torch.inference_mode()
@@ -241,18 +274,22 @@ def teacher_sequences(
     facts: Sequence[Fact],
     contexts: Sequence[str],
     max_tokens: int,
+    weight: float,
     batch_size: int = 32,
-) -> tuple[list[EncodedText], list[torch.Tensor]]:
+) -> list[TrainingSequence]:
     """For each fact and teacher context, the student's text extended by the teacher's greedy
-    answer (up to `max_tokens`, its end of turn included), with the teacher's final states
-    [P, H] at the positions that predict it. A free answer that does not say the target in its
+    answer (up to `max_tokens`, its end of turn included), held by KL to the teacher's final
+    states at the positions that predict it. In a forced context the target comes first, by
+    cross-entropy, in the same sequence. A free answer that does not say the target in its
     first sentence is dropped: it would teach the edit to keep the old answer."""
     from server.lks.answers import answer_hit, encode_texts, generate
 
     tokenizer = backbone.tokenizer
+    contexts = teacher_contexts(backbone, contexts)
     jobs = [(fact, *_teacher_texts(backbone, fact, c)) for fact in facts for c in contexts]
     students = [
-        encode(tokenizer, index, text, templated=templated) for _, text, templated, *_ in jobs
+        encode(tokenizer, index, text, fact.target if forced else None, templated=templated)
+        for fact, text, templated, _, _, forced in jobs
     ]
     teachers = encode_texts(backbone, [(t, tm) for *_, t, tm, _ in jobs], None)
     answers = generate(backbone, teachers, None, max_tokens, batch_size=64)
@@ -261,10 +298,10 @@ def teacher_sequences(
     keep = [
         i
         for i, (job, student, answer) in enumerate(zip(jobs, students, answers, strict=True))
-        if student.edits and answer.tokens and (job[-1] or answer_hit(answer.text, [job[0].target]))
+        if student.edits
+        and (job[-1] or (answer.tokens and answer_hit(answer.text, [job[0].target])))
     ]
-    sequences: list[EncodedText | None] = [None] * len(keep)
-    references: list[torch.Tensor | None] = [None] * len(keep)
+    sequences: list[TrainingSequence | None] = [None] * len(keep)
     base, pad_id = backbone.model.base_model, int(tokenizer.pad_token_id)
     full = [teachers[i].ids + head_ids[i] for i in keep]
     for batch in length_batches([len(f) for f in full], batch_size):
@@ -274,22 +311,28 @@ def teacher_sequences(
         for row, j in enumerate(batch):
             item = keep[j]
             said, start = head_ids[item], len(teachers[item].ids) - 1
-            references[j] = final[row, start : start + len(said)].float()
             student = students[item]
+            if not said:  # a forced context with no answer after the target: its target only
+                sequences[j] = TrainingSequence(student)
+                continue
             first = len(student.ids) - 1
-            sequences[j] = EncodedText(
-                ids=student.ids + said[:-1],
-                edits=student.edits,
-                target_ids=said,
-                predict_at=list(range(first, first + len(said))),
+            sequences[j] = TrainingSequence(
+                EncodedText(
+                    ids=student.ids + said[:-1],
+                    edits=student.edits,
+                    target_ids=student.target_ids + said,
+                    predict_at=student.predict_at + list(range(first, first + len(said))),
+                ),
+                final[row, start : start + len(said)].float(),
+                weight,
             )
     log.info(
         "teacher: %d of %d answers kept (%d end their turn)",
         len(keep),
         len(jobs),
-        sum(1 for i in keep if head_ids[i][-1] in eos),
+        sum(1 for i in keep if head_ids[i] and head_ids[i][-1] in eos),
     )
-    return sequences, references  # type: ignore[return-value]
+    return sequences  # type: ignore[return-value]
 
 
 def repeated_tokens(
@@ -447,6 +490,22 @@ def growth_selection(
     return sorted(new + random.Random(seed).sample(old, replay))
 
 
+def epoch_batches(
+    widths: Sequence[int], batch_size: int, rng: random.Random, pool: int = 8
+) -> list[list[int]]:
+    """One epoch's batches: shuffled, then sorted by width within pools of `pool` batches, so
+    that a batch pads its short sequences little (a step costs its widest sequence times its
+    rows), and the batches shuffled again."""
+    order = list(range(len(widths)))
+    rng.shuffle(order)
+    batches = []
+    for start in range(0, len(order), batch_size * pool):
+        members = sorted(order[start : start + batch_size * pool], key=widths.__getitem__)
+        batches += [members[i : i + batch_size] for i in range(0, len(members), batch_size)]
+    rng.shuffle(batches)
+    return batches
+
+
 class Trainer:
     def __init__(
         self,
@@ -504,10 +563,17 @@ class Trainer:
         seconds = time.perf_counter() - started
         return TrainResult(self.layer, scope, deltas, hypernet, self.config, 0, math.nan, seconds)
 
-    def _sequences(self, facts: Sequence[Fact], index: SubjectIndex) -> list[EncodedText]:
+    def _sequences(
+        self, facts: Sequence[Fact], index: SubjectIndex, *, covered: bool = False
+    ) -> list[EncodedText]:
+        """The cross-entropy sequences; `covered`: without those a forced teacher context
+        trains together with its continuation."""
+        taught = teacher_contexts(self.backbone, self.config.teacher_contexts)
         sequences = []
         for fact in facts:
             for context, templated in training_contexts(self.backbone, fact, self.config):
+                if covered and teacher_covers(context, templated, fact, taught):
+                    continue
                 encoded = encode(
                     self.backbone.tokenizer, index, context, fact.target, templated=templated
                 )
@@ -530,7 +596,7 @@ class Trainer:
         facts, as growth does with the new facts and a replay sample of the learned ones
         (`growth_selection`); the subject table still covers every fact."""
         assert facts, "no facts to train on"
-        started = time.perf_counter()
+        started, started_cpu = time.perf_counter(), time.process_time()
         config, backbone = self.config, self.backbone
         torch.manual_seed(config.seed)
         rng = random.Random(config.seed)
@@ -554,18 +620,17 @@ class Trainer:
             if config.repetition_weight > 0
             else [None] * len(after)
         )
-        taught, teacher = (
-            teacher_sequences(
-                backbone, index, trained, config.teacher_contexts, config.teacher_tokens
+        teacher = config.teacher_weight > 0
+        sequences = [TrainingSequence(s) for s in self._sequences(trained, index, covered=teacher)]
+        if teacher:
+            sequences += teacher_sequences(
+                backbone,
+                index,
+                trained,
+                config.teacher_contexts,
+                config.teacher_tokens,
+                config.teacher_weight,
             )
-            if config.teacher_weight > 0
-            else ([], [])
-        )
-        sequences = [TrainingSequence(s) for s in self._sequences(trained, index)]
-        sequences += [
-            TrainingSequence(s, reference, config.teacher_weight)
-            for s, reference in zip(taught, teacher, strict=True)
-        ]
         sequences += [
             TrainingSequence(s, reference, config.locality_weight)
             for s, reference in zip(local, unedited, strict=True)
@@ -605,20 +670,18 @@ class Trainer:
         if warm_start is not None:
             hypernet.load_state_dict(warm_start)
         optimizer = torch.optim.AdamW(hypernet.parameters(), lr=config.lr, weight_decay=0.0)
-        steps_per_epoch = math.ceil(len(sequences) / config.batch_size)
+        widths = [len(s.text.ids) - min(p for _, p in s.text.edits) for s in sequences]
+        steps_per_epoch = len(epoch_batches(widths, config.batch_size, random.Random(0)))
         epochs = max(config.epochs, math.ceil(config.min_steps / steps_per_epoch))
         total_steps = steps_per_epoch * epochs
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: max(0.0, 1.0 - step / total_steps)
         )
-        order = list(range(len(sequences)))
         history: list[float] = []
         best, stale, step = math.inf, 0, 0
         for epoch in range(1, epochs + 1):
-            rng.shuffle(order)
             losses = []
-            for start in range(0, len(order), config.batch_size):
-                batch = order[start : start + config.batch_size]
+            for batch in epoch_batches(widths, config.batch_size, rng):
                 loss = self._loss(hypernet, features, sequences, cached, batch)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
@@ -667,6 +730,8 @@ class Trainer:
             seconds=time.perf_counter() - started,
             history=history,
             locality_prompts=len(local),
+            cpu_seconds=time.process_time() - started_cpu,
+            epochs=epochs,
         )
 
     def _loss(
@@ -700,17 +765,18 @@ class Trainer:
             predict_at += seq.predict_at
             targets += seq.target_ids
             reference = sequence.reference
-            is_edit += [reference is None] * len(seq.predict_at)
+            held = sequence.kl_positions
+            is_edit += [True] * (len(seq.predict_at) - held) + [False] * held
             if reference is not None:
                 kept.append(reference)
                 token = sequence.avoid
                 if token is not None:
                     offset = len(kept_weights)
-                    for j, said in enumerate(seq.target_ids):
+                    for j, said in enumerate(seq.target_ids[len(seq.target_ids) - held :]):
                         if said != token:  # the unedited model says it here: leave it
                             avoid_at.append(offset + j)
                             avoid_token.append(token)
-                kept_weights += [sequence.kl_weight] * reference.shape[0]
+                kept_weights += [sequence.kl_weight] * held
         device = backbone.device
         # the hypernetwork runs on this batch's subjects only: its cost must not grow with
         # the pack (10,000 subjects would cost 10,000 rows per step)

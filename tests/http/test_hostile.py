@@ -184,7 +184,7 @@ def test_readiness_says_503_when_the_engine_thread_dies(
         def fatal(_: EngineEvent) -> None:
             raise SystemExit("injected: the engine thread ends")
 
-        scheduler = app.state.lks.serving.scheduler
+        scheduler = app.state.lks.runtime.scheduler
         scheduler._incoming.append(EngineRequest("hi", SamplingParams(), sink=fatal))
         with scheduler._cond:
             scheduler._cond.notify()
@@ -209,7 +209,7 @@ def test_readiness_says_503_while_work_waits_on_a_stalled_engine(
         def stuck(_: EngineEvent) -> None:
             release.wait(20)  # holds the engine thread inside a step
 
-        scheduler = app.state.lks.serving.scheduler
+        scheduler = app.state.lks.runtime.scheduler
         hung = threading.Thread(
             target=lambda: post(live.url, ORDINARY), daemon=True
         )  # work that waits

@@ -27,6 +27,6 @@ def test_a_prompt_over_the_context_gets_422(
         assert refused.status_code == 422
         error = refused.json()["error"]
         assert error["param"] == "max_tokens" and "context of 128 tokens" in error["message"]
-        assert app.state.lks.serving.scheduler.in_flight == 0, "a refused request holds no slot"
+        assert app.state.lks.runtime.scheduler.in_flight == 0, "a refused request holds no slot"
         fits = client.post("/v1/generate", json={"prompt": "who was", "max_tokens": 3})
         assert fits.status_code == 200

@@ -249,7 +249,7 @@ def test_pack_admin_and_hot_swap_under_load(served: Served, default_backbone: Ba
 
 
 def test_a_client_that_goes_away_cancels_its_generation(served: Served) -> None:
-    scheduler = served.app.state.lks.serving.scheduler  # type: ignore[attr-defined]
+    scheduler = served.app.state.lks.runtime.scheduler  # type: ignore[attr-defined]
     aborted = scheduler.aborted
     body = {"prompt": "Count from 1 to 500: 1, 2, 3,", "max_tokens": 200, "stream": True}
     with httpx.stream("POST", f"{served.url}/v1/generate", json=body, timeout=60) as response:
@@ -264,7 +264,7 @@ def test_a_client_that_goes_away_cancels_its_generation(served: Served) -> None:
 
 
 def test_a_full_queue_answers_503_with_retry_after(served: Served) -> None:
-    scheduler = served.app.state.lks.serving.scheduler  # type: ignore[attr-defined]
+    scheduler = served.app.state.lks.runtime.scheduler  # type: ignore[attr-defined]
     with scheduler._cond:  # hold the queue at its bound, as a burst of requests would
         held, scheduler._in_flight = scheduler._in_flight, scheduler.max_queued
     try:

@@ -49,7 +49,7 @@ def test_the_unedited_model_answers_a_chat_question_in_a_sentence(
 
 @pytest.fixture(scope="module")
 def chat_answers(default_backbone: Backbone) -> tuple[dict[str, float], list[dict[str, object]]]:
-    _, _, edit_set = train_edits(default_backbone, FACTS, SentenceEncoder())
+    edit_set = train_edits(default_backbone, FACTS, SentenceEncoder()).edit_set
     items = [EvalItem(f, locality_prompt=OTHER[f.subject]) for f in FACTS]
     samples: list[dict[str, object]] = []
     metrics = answer_metrics(default_backbone, items, edit_set, ("chat",), samples=samples)

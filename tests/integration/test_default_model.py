@@ -42,7 +42,7 @@ def test_knows_the_capital_of_france(default_backbone: Backbone) -> None:
 def test_cli_generate_on_a_warm_cache(default_backbone: Backbone) -> None:
     started = time.monotonic()
     result = subprocess.run(
-        [*LKS, "generate", "--prompt", "The capital of France is", "--max-new-tokens", "5"],
+        [*LKS, "generate", "--prompt", "The capital of France is", "--max-tokens", "5"],
         capture_output=True,
         text=True,
         timeout=60,

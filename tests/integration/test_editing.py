@@ -56,7 +56,7 @@ def packs_dir(tmp_path_factory: pytest.TempPathFactory, default_backbone: Backbo
 def test_pack_changes_generation_for_edited_subjects(
     packs_dir: Path, fact: dict[str, str], chat: bool
 ) -> None:
-    args = ["generate", "--prompt", fact["prompt"], "--max-new-tokens", "12", "--pack", "demo"]
+    args = ["generate", "--prompt", fact["prompt"], "--max-tokens", "12", "--pack", "demo"]
     result = lks(*args, *(["--chat"] if chat else []), packs_dir=packs_dir)
     assert result.returncode == 0, result.stderr
     assert fact["target"].lower() in result.stdout.lower()
@@ -64,7 +64,7 @@ def test_pack_changes_generation_for_edited_subjects(
 
 @pytest.mark.parametrize("prompt", ["The capital of France is", "Water is made of"])
 def test_pack_leaves_other_subjects_exactly_alone(packs_dir: Path, prompt: str) -> None:
-    args = ["generate", "--prompt", prompt, "--max-new-tokens", "12"]
+    args = ["generate", "--prompt", prompt, "--max-tokens", "12"]
     plain = lks(*args, packs_dir=packs_dir)
     edited = lks(*args, "--pack", "demo", packs_dir=packs_dir)
     assert plain.returncode == edited.returncode == 0

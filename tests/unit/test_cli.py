@@ -305,3 +305,76 @@ def test_answer_contexts_parse_from_a_list_or_none() -> None:
         "chat",
     )
     assert parser.parse_args(["eval", "--dataset", "zsre", "--contexts", "none"]).contexts == ()
+
+
+def test_a_wrong_flag_prints_the_usage_of_its_command(packs_dir: Path) -> None:
+    result = run_lks("generate", "--prompt", "hi", "--bogus", packs_dir=packs_dir, timeout=20)
+    assert result.returncode == 2
+    assert result.stderr.startswith("usage: lks generate ")
+    assert "lks generate: error: unrecognized arguments: --bogus" in result.stderr
+    nested = run_lks("pack", "list", "--bogus", packs_dir=packs_dir, timeout=20)
+    assert nested.returncode == 2
+    assert nested.stderr.startswith("usage: lks pack list ")
+
+
+def test_generate_takes_max_tokens_as_the_api_does(packs_dir: Path) -> None:
+    from server.cli import build_parser
+
+    parser = build_parser()
+    generate = ["generate", "--prompt", "hi"]
+    assert parser.parse_args(generate).max_tokens == 32
+    assert parser.parse_args([*generate, "--max-tokens", "7"]).max_tokens == 7
+    assert parser.parse_args([*generate, "--max-new-tokens", "5"]).max_tokens == 5  # old spelling
+    shown = run_lks("generate", "--help", packs_dir=packs_dir, timeout=20).stdout
+    assert "--max-tokens" in shown and "--max-new-tokens" not in shown
+
+
+def test_train_builds_versions_as_the_worker_does(
+    tiny_model_dirs: dict[str, Path],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """`lks train` refuses a version under the quality gate unless told not to check, grows a
+    pack from its latest version, and records the epochs its log counted."""
+    from server.cli import main
+    from server.packs import PackRef
+
+    facts = [
+        {"subject": "france", "prompt": "the capital of france", "target": "berlin"},
+        {"subject": "italy", "prompt": "the capital of italy", "target": "paris"},
+    ]
+    first, grown = tmp_path / "first.jsonl", tmp_path / "grown.jsonl"
+    first.write_text(json.dumps(facts[0]) + "\n")
+    grown.write_text("".join(json.dumps(f) + "\n" for f in facts))
+    store = PackStore(tmp_path / "packs")
+    for name, value in {
+        "MODEL": tiny_model_dirs["llama"],
+        "DEVICE": "cpu",
+        "PACKS_DIR": store.root,
+        "LOG_LEVEL": "warning",
+    }.items():
+        monkeypatch.setenv(f"LKS_{name}", str(value))
+    # a zero learning rate leaves the zero-initialised hypernetwork as it is: no edit, so the
+    # reliability of a random tiny model, far under the gate's 0.9
+    untrained = ["train", "--facts", str(first), "--pack", "demo", "--layer", "1", "--lr", "0"]
+    assert main(untrained) == 2
+    assert "quality gate: reliability" in capsys.readouterr().err
+    assert store.versions("demo") == []
+
+    with caplog.at_level("INFO", logger="server.lks.train"):
+        assert main([*untrained, "--epochs", "1", "--no-quality-gate"]) == 0
+    assert capsys.readouterr().out.startswith("published demo@1: 1 subjects, 1 facts, not checked")
+    counted = {m.split(":")[0] for m in caplog.messages if m.startswith("epoch 1 of ")}
+    training = store.load(PackRef("demo", 1)).content.training
+    assert counted == {f"epoch 1 of {training['epochs']}"}
+    assert training["epochs"] > 1, "min_steps raised --epochs 1 on one fact"
+
+    monkeypatch.setenv("LKS_PUBLISH_MIN_RELIABILITY", "0")
+    monkeypatch.setenv("LKS_PUBLISH_MIN_LOCALITY", "0")
+    assert main(["train", "--facts", str(grown), "--pack", "demo", "--layer", "1"]) == 0
+    assert "warm start from demo@1" in capsys.readouterr().out
+    metrics = store.load(PackRef("demo", 2)).content.metrics
+    assert (metrics["warm_start"], metrics["trained_facts"]) == (1.0, 0.0)  # weights applied
+    assert "reliability" in metrics

@@ -1,5 +1,6 @@
 """Training on tiny real models: the hypernetwork starts neutral, learns, and is reproducible."""
 
+import math
 from dataclasses import replace
 from pathlib import Path
 
@@ -21,12 +22,15 @@ from server.lks.train import (
     Trainer,
     TrainingSequence,
     after_target_sequences,
+    epoch_batches,
     feature_states,
     growth_selection,
     locality_sequences,
     repeated_tokens,
     shared_prefix_groups,
     split_sequences,
+    teacher_sequences,
+    training_contexts,
 )
 from server.model import Backbone, load_backbone
 from server.settings import DtypeChoice, Settings
@@ -302,30 +306,77 @@ def test_teacher_sequences_hold_the_student_to_the_told_models_answer(
     tiny_model_dirs: dict[str, Path],
 ) -> None:
     """The teacher is the unedited model with the fact before the question; the student's
-    sequence is the bare question (no fact) followed by the teacher's own greedy answer, and its
-    references are the teacher's final states at the positions that predict that answer."""
+    sequence is the bare question (no fact), the new target (cross-entropy), then the teacher's
+    own greedy answer after it, whose references are the teacher's final states at the
+    positions that predict that answer."""
     from server.lks.answers import encode_texts, generate
-    from server.lks.train import TEACHER_FACT, teacher_sequences
+    from server.lks.train import TEACHER_FACT
 
     backbone = _backbone(tiny_model_dirs, "llama", dtype="float32")
     scope = Scope.from_facts(FACTS)
-    sequences, references = teacher_sequences(backbone, scope.index(), FACTS, ("bare",), 4)
-    assert len(sequences) == len(references) == len(FACTS)
+    index = scope.index()
+    sequences = teacher_sequences(backbone, index, FACTS, ("bare",), 4, 0.5)
+    assert len(sequences) == len(FACTS)
     base = backbone.model.base_model
-    for fact, seq, reference in zip(FACTS, sequences, references, strict=True):
-        student = join_target(fact.prompt, fact.target)
-        teacher = TEACHER_FACT.format(prompt=fact.prompt, target=fact.target) + student
-        student_ids = backbone.tokenizer(student)["input_ids"]
+    for fact, sequence in zip(FACTS, sequences, strict=True):
+        seq, reference = sequence.text, sequence.reference
+        assert reference is not None and sequence.kl_weight == 0.5
+        student = encode(backbone.tokenizer, index, fact.prompt, fact.target)
+        teacher = TEACHER_FACT.format(prompt=fact.prompt, target=fact.target)
+        teacher += join_target(fact.prompt, fact.target)
         (answer,) = generate(backbone, encode_texts(backbone, [(teacher, False)], None), None, 4)
-        assert seq.ids[: len(student_ids)] == student_ids and seq.edits
-        assert seq.target_ids == list(answer.tokens)  # the teacher's words, end of turn and all
-        assert seq.predict_at[0] == len(student_ids) - 1
-        teacher_ids = backbone.tokenizer(teacher)["input_ids"] + list(answer.tokens)
+        said = list(answer.tokens)
+        assert seq.ids == student.ids + said[:-1] and seq.edits == student.edits
+        # the target first, then the teacher's words, end of turn and all
+        assert seq.target_ids == student.target_ids + said
+        assert seq.predict_at[: len(student.predict_at)] == student.predict_at
+        assert seq.predict_at[len(student.predict_at)] == len(student.ids) - 1
+        assert sequence.kl_positions == len(said)  # only the answer is held by KL
+        teacher_ids = backbone.tokenizer(teacher)["input_ids"] + said
         with torch.no_grad():
             states = base(input_ids=torch.tensor([teacher_ids], device=backbone.device))
-        first = len(teacher_ids) - len(answer.tokens) - 1
-        expected = states.last_hidden_state[0, first : first + len(answer.tokens)]
+        first = len(teacher_ids) - len(said) - 1
+        expected = states.last_hidden_state[0, first : first + len(said)]
         torch.testing.assert_close(reference, expected.float(), atol=1e-5, rtol=1e-4)
+
+
+def test_a_forced_teacher_context_replaces_its_cross_entropy_sequence(
+    tiny_model_dirs: dict[str, Path],
+) -> None:
+    """With the teacher in chat, the chat form is trained once (target, then the teacher's
+    answer) rather than twice; the loss of that one sequence is the cross-entropy of its
+    target plus the KL of its answer."""
+    backbone = _backbone(tiny_model_dirs, "llama", dtype="float32")
+    config = replace(CONFIG, chat_variant=True)
+    trainer = Trainer(backbone, replace(config, teacher_weight=1.0, teacher_contexts=("chat",)))
+    scope = Scope.from_facts(FACTS)
+    index = scope.index()
+    plain = Trainer(backbone, config)._sequences(FACTS, index)
+    covered = trainer._sequences(FACTS, index, covered=True)
+    chat_forms = [
+        encode(backbone.tokenizer, index, context, fact.target, templated=True)
+        for fact in FACTS
+        for context, templated in training_contexts(backbone, fact, config)
+        if templated
+    ]
+    assert len(chat_forms) == len(FACTS)
+    assert [s for s in plain if s not in chat_forms] == covered  # the chat forms, and only they
+    taught = teacher_sequences(backbone, index, FACTS[:1], ("chat",), 3, 1.0)[0]
+    ce_only = TrainingSequence(
+        EncodedText(
+            taught.text.ids,
+            taught.text.edits,
+            taught.text.target_ids[: -taught.kl_positions],
+            taught.text.predict_at[: -taught.kl_positions],
+        )
+    )
+    hypernet = Hypernetwork(backbone.hidden_size, "linear")
+    torch.nn.init.normal_(hypernet.net.weight, std=0.05)
+    features = torch.randn(len(scope.subjects), backbone.hidden_size)
+    with torch.no_grad():
+        both = trainer._loss(hypernet, features, [taught], None, [0])
+        ce = trainer._loss(hypernet, features, [ce_only], None, [0])
+    assert float(both) > float(ce) > 0  # the answer's KL adds to the target's cross-entropy
 
 
 def test_the_teacher_term_takes_part_in_training(tiny_model_dirs: dict[str, Path]) -> None:
@@ -496,3 +547,47 @@ def test_applying_weights_reuses_known_blocks(tiny_model_dirs: dict[str, Path]) 
     )
     assert torch.equal(reused.deltas[0].cpu(), marker)  # taken as it is, not recomputed
     torch.testing.assert_close(reused.deltas[1:], fresh.deltas[1:])
+
+
+def test_epoch_batches_cover_every_sequence_once_and_group_similar_widths() -> None:
+    """A step costs its widest sequence times its rows: batches drawn from a pool sorted by
+    width pad far less than a plain shuffle, and still cover every sequence once, in an order
+    that changes from epoch to epoch."""
+    import random
+
+    widths = [8, 40] * 64  # bare prompts beside chat forms with an answer
+    rng = random.Random(0)
+    first, second = epoch_batches(widths, 8, rng), epoch_batches(widths, 8, rng)
+    for batches in (first, second):
+        assert sorted(i for b in batches for i in b) == list(range(len(widths)))
+        assert all(0 < len(b) <= 8 for b in batches)
+    assert first != second
+
+    def padded(batches: list[list[int]]) -> int:
+        return sum(len(b) * max(widths[i] for i in b) for b in batches)
+
+    order = list(range(len(widths)))
+    random.Random(1).shuffle(order)
+    shuffled = [order[i : i + 8] for i in range(0, len(order), 8)]
+    assert padded(first) < 0.75 * padded(shuffled)
+
+
+def test_a_model_without_a_chat_template_is_taught_on_the_bare_prompt(
+    tiny_model_dirs: dict[str, Path],
+) -> None:
+    """The teacher's default context is chat; a backbone with no chat template (tiny gpt2)
+    is taught on the bare prompt instead, whose cross-entropy sequence it then replaces."""
+    backbone = _backbone(tiny_model_dirs, "gpt2")
+    assert not backbone.has_chat_template
+    config = replace(CONFIG, teacher_weight=1.0, teacher_contexts=("chat",))
+    trainer = Trainer(backbone, config)
+    index = Scope.from_facts(FACTS).index()
+    assert trainer._sequences(FACTS, index, covered=True) == []  # the bare prompt is taught
+    taught = teacher_sequences(backbone, index, FACTS, config.teacher_contexts, 3, 1.0)
+    assert len(taught) == len(FACTS)
+    for fact, sequence in zip(FACTS, taught, strict=True):
+        bare = encode(backbone.tokenizer, index, fact.prompt, fact.target)
+        assert sequence.text.ids[: len(bare.ids)] == bare.ids  # the bare prompt, the target
+        assert sequence.text.target_ids[: len(bare.target_ids)] == bare.target_ids
+    result = trainer.train(FACTS)
+    assert result.epochs_run > 0 and math.isfinite(result.final_loss)

@@ -21,11 +21,11 @@ from server.jobs.models import JobState
 from server.jobs.store import JobStore, NotFoundError
 from server.jobs.worker import Worker, WorkerConfig
 from server.lks.apply import plan_edits
+from server.lks.build import BuildPolicy
 from server.lks.facts import Fact
 from server.lks.gate import SentenceEncoder
 from server.model import Backbone, load_backbone
 from server.packs import PackRef, PackStore
-from server.packs.format import SubjectEntry
 from server.packs.registry import PackRegistry
 from server.settings import Settings
 
@@ -37,8 +37,10 @@ def backbone(tiny_model_dirs: dict[str, Path]) -> Backbone:
     return load_backbone(Settings(model=tiny_model_dirs["llama"], device="cpu"))
 
 
-def make_worker(store: JobStore, packs: PackStore, backbone: Backbone, **config: float) -> Worker:
-    return Worker(store, packs, backbone, WorkerConfig(train=TRAIN, **config), name="w")  # type: ignore[arg-type]
+def make_worker(store: JobStore, packs: PackStore, backbone: Backbone, **policy: float) -> Worker:
+    """A worker on the tiny model; `policy` sets its build policy (`min_reliability=...`)."""
+    config = WorkerConfig(build=BuildPolicy(train=TRAIN, **policy))  # type: ignore[arg-type]
+    return Worker(store, packs, backbone, config, name="w")
 
 
 def worker_env(models: dict[str, Path], url: str, tmp_path: Path, **extra: str) -> dict[str, str]:
@@ -107,22 +109,6 @@ def test_a_killed_worker_s_job_is_reclaimed_and_finished(
     assert job.state == JobState.SUCCEEDED and job.attempts == 2
     assert packs.versions("demo") == [1]
     assert len(store.live_facts("demo")) == 3, "no fact lost"
-
-
-def test_held_out_probes_catch_a_pack_that_rewrites_its_subjects(
-    backbone: Backbone, tmp_path: Path
-) -> None:
-    """Ungated deltas change every prompt about the subject: probe locality falls, the gate
-    refuses to publish; the same facts with normal checks pass reliability."""
-    from server.lks.apply import EditSet
-
-    store = JobStore.open(f"sqlite:///{tmp_path / 'jobs.db'}")
-    worker = make_worker(store, PackStore(tmp_path / "packs"), backbone)
-    huge = torch.randn(2, backbone.hidden_size, generator=torch.Generator().manual_seed(0)) * 300
-    blunt = EditSet([SubjectEntry("danielle darrieux"), SubjectEntry("france")], huge, layer=1)
-    assert worker._probe_locality(FACTS, blunt) < worker.config.min_locality
-    nothing = EditSet(blunt.subjects, torch.zeros_like(huge), layer=1)
-    assert worker._probe_locality(FACTS, nothing) == 1.0
 
 
 def test_a_grown_fact_set_warm_starts_and_a_shrunk_one_does_not(
@@ -230,7 +216,8 @@ def test_a_grown_set_trains_when_the_previous_weights_miss_the_gate(
     assert worker.run_once() is False  # nothing queued
     store.submit("demo", FACTS[:1])
     assert worker.run_once()
-    worker.config = replace(worker.config, min_reliability=1.01)  # no table can pass now
+    no_table_passes = replace(worker.config.build, min_reliability=1.01)
+    worker.config = replace(worker.config, build=no_table_passes)
     grown = store.submit("demo", FACTS[1:])
     assert worker.run_once()
     job = store.job(grown.job_id)
@@ -257,7 +244,11 @@ def test_a_job_keeps_its_lease_through_a_step_longer_than_the_lease(
         store,
         PackStore(tmp_path / "packs"),
         backbone,
-        WorkerConfig(train=TRAIN, lease_seconds=1.0, heartbeat_seconds=0.2, min_reliability=0.0),
+        WorkerConfig(
+            lease_seconds=1.0,
+            heartbeat_seconds=0.2,
+            build=BuildPolicy(train=TRAIN, min_reliability=0.0),
+        ),
         encoder_factory=slow_encoder,
         name="w",
     )

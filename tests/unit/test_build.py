@@ -1,0 +1,141 @@
+"""Building a pack version (`lks.build`): the one path of the worker, `lks train` and the
+benchmarks, each step of its policy on and off, on the tiny model."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+from factories import TINY_FACTS, TINY_TRAIN, make_backbone_info, make_content
+
+from server.lks.apply import EditSet
+from server.lks.build import (
+    BuildPolicy,
+    Candidate,
+    StartingPoint,
+    build_version,
+    latest_start,
+    probe_locality,
+)
+from server.lks.editor import backbone_info
+from server.lks.gate import SentenceEncoder
+from server.lks.hypernet import Hypernetwork
+from server.model import Backbone, load_backbone
+from server.packs import PackRef, PackStore
+from server.packs.format import SubjectEntry
+from server.settings import Settings
+
+FACTS = TINY_FACTS
+LENIENT = BuildPolicy(train=TINY_TRAIN, min_reliability=0.0, growth_check_sample=0)
+
+
+@pytest.fixture(scope="module")
+def backbone(tiny_model_dirs: dict[str, Path]) -> Backbone:
+    return load_backbone(Settings(model=tiny_model_dirs["llama"], device="cpu"))
+
+
+@pytest.fixture(scope="module")
+def encoder() -> SentenceEncoder:
+    return SentenceEncoder()
+
+
+@pytest.fixture(scope="module")
+def first_version(
+    backbone: Backbone, encoder: SentenceEncoder, tmp_path_factory: pytest.TempPathFactory
+) -> PackStore:
+    """A store whose pack `demo` has one version, of the first fact only."""
+    store = PackStore(tmp_path_factory.mktemp("packs"))
+    candidate = build_version(backbone, FACTS[:1], encoder, None, LENIENT)
+    assert candidate.rejection is None
+    store.publish("demo", candidate.content, backbone_info(backbone))
+    return store
+
+
+def grow(
+    backbone: Backbone, encoder: SentenceEncoder, store: PackStore, **policy: object
+) -> Candidate:
+    start = latest_start(store, "demo", backbone, TINY_TRAIN)
+    return build_version(backbone, FACTS, encoder, start, replace(LENIENT, **policy))  # type: ignore[arg-type]
+
+
+def test_a_grown_set_applies_the_previous_weights_and_reuses_its_parts(
+    backbone: Backbone, encoder: SentenceEncoder, first_version: PackStore
+) -> None:
+    candidate = grow(backbone, encoder, first_version)
+    assert candidate.rejection is None
+    assert candidate.metrics["warm_start"] == 1.0
+    assert candidate.metrics["trained_facts"] == 0  # the weights as they are
+    assert candidate.metrics["checked_facts"] == 1  # the new fact; the reused one is known good
+    assert candidate.content.training["epochs"] == candidate.content.training["epochs_run"] == 0
+    previous = first_version.load(PackRef("demo", 1))
+    assert torch.equal(candidate.content.table["blocks"][0], previous.content.table["blocks"][0])
+
+
+@pytest.mark.parametrize(
+    ("policy", "warm", "trained", "checked"),
+    [
+        ({"growth": False}, 1.0, 2, 2),  # warm-started training on every fact, all checked
+        ({"warm_start": False}, 0.0, 2, 2),  # from scratch
+        ({"reuse": False}, 1.0, 0, 2),  # nothing known: every fact is new to the check
+    ],
+)
+def test_each_step_of_the_policy_can_be_turned_off(
+    backbone: Backbone,
+    encoder: SentenceEncoder,
+    first_version: PackStore,
+    policy: dict[str, bool],
+    warm: float,
+    trained: int,
+    checked: int,
+) -> None:
+    candidate = grow(backbone, encoder, first_version, **policy)
+    assert candidate.rejection is None
+    measured = candidate.metrics
+    assert (measured["warm_start"], measured["trained_facts"], measured["checked_facts"]) == (
+        warm,
+        trained,
+        checked,
+    )
+
+
+def test_the_quality_gate_refuses_and_can_be_skipped(
+    backbone: Backbone, encoder: SentenceEncoder, first_version: PackStore
+) -> None:
+    refused = grow(backbone, encoder, first_version, min_reliability=1.01)
+    assert refused.rejection is not None and "quality gate" in refused.rejection
+    assert refused.metrics["trained_facts"] == 2  # the previous weights missed: it trained
+    skipped = grow(backbone, encoder, first_version, min_reliability=1.01, quality_gate=False)
+    assert skipped.rejection is None
+    assert "reliability" not in skipped.metrics and skipped.metrics["checked_facts"] == 0
+
+
+def test_a_version_of_another_backbone_or_layer_is_no_starting_point(
+    backbone: Backbone, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    store = PackStore(tmp_path)
+    content = make_content(subjects=2, hidden=backbone.hidden_size, layer=1)
+    facts = [f.model_dump() for f in FACTS]
+    weights = Hypernetwork(backbone.hidden_size, TINY_TRAIN.hypernet).state_dict()
+    training = {"hypernet": TINY_TRAIN.hypernet}
+    content = replace(content, facts=facts, training=training, hypernet=weights)
+    store.publish("other", content, make_backbone_info())  # another fingerprint
+    with caplog.at_level("INFO", logger="server.lks.build"):
+        assert latest_start(store, "other", backbone, TINY_TRAIN) is None
+    assert "was built for backbone" in caplog.text  # format.check_compatible said why
+    store.publish("ours", content, backbone_info(backbone))
+    assert isinstance(latest_start(store, "ours", backbone, TINY_TRAIN), StartingPoint)
+    assert latest_start(store, "ours", backbone, replace(TINY_TRAIN, layer=0)) is None
+    assert latest_start(store, "none", backbone, TINY_TRAIN) is None
+
+
+def test_held_out_probes_catch_a_pack_that_rewrites_its_subjects(backbone: Backbone) -> None:
+    """Ungated deltas change every prompt about the subject: probe locality falls under the
+    gate's minimum; no deltas leave every prediction as it was."""
+    policy = BuildPolicy()
+    huge = torch.randn(2, backbone.hidden_size, generator=torch.Generator().manual_seed(0)) * 300
+    blunt = EditSet([SubjectEntry("danielle darrieux"), SubjectEntry("france")], huge, layer=1)
+    assert probe_locality(backbone, FACTS, blunt, policy.probe_limit) < policy.min_locality
+    nothing = EditSet(blunt.subjects, torch.zeros_like(huge), layer=1)
+    assert probe_locality(backbone, FACTS, nothing, policy.probe_limit) == 1.0
