@@ -34,10 +34,15 @@ def start_server(packs_dir: Path, port: int) -> subprocess.Popen[bytes]:
 
 
 def hf_generate_latencies(
-    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: list[str], tokens: int
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: list[str],
+    tokens: int,
+    *,
+    warm_up: bool = True,
 ) -> list[float]:
     """Seconds for each prompt through plain `model.generate`, one at a time, exactly `tokens`
-    greedy new tokens each, after one warm-up call (as the server gets one)."""
+    greedy new tokens each, after one warm-up call (as the server gets one) if `warm_up`."""
     device = model.device
     synchronize = torch.cuda.synchronize if device.type == "cuda" else lambda: None
     pad_id = (
@@ -57,7 +62,8 @@ def hf_generate_latencies(
         synchronize()
         return out.shape[1] - ids["input_ids"].shape[1]
 
-    generate(prompts[0], 4)
+    if warm_up:
+        generate(prompts[0], 4)
     latencies = []
     for prompt in prompts:
         started = time.perf_counter()

@@ -2,7 +2,9 @@
 
 All figures are measured in one run on the same machine and model:
 - baseline: `model.generate` on the model loaded plainly (`from_pretrained(..., dtype=float32)`,
-  in this process, not the server's), one request at a time (greedy, exactly T new tokens);
+  in this process, not the server's), one request at a time (greedy, exactly T new tokens),
+  taking turns with the server's concurrency-1 requests so that drift of the machine's load
+  falls on both alike;
 - the server (a real `lks serve` process, its default settings) at concurrency 1 and 16 with no
   pack, one 1,000-subject pack, and (at 16) 4 packs of 250 subjects mixed request by request.
 Every prompt names an edited subject (zsRE test items), so the packs' detection, gate and edits
@@ -90,17 +92,14 @@ def build_pack(
     store.publish(name, content, backbone_info(backbone))
 
 
-def hf_baseline(model_dir: Path, prompts: list[str], tokens: int) -> Row:
-    """Hugging Face `generate` on the model as `from_pretrained` gives it, in float32."""
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    latencies = hf_generate_latencies(model, tokenizer, prompts, tokens)
+def hf_baseline(latencies: list[float], tokens: int) -> Row:
+    """Hugging Face `generate`'s row from its requests' latencies."""
     total = sum(latencies)
     return Row(
         "HF generate (no server)",
         1,
-        len(prompts),
-        len(prompts) * tokens / total,
+        len(latencies),
+        len(latencies) * tokens / total,
         percentile(latencies, 0.5),
         percentile(latencies, 0.99),
         float("nan"),
@@ -181,9 +180,11 @@ def main() -> int:
     model_dir = backbone.model_dir
     assert model_dir is not None
     del backbone
-    log.info("baseline: Hugging Face generate, one at a time")
-    baseline = hf_baseline(model_dir, prompts[: args.requests], args.tokens)
-    rows = [baseline]
+    log.info("baseline: Hugging Face generate on the model as from_pretrained gives it")
+    hf_model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    hf_tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    hf_generate_latencies(hf_model, hf_tokenizer, prompts[:1], 4)  # warm-up
+    rows: list[Row] = []
 
     process = start_server(packs_dir, args.port)
     url = f"http://127.0.0.1:{args.port}"
@@ -195,6 +196,24 @@ def main() -> int:
             "1,000-subject pack": [("1,000-subject pack", p, "bench-1k") for p in prompts],
         }
         mixed_work = [("4 packs mixed", prompts[i], f"bench-mix{i // 250}") for i in mixed]
+
+        # concurrency 1: HF generate, no pack and the pack take turns request by request, so
+        # that drift of the machine falls on all three alike; a rate is tokens over the time
+        # its requests took
+        count = args.requests
+        log.info(
+            "concurrency 1: %d requests each, HF generate, no pack and the pack in turn", count
+        )
+        hf_latencies: list[float] = []
+        done: list[Done] = []
+        for i in range(count):
+            hf_latencies += hf_generate_latencies(
+                hf_model, hf_tokenizer, [prompts[i]], args.tokens, warm_up=False
+            )
+            pair = [configs["no pack"][i], configs["1,000-subject pack"][i]]
+            done += asyncio.run(load_run(url, pair, 1, args.tokens))[1]
+        baseline = hf_baseline(hf_latencies, args.tokens)
+        rows.append(baseline)
 
         def record(label: str, concurrency: int, rate: float, done: list[Done]) -> None:
             mine = [d for d in done if d.label == label]
@@ -213,16 +232,6 @@ def main() -> int:
                 )
             )
 
-        # concurrency 1: no pack and the pack alternate request by request, so that drift of
-        # the machine falls on both alike; a rate is tokens over the time its requests took
-        count = args.requests
-        pairs = [
-            r
-            for pair in zip(configs["no pack"], configs["1,000-subject pack"], strict=True)
-            for r in pair
-        ]
-        log.info("concurrency 1: %d requests, no pack and 1,000-subject pack alternating", count)
-        _, done = asyncio.run(load_run(url, pairs[: 2 * count], 1, args.tokens))
         for label in ("no pack", "1,000-subject pack"):
             mine = [d for d in done if d.label == label]
             record(label, 1, sum(d.tokens for d in mine) / sum(d.latency for d in mine), done)
