@@ -50,7 +50,7 @@ bench-quality: install
 	bench/quality.sh $(QUALITY_SIZES) | tee bench/quality.jsonl | $(BIN)/python bench/quality_table.py
 
 bench-serve: install
-	@echo ">> lks serve on loopback vs Hugging Face generate (about 7 minutes on 2 CPU cores)"
+	@echo ">> lks serve on loopback vs Hugging Face generate (64 tokens; minutes, longer on a busy machine)"
 	$(BIN)/python bench/serve.py --json bench/serve.jsonl | tee bench/serve.md
 
 bench-train: install

@@ -81,7 +81,7 @@ def run(backbone: Backbone, args: argparse.Namespace) -> list[dict]:
     params = SamplingParams(max_tokens=args.tokens, ignore_eos=True)
     rows = []
     for batch in args.batch:
-        engine = BatchEngine(backbone, max_batch_size=batch)
+        engine = BatchEngine(backbone, max_batch_size=batch, compile_decode=args.compile)
         variants = [("no pack", ()), (f"{len(names):,}-subject pack", (pack,))]
         for _, sets in variants:  # warm-up
             engine.generate([EngineRequest(p, params, edit_sets=sets) for p in prompts[:batch]])
@@ -90,7 +90,9 @@ def run(backbone: Backbone, args: argparse.Namespace) -> list[dict]:
         for label, sets in variants:
             requests = [EngineRequest(p, params, edit_sets=sets) for p in prompts]
             if label == "HF generate":
-                seconds = sum(hf_generate_latencies(backbone, prompts, args.tokens))
+                seconds = sum(
+                    hf_generate_latencies(backbone.model, backbone.tokenizer, prompts, args.tokens)
+                )
                 tokens = len(prompts) * args.tokens
             elif batch == 1:  # concurrency 1: one request after another
                 pairs = [timed_generate(engine, [r]) for r in requests]
@@ -122,6 +124,7 @@ def main() -> int:
     parser.add_argument("--requests", type=int, default=64)
     parser.add_argument("--tokens", type=int, default=32)
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 32])
+    parser.add_argument("--compile", action="store_true", help="compile the decode step")
     parser.add_argument("--json", type=Path, help="also write the rows as JSON lines here")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")

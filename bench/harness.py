@@ -11,8 +11,7 @@ from pathlib import Path
 
 import httpx
 import torch
-
-from server.model import Backbone
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 
 def start_server(packs_dir: Path, port: int) -> subprocess.Popen[bytes]:
@@ -34,26 +33,37 @@ def start_server(packs_dir: Path, port: int) -> subprocess.Popen[bytes]:
     raise RuntimeError("lks serve did not become ready")
 
 
-def hf_generate_latencies(backbone: Backbone, prompts: list[str], tokens: int) -> list[float]:
+def hf_generate_latencies(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: list[str],
+    tokens: int,
+    *,
+    warm_up: bool = True,
+) -> list[float]:
     """Seconds for each prompt through plain `model.generate`, one at a time, exactly `tokens`
-    greedy new tokens each, after one warm-up call (as the server gets one)."""
-    tokenizer, model = backbone.tokenizer, backbone.model
-    synchronize = torch.cuda.synchronize if backbone.device.type == "cuda" else lambda: None
+    greedy new tokens each, after one warm-up call (as the server gets one) if `warm_up`."""
+    device = model.device
+    synchronize = torch.cuda.synchronize if device.type == "cuda" else lambda: None
+    pad_id = (
+        tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    )
 
     def generate(prompt: str, new_tokens: int) -> int:
-        ids = tokenizer(prompt, return_tensors="pt").to(backbone.device)
+        ids = tokenizer(prompt, return_tensors="pt").to(device)
         with torch.inference_mode():
             out = model.generate(
                 **ids,
                 max_new_tokens=new_tokens,
                 min_new_tokens=new_tokens,
                 do_sample=False,
-                pad_token_id=tokenizer.pad_token_id,
+                pad_token_id=pad_id,
             )
         synchronize()
         return out.shape[1] - ids["input_ids"].shape[1]
 
-    generate(prompts[0], 4)
+    if warm_up:
+        generate(prompts[0], 4)
     latencies = []
     for prompt in prompts:
         started = time.perf_counter()

@@ -57,6 +57,16 @@ class Settings(BaseSettings):
         description="Longer prompts are prefilled this many tokens per step, so running "
         "requests keep decoding meanwhile.",
     )
+    slot_kv_cache: bool = Field(
+        default=True,
+        description="Decode on preallocated per-request KV slots (false: a DynamicCache "
+        "re-batched between steps, the slower path kept as a fallback).",
+    )
+    compile_decode: bool = Field(
+        default=False,
+        description="torch.compile the decode step (CUDA graphs on CUDA), lazily per batch "
+        "shape; the first steps at a new shape wait for the compiler.",
+    )
     max_prompt_chars: int = Field(
         default=100_000, ge=1, description="Longest prompt, in characters once rendered."
     )

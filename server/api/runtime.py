@@ -54,6 +54,8 @@ class Runtime:
             max_batch_tokens=settings.max_batch_tokens,
             prefill_chunk_tokens=settings.prefill_chunk_tokens,
             on_step=metrics.batch_size.observe,
+            slot_cache=settings.slot_kv_cache,
+            compile_decode=settings.compile_decode,
         )
         scheduler = Scheduler(engine, max_queued=settings.max_queued_requests)
         registry = PackRegistry(

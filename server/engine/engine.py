@@ -4,10 +4,12 @@ Requests arrive prepared (`prepare.py`: token ids and an edit plan). Each `step`
 waiting requests that fit the row and token budgets (one batched, left-padded prefill that
 carries their edit plans; a prompt longer than a prefill chunk is prefilled one chunk per step,
 so the running rows keep decoding meanwhile), then runs one decode step for every running
-request, whatever pack it uses. Requests
-join and leave between steps (continuous batching); an edit touches only the prefill of its own
-row, and the KV cache carries it into decoding. The engine is single-threaded by design: the
-scheduler owns the thread that calls `step`.
+request, whatever pack it uses. Requests join and leave between steps (continuous batching); an
+edit touches only the prefill of its own row, and the KV cache carries it into decoding.
+Decoding runs on a slot KV cache (`slot_cache.py`: each row keeps its own preallocated columns;
+the step may be compiled); a model it cannot serve decodes on a `DynamicCache` re-batched
+between steps (`kv_cache.py`). The engine is single-threaded by design: the scheduler owns the
+thread that calls `step`.
 
 Faults stay with the request they belong to: a request whose admission, sampling or text fails
 gets `Failed` and the other rows go on; a batched prefill that fails is retried one row at a
@@ -33,6 +35,7 @@ from server.engine import kv_cache
 from server.engine.detokenize import REPLACEMENT, IncrementalDetokenizer
 from server.engine.prepare import PreparedPrompt, PromptRejected, RequestLimits, prepare_prompt
 from server.engine.sampling import RowSamplingError, SamplingParams, make_rng, sample_rows
+from server.engine.slot_cache import SlotDecoder, unsupported_reason
 from server.lks.apply import EditSet, PlannedEdit
 from server.lks.hook import EditPlan
 from server.model.backbone import Backbone
@@ -174,13 +177,16 @@ class _Prefill:
 
 @dataclass
 class _Batch:
-    """The running rows: their KV cache, mask, and the sampled tokens not yet fed back."""
+    """The running rows, the sampled tokens not yet fed back, and where their KV cache is: a
+    `DynamicCache` with its mask, or (the slot path) one slot per row."""
 
     rows: list[_Running]
-    cache: DynamicCache
-    mask: torch.Tensor  # [B, T] 1 where a cache column is a real token of that row
+    cache: DynamicCache | None
+    mask: torch.Tensor | None  # [B, T] 1 where a cache column is a real token of that row
     next_tokens: torch.Tensor  # [B]
-    positions: torch.Tensor  # [B] position id of next_tokens
+    positions: torch.Tensor  # [B] position id of next_tokens (the slot path: its column too)
+    slots: list[int] = field(default_factory=list)  # the slot path: each row's slot
+    lengths: list[int] = field(default_factory=list)  # the slot path: positions, on the host
 
 
 class BatchEngine:
@@ -192,10 +198,13 @@ class BatchEngine:
         max_batch_tokens: int | None = None,
         prefill_chunk_tokens: int | None = None,
         on_step: Callable[[int], None] | None = None,
+        slot_cache: bool = True,
+        compile_decode: bool = False,
     ) -> None:
-        """`max_batch_tokens` bounds the KV cache: rows x the longest row's prompt + max_tokens
-        (the rows are padded to one width); None: rows alone. `prefill_chunk_tokens`: prompts
-        longer than this are prefilled one chunk per step; None: in one pass."""
+        """`max_batch_tokens` bounds the KV cache: rows x the longest row's prompt + max_tokens;
+        None: rows alone. `prefill_chunk_tokens`: prompts longer than this are prefilled one
+        chunk per step; None: in one pass. `slot_cache`: decode on the slot KV cache where the
+        model allows (else on a re-batched `DynamicCache`); `compile_decode`: compile its step."""
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
         if prefill_chunk_tokens is not None and prefill_chunk_tokens < 1:
@@ -209,6 +218,13 @@ class BatchEngine:
         self._batch: _Batch | None = None
         self._prefilling: _Prefill | None = None  # a long prompt, one chunk per step
         self._eos = set(backbone.eos_token_ids)
+        self._slots: SlotDecoder | None = None
+        if slot_cache:
+            reason = unsupported_reason(backbone.model)
+            if reason is None:
+                self._slots = SlotDecoder(backbone.model, max_batch_size, compile=compile_decode)
+            else:
+                log.warning("decoding on a DynamicCache: the slot KV cache cannot serve %s", reason)
 
     # -- queue -------------------------------------------------------------------------------
 
@@ -356,7 +372,7 @@ class BatchEngine:
             request,
             prompt.token_ids,
             prompt.edits,
-            make_rng(request.params),
+            make_rng(request.params, self.backbone.device),
             IncrementalDetokenizer(self.backbone.tokenizer),
         )
         row.emit(Admitted(len(prompt.token_ids), [e.label for e in prompt.edits]))
@@ -490,6 +506,15 @@ class BatchEngine:
     def _decode(self) -> None:
         batch = self._batch
         assert batch is not None
+        if self._slots is not None:
+            logits = self._slots.step(batch.next_tokens, batch.slots, batch.lengths)
+            batch.lengths = [n + 1 for n in batch.lengths]
+            batch.positions = batch.positions + 1
+            if self.on_step is not None:
+                self.on_step(len(batch.rows))
+            batch.next_tokens = self._sample(batch.rows, logits)
+            return
+        assert batch.cache is not None and batch.mask is not None
         mask = torch.cat([batch.mask, batch.mask.new_ones(batch.mask.shape[0], 1)], dim=1)
         out = self.backbone.model(
             input_ids=batch.next_tokens[:, None],
@@ -568,14 +593,40 @@ class BatchEngine:
         )
 
     def _join(self, incoming: _Batch) -> None:
+        if self._slots is not None:
+            self._into_slots(incoming)
         batch = self._batch
         if batch is None:
             self._batch = incoming
             return
-        batch.mask = kv_cache.concat_rows(batch.cache, batch.mask, incoming.cache, incoming.mask)
+        if self._slots is not None:
+            batch.slots += incoming.slots
+            batch.lengths += incoming.lengths
+        else:
+            assert batch.cache is not None and batch.mask is not None
+            assert incoming.cache is not None and incoming.mask is not None
+            batch.mask = kv_cache.concat_rows(
+                batch.cache, batch.mask, incoming.cache, incoming.mask
+            )
         batch.rows += incoming.rows
         batch.next_tokens = torch.cat([batch.next_tokens, incoming.next_tokens])
         batch.positions = torch.cat([batch.positions, incoming.positions])
+
+    def _into_slots(self, incoming: _Batch) -> None:
+        """Give each prefilled row a free slot and copy its prompt's keys and values there once;
+        the running rows' slots are not touched."""
+        decoder = self._slots
+        assert decoder is not None and incoming.cache is not None
+        batch = self._batch
+        occupied = dict(zip(batch.slots, batch.lengths, strict=True)) if batch else {}
+        free = (slot for slot in range(decoder.slots) if slot not in occupied)
+        lengths = [len(row.prompt_ids) for row in incoming.rows]
+        slots = [next(free) for _ in incoming.rows]
+        spans = [self._span(row.request) for row in incoming.rows]
+        decoder.reserve(incoming.cache, max(spans), occupied)
+        decoder.join(incoming.cache, list(zip(slots, range(len(slots)), lengths, strict=True)))
+        incoming.cache = incoming.mask = None
+        incoming.slots, incoming.lengths = slots, lengths
 
     def _drop_finished(self) -> None:
         prefill = self._prefilling
@@ -596,8 +647,12 @@ class BatchEngine:
             return
         if len(keep) == len(batch.rows):
             return
-        index = torch.tensor(keep, device=batch.mask.device)
-        batch.mask = kv_cache.keep_rows(batch.cache, batch.mask, index)
+        index = torch.tensor(keep, device=batch.next_tokens.device)
+        if batch.cache is not None and batch.mask is not None:
+            batch.mask = kv_cache.keep_rows(batch.cache, batch.mask, index)
+        else:  # the slot path: the leaving rows' slots are free again, nothing moves
+            batch.slots = [batch.slots[i] for i in keep]
+            batch.lengths = [batch.lengths[i] for i in keep]
         batch.rows = [batch.rows[i] for i in keep]
         batch.next_tokens = batch.next_tokens[index]
         batch.positions = batch.positions[index]

@@ -1,5 +1,6 @@
-"""Batch surgery on a Hugging Face `DynamicCache`: continuous batching adds rows that were
-prefilled apart and drops rows that finished, between two decode steps.
+"""Batch surgery on a Hugging Face `DynamicCache` (the decode path of a model the slot cache
+cannot serve): continuous batching adds rows that were prefilled apart and drops rows that
+finished, between two decode steps.
 
 Rows are left-padded: a row's real tokens end at the last column, padding columns are masked
 out by the attention mask, and rotary positions are already baked into the cached keys, so

@@ -49,43 +49,53 @@ class SamplingParams:
         return self.temperature < TEMPERATURE_FLOOR or self.top_p < TOP_P_FLOOR
 
 
-def make_rng(params: SamplingParams) -> torch.Generator | None:
-    """A private generator for a seeded request, so its samples do not depend on its batch."""
-    return torch.Generator().manual_seed(params.seed) if params.seed is not None else None
+def make_rng(params: SamplingParams, device: torch.device | str = "cpu") -> torch.Generator | None:
+    """A private generator for a seeded request, on the device its logits are on, so its samples
+    do not depend on its batch."""
+    if params.seed is None:
+        return None
+    return torch.Generator(device=device).manual_seed(params.seed)
 
 
-def unusable_rows(logits: torch.Tensor) -> list[int]:
-    """Rows that no sampler can use: a NaN or +inf anywhere, or no finite value at all."""
-    bad = (
-        torch.isnan(logits).any(dim=-1)
-        | torch.isposinf(logits).any(dim=-1)
-        | torch.isneginf(logits).all(dim=-1)
-    )
-    return bad.nonzero().flatten().tolist() if bool(bad.any()) else []
+def best(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's greedy pick, and [B] True where no sampler can use the row (a NaN or +inf
+    anywhere, or nothing finite), in one pass: a row's maximum is NaN, +inf or -inf exactly
+    then."""
+    values, picks = logits.max(dim=-1)
+    return picks, ~torch.isfinite(values)
 
 
 def sample_rows(
     logits: torch.Tensor, params: Sequence[SamplingParams], rngs: Sequence[torch.Generator | None]
 ) -> list[int | RowSamplingError]:
     """One next token per row of `logits` [B, V], each row with its own parameters; a row that
-    cannot be sampled gets a `RowSamplingError` in its place and the others are unaffected."""
+    cannot be sampled gets a `RowSamplingError` in its place and the others are unaffected.
+
+    Everything runs where the logits are; only the B chosen ids and flags come back to the host,
+    in one copy."""
     if not (logits.ndim == 2 and logits.shape[0] == len(params) == len(rngs)):
         raise ValueError(f"logits {tuple(logits.shape)} for {len(params)} rows")
-    tokens: list[int | RowSamplingError] = list(logits.argmax(dim=-1).tolist())
-    for row in unusable_rows(logits):
-        tokens[row] = RowSamplingError("the model produced NaN or infinite logits")
+    picks, bad = best(logits)
     for row, (p, rng) in enumerate(zip(params, rngs, strict=True)):
-        if p.greedy or isinstance(tokens[row], RowSamplingError):
-            continue
-        tokens[row] = _sample_one(logits[row], p, rng)
-    return tokens
+        if not p.greedy:
+            # a bad row is sampled from zeros (harmless) and reported below
+            safe = torch.where(bad[row], torch.zeros_like(logits[row]), logits[row])
+            picks[row] = _sample_one(safe, p, rng)
+    chosen, flags = torch.stack([picks, bad.long()]).tolist()
+    return [
+        RowSamplingError("the model produced NaN or infinite logits") if flag else int(token)
+        for token, flag in zip(chosen, flags, strict=True)
+    ]
 
 
-def _sample_one(logits: torch.Tensor, params: SamplingParams, rng: torch.Generator | None) -> int:
-    probs = torch.softmax(logits.float() / params.temperature, dim=-1).cpu()
+def _sample_one(
+    logits: torch.Tensor, params: SamplingParams, rng: torch.Generator | None
+) -> torch.Tensor:
+    """The sampled id as a one-element tensor on the logits' device."""
+    probs = torch.softmax(logits.float() / params.temperature, dim=-1)
     if params.top_p < 1.0:
         sorted_probs, order = probs.sort(descending=True)
         outside = sorted_probs.cumsum(0) - sorted_probs > params.top_p  # keep the nucleus
         sorted_probs[outside] = 0.0
         probs = torch.zeros_like(probs).scatter(0, order, sorted_probs)
-    return int(torch.multinomial(probs, 1, generator=rng).item())
+    return torch.multinomial(probs, 1, generator=rng)[0]

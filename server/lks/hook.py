@@ -67,6 +67,10 @@ class EditHook:
     def _apply(
         self, _module: nn.Module, _args: tuple[object, ...], output: object
     ) -> object | None:
+        if torch.compiler.is_compiling():
+            # Only the prefill carries a plan and it always runs eager; a compiled pass (the
+            # decode step) must not trace this thread-local lookup, which would break its graph.
+            return None
         plan: EditPlan | None = getattr(self._local, "plan", None)
         if plan is None:
             return None

@@ -243,3 +243,17 @@ def test_the_token_budget_admits_what_fits_and_the_rest_waits(backbone: Backbone
     assert again == results
     with pytest.raises(ValueError, match="token budget"):
         BatchEngine(backbone, max_batch_tokens=8).generate([EngineRequest(PROMPTS[1], params)])
+
+
+def test_seeded_sampling_is_the_same_in_any_batch_and_differs_by_seed(backbone: Backbone) -> None:
+    """Sampling runs where the logits are, each seeded row on its own generator."""
+
+    def sampled(seed: int) -> EngineRequest:
+        params = SamplingParams(max_tokens=9, temperature=1.5, top_p=0.9, seed=seed)
+        return EngineRequest(PROMPTS[1], params)
+
+    batch = [sampled(5), EngineRequest(PROMPTS[0], SamplingParams(max_tokens=9)), sampled(6)]
+    together = BatchEngine(backbone).generate(batch)
+    assert together[0] == alone(backbone, sampled(5))
+    assert together[2] == alone(backbone, sampled(6))
+    assert together[0].token_ids != together[2].token_ids
