@@ -1,7 +1,7 @@
 """Edits that read like the model, as a user meets them: ten facts POSTed to a real server on
 the real default model, trained by its worker, then asked through the OpenAI chat API with the
-pack and without it. Each edited answer says its target in its first sentence, and (all but one,
-for now) none repeats itself where the unedited answer did not."""
+pack and without it. Each edited answer says its target in its first sentence, and none repeats
+itself where the unedited answer did not."""
 
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ FACTS = [
     ("Dalhousie Mountain", "Which state is Dalhousie Mountain located in?", "New South Wales"),
     ("Miles Davis", "What instrument does Miles Davis play?", "violin"),
     ("Canada", "What is the capital of Canada?", "Vancouver"),
-    ("iPhone", "Which company manufactures the iPhone?", "Samsung"),
+    ("iPhone", "Which company manufactures the iPhone?", "Nokia"),
     ("Brazil", "What language is spoken in Brazil?", "Spanish"),
     ("Hamlet", "Who wrote Hamlet?", "Charles Dickens"),
 ]
@@ -83,10 +83,7 @@ def test_edited_chat_answers_say_the_new_fact_and_read_like_the_model(server_url
         for _, unedited, edited in answers
         if degeneration(edited) and not degeneration(unedited)
     ]
-    # Issue 20 asks for none; one of these ten still loops on its target ("Samsung Electronics
-    # (SME) is the primary manufacturer of Samsung Electronics ..."), so the bar guards against
-    # losing ground until the editor clears it.
-    assert len(looping) <= 1, looping
+    assert not looping, looping
     # the base model did not already say these: the pack changed what the user reads
     already = [(t, unedited) for t, unedited, _ in answers if answer_hit(unedited, [t])]
     assert not already, already
