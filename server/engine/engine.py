@@ -33,9 +33,9 @@ from server.engine import kv_cache
 from server.engine.detokenize import REPLACEMENT, IncrementalDetokenizer
 from server.engine.prepare import PreparedPrompt, PromptRejected, RequestLimits, prepare_prompt
 from server.engine.sampling import RowSamplingError, SamplingParams, make_rng, sample_rows
-from server.lks.apply import EditSet, PlannedEdit
-from server.lks.hook import EditPlan
 from server.model.backbone import Backbone
+from server.model.hook import EditPlan
+from server.packs.edit_set import EditSet, PlannedEdit
 
 log = logging.getLogger(__name__)
 
