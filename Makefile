@@ -82,7 +82,7 @@ bench-massive: install
 
 relation-head: install
 	@echo ">> fitting the scope gate's relation head on dev items (about 10 minutes on 2 CPU cores)"
-	$(BIN)/python bench/fit_relation_head.py --out server/lks/relation_head.safetensors
+	$(BIN)/python -m tools.fit_relation_head --out server/gate/relation_head.safetensors
 
 format: install
 	$(BIN)/ruff check --fix .

@@ -12,7 +12,7 @@ import json
 import logging
 from pathlib import Path
 
-from server.lks.answers import answer_hit, encode_texts, generate
+from server.editor.answers import answer_hit, encode_texts, generate
 from server.model import load_backbone
 from server.settings import Settings
 

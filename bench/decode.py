@@ -26,7 +26,7 @@ import torch
 
 from server.engine.engine import BatchEngine, EngineRequest
 from server.engine.sampling import SamplingParams
-from server.lks.datasets import dataset_path, load_items
+from server.evaluation.datasets import dataset_path, load_items
 from server.model import load_backbone
 from server.settings import Settings
 

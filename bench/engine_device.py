@@ -27,8 +27,8 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from server.engine.engine import BatchEngine, EngineRequest
 from server.engine.sampling import SamplingParams
-from server.lks.apply import EditSet
 from server.model import Backbone, load_backbone
+from server.packs.edit_set import EditSet
 from server.packs.format import SubjectEntry
 from server.settings import Settings
 

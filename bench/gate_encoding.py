@@ -12,11 +12,11 @@ import json
 import logging
 import time
 
-from server.lks.apply import EditSet
-from server.lks.datasets import dataset_path, load_items
-from server.lks.gate import GateTable, ScopeGate, SentenceEncoder
-from server.lks.scope import Scope, encode
+from server.editor.scope import Scope, encode
+from server.evaluation.datasets import dataset_path, load_items
+from server.gate.scope_gate import GateTable, ScopeGate, SentenceEncoder
 from server.model import load_backbone
+from server.packs.edit_set import EditSet
 from server.settings import Settings
 
 

@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import logging
 
-from server.lks.apply import EditSet
-from server.lks.facts import Fact
-from server.lks.gate import GateTable, ScopeGate, SentenceEncoder
-from server.lks.scope import Scope
+from server.editor.facts import Fact
+from server.editor.scope import Scope
+from server.gate.scope_gate import GateTable, ScopeGate, SentenceEncoder
+from server.packs.edit_set import EditSet
 
 log = logging.getLogger("gate_phrasing")
 

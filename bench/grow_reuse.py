@@ -13,11 +13,11 @@ import logging
 import time
 from pathlib import Path
 
-from server.lks.build import facts_to_check
-from server.lks.datasets import dataset_path, load_items
-from server.lks.editor import KnownParts, apply_edits, train_edits
-from server.lks.evaluate import EvalItem, evaluate
-from server.lks.gate import SentenceEncoder
+from server.builder.edits import KnownParts, apply_edits, train_edits
+from server.builder.version import facts_to_check
+from server.evaluation.datasets import dataset_path, load_items
+from server.evaluation.evaluate import EvalItem, evaluate
+from server.gate.scope_gate import SentenceEncoder
 from server.model import load_backbone
 from server.settings import Settings
 

@@ -26,8 +26,8 @@ import httpx
 from harness import start_server
 from serve import build_pack
 
-from server.lks.datasets import dataset_path, load_items
-from server.lks.gate import SentenceEncoder
+from server.evaluation.datasets import dataset_path, load_items
+from server.gate.scope_gate import SentenceEncoder
 from server.model import load_backbone
 from server.packs import PackStore
 from server.settings import Settings

@@ -25,7 +25,7 @@ import httpx
 import torch
 from harness import start_server
 
-from server.lks.editor import backbone_info
+from server.builder.edits import backbone_info
 from server.model import load_backbone
 from server.packs import PackContent, PackStore, SubjectEntry
 from server.settings import Settings

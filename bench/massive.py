@@ -37,14 +37,14 @@ import psutil
 import torch
 from safetensors.torch import load_file, save_file
 
-from server.lks.apply import EditSet
-from server.lks.datasets import dataset_path, load_items
-from server.lks.evaluate import EvalItem, top1_predictions
-from server.lks.facts import Fact, fact_key
-from server.lks.scope import Scope, encode
-from server.lks.split import LayerSplit
-from server.lks.train import TrainConfig, Trainer, feature_states
+from server.editor.facts import Fact, fact_key
+from server.editor.scope import Scope, encode
+from server.editor.split import LayerSplit
+from server.editor.train import TrainConfig, Trainer, feature_states
+from server.evaluation.datasets import dataset_path, load_items
+from server.evaluation.evaluate import EvalItem, top1_predictions
 from server.model import Backbone, load_backbone
+from server.packs.edit_set import EditSet
 from server.settings import Settings
 
 log = logging.getLogger("bench.massive")
@@ -230,7 +230,7 @@ def growth_inputs(
 def cmd_grow(args: argparse.Namespace, settings: Settings, backbone: Backbone) -> dict[str, Any]:
     """Add facts to a trained pack by warm start on the new facts plus a replay sample, and
     check the earlier facts before and after."""
-    from server.lks.train import growth_selection
+    from server.editor.train import growth_selection
 
     old_items, new_items, weights = growth_inputs(args, settings)
     facts = [it.fact for it in old_items + new_items]
@@ -278,9 +278,9 @@ def cmd_grow_published(
     """The worker's growth at 10,000 facts: the published pack's weights applied to the grown
     fact set, reusing the blocks and gate embeddings the published version computed (only the
     new subjects cost a forward pass). Needs the pack `serve --packs-dir` published."""
-    from server.lks.build import BuildPolicy, StartingPoint, build_version
-    from server.lks.editor import KnownParts
-    from server.lks.gate import SentenceEncoder
+    from server.builder.edits import KnownParts
+    from server.builder.version import BuildPolicy, StartingPoint, build_version
+    from server.gate.scope_gate import SentenceEncoder
     from server.packs import PackStore
     from server.packs.names import PackRef
 
@@ -327,7 +327,7 @@ def cmd_grow_published(
 def cmd_detect(args: argparse.Namespace, settings: Settings, backbone: Backbone | None) -> dict:
     from serve import percentile
 
-    from server.lks.detect import SubjectIndex
+    from server.editor.detect import SubjectIndex
 
     items = dev_items(settings, 8000, 2000)
     subjects = list(dict.fromkeys(it.fact.subject for it in items))
@@ -370,9 +370,9 @@ def build_massive_pack(
     """Publish the 10,000-fact pack from trained hypernetwork weights: the subject table and
     the gate table are recomputed (the blocks are a function of the weights), as the worker's
     growth first does."""
-    from server.lks.build import BuildPolicy, StartingPoint, build_version
-    from server.lks.editor import backbone_info
-    from server.lks.gate import SentenceEncoder
+    from server.builder.edits import backbone_info
+    from server.builder.version import BuildPolicy, StartingPoint, build_version
+    from server.gate.scope_gate import SentenceEncoder
     from server.packs import PackStore
 
     started = time.perf_counter()
@@ -443,9 +443,9 @@ def cmd_serve(args: argparse.Namespace, settings: Settings, backbone: Backbone) 
     from harness import start_server
     from serve import load_run
 
-    from server.lks.apply import load_edit_set
-    from server.lks.gate import SentenceEncoder
+    from server.gate.scope_gate import SentenceEncoder
     from server.packs import PackStore
+    from server.packs.edit_set import load_edit_set
     from server.packs.names import PackRef
 
     packs_dir = args.packs_dir or Path(tempfile.mkdtemp(prefix="lks-massive-packs-"))

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from generation_samples import continuations, describe, read_jsonl
 
-from server.lks.evaluate import says_target
+from server.evaluation.evaluate import says_target
 
 ROOT = Path(__file__).resolve().parent.parent
 METRICS = (

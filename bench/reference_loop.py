@@ -21,12 +21,12 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from server.lks.facts import Fact
-from server.lks.hook import EditPlan
-from server.lks.hypernet import Hypernetwork
-from server.lks.scope import EncodedText, Scope, encode, pad_batch
-from server.lks.train import TrainConfig, training_contexts
+from server.editor.facts import Fact
+from server.editor.hypernet import Hypernetwork
+from server.editor.scope import EncodedText, Scope, encode, pad_batch
+from server.editor.train import TrainConfig, training_contexts
 from server.model.backbone import Backbone
+from server.model.hook import EditPlan
 
 EpochCallback = Callable[[int, Hypernetwork, float], bool]  # (epoch, net, train s) -> stop?
 

@@ -32,9 +32,9 @@ import torch
 from harness import hf_generate_latencies, start_server
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from server.lks.datasets import dataset_path, load_items
-from server.lks.editor import backbone_info
-from server.lks.gate import GateTable, SentenceEncoder
+from server.builder.edits import backbone_info
+from server.evaluation.datasets import dataset_path, load_items
+from server.gate.scope_gate import GateTable, SentenceEncoder
 from server.model import Backbone, load_backbone
 from server.packs import PackContent, PackStore, SubjectEntry
 from server.settings import Settings

@@ -19,7 +19,7 @@ from pathlib import Path
 import httpx
 from harness import start_server
 
-from server.lks.datasets import dataset_path, load_items
+from server.evaluation.datasets import dataset_path, load_items
 from server.settings import Settings
 
 log = logging.getLogger("bench.train")

@@ -59,8 +59,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     backbone = load_backbone(settings)
     edit_sets = []
     if pack is not None:
-        from server.lks.apply import load_edit_set
-        from server.lks.gate import SentenceEncoder
+        from server.gate.scope_gate import SentenceEncoder
+        from server.packs.edit_set import load_edit_set
 
         edit_sets.append(load_edit_set(pack, backbone, SentenceEncoder()))
     params = SamplingParams(
@@ -108,7 +108,7 @@ def _weight(text: str) -> float:
 
 def _contexts(text: str) -> tuple[str, ...]:
     """Answer contexts from the command line: a comma-separated list, or none."""
-    from server.lks.answers import CONTEXTS
+    from server.editor.answers import CONTEXTS
 
     if text.strip() == "none":
         return ()
@@ -129,7 +129,7 @@ def _teacher_contexts(text: str) -> tuple[str, ...]:
 
 
 def _train_config(args: argparse.Namespace) -> Any:
-    from server.lks.train import TrainConfig
+    from server.editor.train import TrainConfig
 
     names = (
         "epochs",
@@ -147,7 +147,7 @@ def _train_config(args: argparse.Namespace) -> Any:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from server.lks.facts import parse_facts_jsonl
+    from server.editor.facts import parse_facts_jsonl
     from server.packs.names import validate_name
 
     validate_name(args.pack)
@@ -167,9 +167,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     _configure_logging(settings)
     from transformers.utils import logging as hf_logging
 
-    from server.lks.build import BuildPolicy, build_version, latest_start
-    from server.lks.editor import backbone_info
-    from server.lks.gate import SentenceEncoder
+    from server.builder.edits import backbone_info
+    from server.builder.version import BuildPolicy, build_version, latest_start
+    from server.gate.scope_gate import SentenceEncoder
     from server.model import load_backbone
 
     hf_logging.disable_progress_bar()
@@ -215,10 +215,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
     _configure_logging(settings)
     from transformers.utils import logging as hf_logging
 
-    from server.lks.datasets import dataset_path, describe_protocol, load_items, training_facts
-    from server.lks.editor import train_edits
-    from server.lks.evaluate import GenerationSample, evaluate
-    from server.lks.gate import SentenceEncoder
+    from server.builder.edits import train_edits
+    from server.evaluation.datasets import (
+        dataset_path,
+        describe_protocol,
+        load_items,
+        training_facts,
+    )
+    from server.evaluation.evaluate import GenerationSample, evaluate
+    from server.gate.scope_gate import SentenceEncoder
     from server.model import load_backbone
 
     hf_logging.disable_progress_bar()
@@ -635,8 +640,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     except Exception as exc:  # model files missing or unloadable: one line, not a traceback
+        from server.gate.scope_gate import EncoderMissingError
         from server.jobs.store import StoreUnavailableError
-        from server.lks.gate import EncoderMissingError
         from server.model import ModelLoadError
 
         if isinstance(exc, ModelLoadError | EncoderMissingError | StoreUnavailableError):

@@ -6,10 +6,10 @@ import os
 
 import torch
 
-from server.lks.editor import backbone_info
-from server.lks.facts import Fact
-from server.lks.gate import GateTable, SentenceEncoder
-from server.lks.train import TrainConfig
+from server.builder.edits import backbone_info
+from server.editor.facts import Fact
+from server.editor.train import TrainConfig
+from server.gate.scope_gate import GateTable, SentenceEncoder
 from server.model import Backbone
 from server.packs import PackStore
 from server.packs.format import BackboneInfo, Manifest, PackContent, SubjectEntry

@@ -16,6 +16,7 @@ from pydantic import BaseModel
 from server.api.auth import Caller
 from server.api.errors import APIError, redact_paths
 from server.api.state import CallerDep, JobStoreDep, StateDep, get_caller
+from server.editor.facts import collect_facts
 from server.jobs.store import (
     IdempotencyKeyReusedError,
     Job,
@@ -23,7 +24,6 @@ from server.jobs.store import (
     NotFoundError,
     StoredFact,
 )
-from server.lks.facts import collect_facts
 from server.packs.names import validate_name
 
 router = APIRouter(prefix="/v1", tags=["jobs"], dependencies=[Depends(get_caller)])

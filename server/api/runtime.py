@@ -16,9 +16,9 @@ from dataclasses import dataclass
 from server.api.metrics import ServerMetrics, ServingStats
 from server.engine.engine import BatchEngine
 from server.engine.scheduler import Scheduler
+from server.gate.scope_gate import SentenceEncoder
 from server.jobs.store import JobStore, StoreUnavailableError
 from server.jobs.worker import Worker, WorkerConfig
-from server.lks.gate import SentenceEncoder
 from server.model import Backbone
 from server.packs import PackStore
 from server.packs.registry import LiveVersions, PackRegistry

@@ -36,9 +36,9 @@ from server.engine.detokenize import REPLACEMENT, IncrementalDetokenizer
 from server.engine.prepare import PreparedPrompt, PromptRejected, RequestLimits, prepare_prompt
 from server.engine.sampling import RowSamplingError, SamplingParams, make_rng, sample_rows
 from server.engine.slot_cache import SlotDecoder, unsupported_reason
-from server.lks.apply import EditSet, PlannedEdit
-from server.lks.hook import EditPlan
 from server.model.backbone import Backbone
+from server.model.hook import EditPlan
+from server.packs.edit_set import EditSet, PlannedEdit
 
 log = logging.getLogger(__name__)
 

@@ -12,8 +12,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from server.engine.sampling import SamplingParams
-from server.lks.apply import EditSet, PlannedEdit, TooManySubjectMatchesError, plan_edits
 from server.model.backbone import Backbone
+from server.packs.edit_set import EditSet, PlannedEdit, TooManySubjectMatchesError, plan_edits
 from server.settings import Settings
 
 ChatMessages = Sequence[Mapping[str, str]]

@@ -32,6 +32,7 @@ from sqlalchemy import Engine, create_engine, event, func, or_, select, text, up
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
+from server.editor.facts import Fact
 from server.jobs.models import (
     FactRow,
     IdempotencyKeyRow,
@@ -40,7 +41,6 @@ from server.jobs.models import (
     PackActivationRow,
     PackVersionRow,
 )
-from server.lks.facts import Fact
 from server.packs.registry import Activation
 
 log = logging.getLogger(__name__)

@@ -28,12 +28,12 @@ from dataclasses import dataclass, field
 
 import torch
 
+from server.builder.edits import backbone_info
+from server.builder.version import BuildPolicy, build_version, latest_start
+from server.editor.train import Progress
+from server.gate.scope_gate import SentenceEncoder
 from server.jobs.models import JobState
 from server.jobs.store import DEFAULT_MAX_ATTEMPTS, Job, JobStore, StoreUnavailableError
-from server.lks.build import BuildPolicy, build_version, latest_start
-from server.lks.editor import backbone_info
-from server.lks.gate import SentenceEncoder
-from server.lks.train import Progress
 from server.model.backbone import Backbone
 from server.packs.format import BLOCKS_KEY, PackContent
 from server.packs.store import PackStore

@@ -18,7 +18,7 @@ from safetensors import safe_open
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from server.lks.hook import EditHooks
+from server.model.hook import EditHooks
 
 # model_type -> attribute path of the decoder layer list
 _LAYER_PATHS: dict[str, str] = {

@@ -30,6 +30,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
+from server.editor.scope import SubjectEntry
 from server.packs.errors import PackCorruptError, PackIncompatibleError
 from server.packs.names import NAME_PATTERN
 from server.packs.validate import BLOCKS_KEY, check_hypernet, check_table, check_tensors_finite
@@ -78,12 +79,6 @@ class Manifest(BaseModel):
     training: dict[str, Any] = Field(default_factory=dict)
     metrics: dict[str, float] = Field(default_factory=dict)
     files: dict[str, FileEntry]
-
-
-@dataclass(frozen=True)
-class SubjectEntry:
-    subject: str
-    aliases: tuple[str, ...] = ()
 
 
 @dataclass

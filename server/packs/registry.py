@@ -27,9 +27,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from server.lks.apply import EditSet, load_edit_set
-from server.lks.gate import GateTable, SentenceEncoder
+from server.gate.scope_gate import GateTable, SentenceEncoder
 from server.model.backbone import Backbone
+from server.packs.edit_set import EditSet, load_edit_set
 from server.packs.errors import PackError, PackNotFoundError
 from server.packs.format import Manifest
 from server.packs.names import PackRef, validate_name

@@ -14,8 +14,8 @@ from typing import Any, get_args
 
 import torch
 
-from server.lks.gate import GateTable
-from server.lks.hypernet import HypernetKind, Hypernetwork
+from server.editor.hypernet import HypernetKind, Hypernetwork
+from server.gate.scope_gate import GateTable
 from server.packs.errors import PackCorruptError
 
 BLOCKS_KEY = "blocks"

@@ -14,7 +14,7 @@ import pytest
 from conftest import LiveServer
 
 from server.api import create_app
-from server.lks.answers import answer_hit, degeneration
+from server.editor.answers import answer_hit, degeneration
 from server.model import Backbone
 from server.settings import Settings
 

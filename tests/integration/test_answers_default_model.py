@@ -6,18 +6,17 @@ from __future__ import annotations
 
 import pytest
 
-from server.lks.answers import (
+from server.builder.edits import train_edits
+from server.editor.answers import (
     answer_hit,
-    answer_metrics,
     degenerate,
     encode_texts,
     generate,
     render,
 )
-from server.lks.editor import train_edits
-from server.lks.evaluate import EvalItem
-from server.lks.facts import Fact
-from server.lks.gate import SentenceEncoder
+from server.editor.facts import Fact
+from server.evaluation.evaluate import EvalItem, answer_metrics
+from server.gate.scope_gate import SentenceEncoder
 from server.model import Backbone
 
 pytestmark = pytest.mark.integration

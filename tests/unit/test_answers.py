@@ -9,10 +9,9 @@ import pytest
 import torch
 from factories import TEST_DEVICE, TINY_FACTS, TINY_TRAIN
 
-from server.lks.answers import (
+from server.editor.answers import (
     Answer,
     answer_hit,
-    answer_metrics,
     answer_pairs,
     degenerate,
     degeneration,
@@ -23,10 +22,10 @@ from server.lks.answers import (
     target_repeats,
     user_message,
 )
-from server.lks.apply import EditSet
-from server.lks.evaluate import EvalItem
-from server.lks.train import Trainer
+from server.editor.train import Trainer
+from server.evaluation.evaluate import EvalItem, answer_metrics
 from server.model import Backbone, load_backbone
+from server.packs.edit_set import EditSet
 from server.settings import Settings
 
 # ---- answers from issue 20's trial and the README's samples -------------------------------

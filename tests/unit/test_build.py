@@ -10,8 +10,8 @@ import pytest
 import torch
 from factories import TINY_FACTS, TINY_TRAIN, make_backbone_info, make_content
 
-from server.lks.apply import EditSet
-from server.lks.build import (
+from server.builder.edits import backbone_info
+from server.builder.version import (
     BuildPolicy,
     Candidate,
     StartingPoint,
@@ -19,11 +19,11 @@ from server.lks.build import (
     latest_start,
     probe_locality,
 )
-from server.lks.editor import backbone_info
-from server.lks.gate import SentenceEncoder
-from server.lks.hypernet import Hypernetwork
+from server.editor.hypernet import Hypernetwork
+from server.gate.scope_gate import SentenceEncoder
 from server.model import Backbone, load_backbone
 from server.packs import PackRef, PackStore
+from server.packs.edit_set import EditSet
 from server.packs.format import SubjectEntry
 from server.settings import Settings
 
@@ -121,7 +121,7 @@ def test_a_version_of_another_backbone_or_layer_is_no_starting_point(
     training = {"hypernet": TINY_TRAIN.hypernet}
     content = replace(content, facts=facts, training=training, hypernet=weights)
     store.publish("other", content, make_backbone_info())  # another fingerprint
-    with caplog.at_level("INFO", logger="server.lks.build"):
+    with caplog.at_level("INFO", logger="server.builder.version"):
         assert latest_start(store, "other", backbone, TINY_TRAIN) is None
     assert "was built for backbone" in caplog.text  # format.check_compatible said why
     store.publish("ours", content, backbone_info(backbone))

@@ -12,9 +12,9 @@ import pytest
 from conftest import free_port
 from factories import make_backbone_info, make_content
 
-from server.lks.evaluate import says_target
-from server.lks.relation_head import RelationHead
-from server.lks.train import TrainConfig
+from server.editor.train import TrainConfig
+from server.evaluation.evaluate import says_target
+from server.gate.relation_head import RelationHead
 from server.packs import PackStore
 
 
@@ -98,7 +98,7 @@ def test_eval_trains_and_reports_under_the_chosen_protocol(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     """In process on a tiny model: what training received, and the protocol the JSON names."""
-    import server.lks.editor
+    import server.builder.edits
     from server.cli import main
 
     items = [
@@ -121,14 +121,14 @@ def test_eval_trains_and_reports_under_the_chosen_protocol(
         monkeypatch.setenv(f"LKS_{name}", str(value))
     trained_on: list[list[str]] = []
     configs: list[Any] = []
-    real_train_edits = server.lks.editor.train_edits
+    real_train_edits = server.builder.edits.train_edits
 
     def spy(backbone: Any, facts: Any, encoder: Any, config: Any, **kwargs: Any) -> Any:
         trained_on.extend([p.prompt for p in f.locality] for f in facts)
         configs.append(config)
         return real_train_edits(backbone, facts, encoder, config, **kwargs)
 
-    monkeypatch.setattr(server.lks.editor, "train_edits", spy)
+    monkeypatch.setattr(server.builder.edits, "train_edits", spy)
     argv = ["eval", "--dataset", "tiny", "--n", "2", "--epochs", "1", "--layer", "1"]
     # an after-target term reaches training and the row, which says what it used
     weight = 0.5 if protocol == "heldout" else None
@@ -363,7 +363,7 @@ def test_train_builds_versions_as_the_worker_does(
     assert "quality gate: reliability" in capsys.readouterr().err
     assert store.versions("demo") == []
 
-    with caplog.at_level("INFO", logger="server.lks.train"):
+    with caplog.at_level("INFO", logger="server.editor.train"):
         assert main([*untrained, "--epochs", "1", "--no-quality-gate"]) == 0
     assert capsys.readouterr().out.startswith("published demo@1: 1 subjects, 1 facts, not checked")
     counted = {m.split(":")[0] for m in caplog.messages if m.startswith("epoch 1 of ")}

@@ -5,9 +5,9 @@ from pathlib import Path
 
 import pytest
 
-from server.lks.datasets import load_items, training_facts
-from server.lks.evaluate import EvalItem
-from server.lks.facts import Fact
+from server.editor.facts import Fact
+from server.evaluation.datasets import load_items, training_facts
+from server.evaluation.evaluate import EvalItem
 
 ITEM = {
     "subject": "Danielle Darrieux",

@@ -1,6 +1,6 @@
 import pytest
 
-from server.lks.detect import SubjectIndex, last_token_position
+from server.editor.detect import SubjectIndex, last_token_position
 
 
 def _found(index: SubjectIndex, text: str) -> list[str]:

@@ -20,8 +20,8 @@ from server.engine.engine import (
     TextDelta,
 )
 from server.engine.sampling import SamplingParams
-from server.lks.apply import EditSet
 from server.model import Backbone, load_backbone
+from server.packs.edit_set import EditSet
 from server.packs.format import SubjectEntry
 from server.settings import Settings
 

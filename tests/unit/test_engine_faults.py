@@ -21,8 +21,8 @@ from server.engine.engine import (
 )
 from server.engine.sampling import SamplingParams, sample_rows
 from server.engine.scheduler import RequestFailed, Scheduler
-from server.lks.apply import EditSet
 from server.model import Backbone, load_backbone
+from server.packs.edit_set import EditSet
 from server.packs.format import SubjectEntry
 from server.settings import Settings
 

@@ -1,6 +1,6 @@
 import json
 
-from server.lks.facts import parse_facts_jsonl
+from server.editor.facts import parse_facts_jsonl
 
 
 def _jsonl(*records: object) -> str:

@@ -8,10 +8,16 @@ import pytest
 import torch
 from tiny_models import build_tokenizer
 
-from server.lks.apply import EditSet
-from server.lks.gate import GateTable, ScopeGate, SentenceEncoder, mask_subject, sentence_around
-from server.lks.relation_head import IDENTITY_THRESHOLD, RelationHead
-from server.lks.scope import encode as encode_text
+from server.editor.scope import encode as encode_text
+from server.gate.relation_head import IDENTITY_THRESHOLD, RelationHead
+from server.gate.scope_gate import (
+    GateTable,
+    ScopeGate,
+    SentenceEncoder,
+    mask_subject,
+    sentence_around,
+)
+from server.packs.edit_set import EditSet
 from server.packs.format import SubjectEntry
 
 FACTS = [

@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from server.lks.hook import EditPlan
 from server.model import Backbone, load_backbone
+from server.model.hook import EditPlan
 from server.settings import Settings
 
 LAYER = 1

@@ -24,6 +24,7 @@ from jobs_db import (
     wait_for,
 )
 
+from server.editor.facts import Fact
 from server.jobs.models import JobState
 from server.jobs.store import (
     FactConflictError,
@@ -32,7 +33,6 @@ from server.jobs.store import (
     StoreUnavailableError,
     now,
 )
-from server.lks.facts import Fact
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

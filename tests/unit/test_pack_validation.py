@@ -18,7 +18,7 @@ import torch
 from factories import make_backbone_info, make_content
 from pack_damage import Tensors, edit_manifest, rewrite, rewrite_tensors
 
-from server.lks.hypernet import Hypernetwork
+from server.editor.hypernet import Hypernetwork
 from server.packs import PackContent, PackCorruptError, PackRef, PackStore
 from server.packs import format as pack_format
 from server.settings import Settings

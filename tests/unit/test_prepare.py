@@ -13,13 +13,13 @@ import torch
 from factories import TEST_DEVICE
 from pydantic import ValidationError
 
+from server.editor.detect import SubjectIndex, SubjectMatch, TokenPositions, last_token_position
+from server.editor.facts import Fact
 from server.engine.prepare import PromptRejected, RequestLimits, prepare_prompt
 from server.engine.sampling import SamplingParams
-from server.lks.apply import EditSet
-from server.lks.detect import SubjectIndex, SubjectMatch, TokenPositions, last_token_position
-from server.lks.facts import Fact
-from server.lks.gate import GateTable, ScopeGate, SentenceEncoder
+from server.gate.scope_gate import GateTable, ScopeGate, SentenceEncoder
 from server.model import Backbone, load_backbone
+from server.packs.edit_set import EditSet
 from server.packs.format import SubjectEntry
 from server.settings import Settings
 

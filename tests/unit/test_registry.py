@@ -13,7 +13,7 @@ import torch
 from factories import publish_subject_pack
 from pack_damage import rewrite_tensors
 
-from server.lks.editor import backbone_info
+from server.builder.edits import backbone_info
 from server.model import Backbone, load_backbone
 from server.packs import (
     Manifest,

@@ -5,8 +5,9 @@ phrasing an edit prompt shares with another question about the subject fools raw
 import torch
 import torch.nn.functional as F
 
-from server.lks.gate import SentenceEncoder
-from server.lks.relation_fit import (
+from server.gate.relation_head import RelationHead
+from server.gate.scope_gate import SentenceEncoder
+from tools.relation_fit import (
     NearMisses,
     Probes,
     RelationExample,
@@ -18,7 +19,6 @@ from server.lks.relation_fit import (
     pair_scores,
     relation_groups,
 )
-from server.lks.relation_head import RelationHead
 
 DIM, RELATIONS, PHRASINGS = 32, 6, 5
 

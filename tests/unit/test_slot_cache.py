@@ -16,8 +16,8 @@ from server.engine.engine import BatchEngine, EngineEvent, EngineRequest, Finish
 from server.engine.prepare import PreparedPrompt
 from server.engine.sampling import SamplingParams
 from server.engine.slot_cache import SlotKV, bucket
-from server.lks.apply import PlannedEdit
 from server.model import Backbone, load_backbone
+from server.packs.edit_set import PlannedEdit
 from server.settings import Settings
 
 

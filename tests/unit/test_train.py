@@ -9,15 +9,12 @@ import torch
 import torch.nn.functional as F
 from factories import TEST_DEVICE, TINY_FACTS, TINY_TRAIN
 
-from server.lks.activation_cache import ActivationCache
-from server.lks.apply import EditSet
-from server.lks.evaluate import top1_predictions
-from server.lks.facts import Fact, LocalityPrompt, fact_key
-from server.lks.hook import EditPlan
-from server.lks.hypernet import Hypernetwork
-from server.lks.scope import EncodedText, Scope, encode, join_target
-from server.lks.split import LayerSplit, SplitSequence
-from server.lks.train import (
+from server.editor.activation_cache import ActivationCache
+from server.editor.facts import Fact, LocalityPrompt, fact_key
+from server.editor.hypernet import Hypernetwork
+from server.editor.scope import EncodedText, Scope, encode, join_target
+from server.editor.split import LayerSplit, SplitSequence
+from server.editor.train import (
     TrainConfig,
     Trainer,
     TrainingSequence,
@@ -32,7 +29,10 @@ from server.lks.train import (
     teacher_sequences,
     training_contexts,
 )
+from server.evaluation.evaluate import top1_predictions
 from server.model import Backbone, load_backbone
+from server.model.hook import EditPlan
+from server.packs.edit_set import EditSet
 from server.settings import DtypeChoice, Settings
 
 FACTS, CONFIG = TINY_FACTS, TINY_TRAIN
@@ -85,7 +85,7 @@ def test_training_is_seeded_and_reports_progress(
     # no early stop, so the last event is the last planned step (bfloat16 on CUDA plateaus early)
     config = TrainConfig(layer=1, epochs=2, batch_size=2, prefixes=(), patience=10**6)
     events = []
-    with caplog.at_level("INFO", logger="server.lks.train"):
+    with caplog.at_level("INFO", logger="server.editor.train"):
         first = Trainer(backbone, config).train(FACTS, progress=events.append)
     # a long run says how far it is at each epoch without a progress callback
     epoch_lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("epoch ")]
@@ -115,7 +115,7 @@ def test_scope_groups_facts_by_subject() -> None:
 
 def test_prefix_skipping_split_matches_the_full_model(tiny_model_dirs: dict[str, Path]) -> None:
     """Steps that attend to cached prefix keys/values give the full model's outputs."""
-    from server.lks.split import PrefixSkippingSplit
+    from server.editor.split import PrefixSkippingSplit
 
     backbone = _backbone(tiny_model_dirs, "llama")
     assert PrefixSkippingSplit.supports(backbone.model)
@@ -309,8 +309,8 @@ def test_teacher_sequences_hold_the_student_to_the_told_models_answer(
     sequence is the bare question (no fact), the new target (cross-entropy), then the teacher's
     own greedy answer after it, whose references are the teacher's final states at the
     positions that predict that answer."""
-    from server.lks.answers import encode_texts, generate
-    from server.lks.train import TEACHER_FACT
+    from server.editor.answers import encode_texts, generate
+    from server.editor.train import TEACHER_FACT
 
     backbone = _backbone(tiny_model_dirs, "llama", dtype="float32")
     scope = Scope.from_facts(FACTS)
@@ -515,7 +515,7 @@ def test_evaluation_batches_answer_as_each_text_alone(
 ) -> None:
     """Evaluation sorts texts by length into batches and reads logits only where a target is
     predicted; each text must still get exactly its own answers, in the caller's order."""
-    from server.lks.evaluate import greedy_generations
+    from server.evaluation.evaluate import greedy_generations
 
     backbone = _backbone(tiny_model_dirs, family)
     result = Trainer(backbone, CONFIG).train(FACTS)

@@ -17,15 +17,15 @@ import pytest
 import torch
 from factories import TINY_FACTS, TINY_TRAIN
 
+from server.builder.version import BuildPolicy
+from server.editor.facts import Fact
+from server.gate.scope_gate import SentenceEncoder
 from server.jobs.models import JobState
 from server.jobs.store import JobStore, NotFoundError
 from server.jobs.worker import Worker, WorkerConfig
-from server.lks.apply import plan_edits
-from server.lks.build import BuildPolicy
-from server.lks.facts import Fact
-from server.lks.gate import SentenceEncoder
 from server.model import Backbone, load_backbone
 from server.packs import PackRef, PackStore
+from server.packs.edit_set import plan_edits
 from server.packs.registry import PackRegistry
 from server.settings import Settings
 

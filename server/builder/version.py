@@ -25,19 +25,19 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from server.lks.apply import EditSet
-from server.lks.editor import Edits, KnownParts, apply_edits, train_edits
-from server.lks.evaluate import EvalItem, evaluate, top1_predictions
-from server.lks.facts import Fact, FactKey, fact_key
-from server.lks.gate import PLACEHOLDER, STATEMENT_PROBES, SentenceEncoder
-from server.lks.scope import Scope
-from server.lks.train import (
+from server.builder.edits import Edits, KnownParts, apply_edits, train_edits
+from server.editor.facts import Fact, FactKey, fact_key
+from server.editor.scope import Scope
+from server.editor.train import (
     DEFAULT_CACHE_BUDGET_BYTES,
     ProgressCallback,
     TrainConfig,
     growth_selection,
 )
+from server.evaluation.evaluate import EvalItem, evaluate, top1_predictions
+from server.gate.scope_gate import PLACEHOLDER, STATEMENT_PROBES, SentenceEncoder
 from server.model.backbone import Backbone
+from server.packs.edit_set import EditSet
 from server.packs.errors import PackError, PackIncompatibleError
 from server.packs.format import Pack, PackContent, check_compatible
 from server.packs.names import PackRef

@@ -1,4 +1,4 @@
-"""Fit the scope gate's relation head (server/lks/relation_head.safetensors) on dev items.
+"""Fit the scope gate's relation head (server/gate/relation_head.safetensors) on dev items.
 
 Each zsRE and CounterFact dev item gives an edit prompt, its paraphrase (the gate should open)
 and another question about the same subject (it should stay shut). CounterFact items also give
@@ -9,7 +9,7 @@ The head is fitted on items 1,000-7,999 of both datasets; its threshold is the b
 accuracy on items 0-999, which the fit never saw; the test split is never read. About 10 minutes
 on 2 CPU cores.
 
-    .venv/bin/python bench/fit_relation_head.py [--out server/lks/relation_head.safetensors]
+    .venv/bin/python -m tools.fit_relation_head [--out server/gate/relation_head.safetensors]
 """
 
 from __future__ import annotations
@@ -22,9 +22,11 @@ from pathlib import Path
 
 import torch
 
-from server.lks.datasets import dataset_path, load_items
-from server.lks.gate import ENCODER_NAME, SentenceEncoder
-from server.lks.relation_fit import (
+from server.evaluation.datasets import dataset_path, load_items
+from server.gate.relation_head import HEAD_FILE, RelationHead
+from server.gate.scope_gate import ENCODER_NAME, SentenceEncoder
+from server.settings import Settings
+from tools.relation_fit import (
     NearMisses,
     Probes,
     RelationExample,
@@ -35,8 +37,6 @@ from server.lks.relation_fit import (
     pair_scores,
     relation_groups,
 )
-from server.lks.relation_head import HEAD_FILE, RelationHead
-from server.settings import Settings
 
 DATASETS = ("zsre", "counterfact")
 FIT_ITEMS = (1000, 8000)  # dev items the head learns from

@@ -14,8 +14,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
 
-from server.lks.evaluate import EvalItem
-from server.lks.facts import Fact, LocalityPrompt
+from server.editor.facts import Fact, LocalityPrompt
+from server.evaluation.evaluate import EvalItem
 
 DatasetName = Literal["zsre", "counterfact"]
 Split = Literal["dev", "test"]

@@ -7,9 +7,16 @@ from dataclasses import dataclass, field
 
 import torch
 
-from server.lks.apply import EditSet
-from server.lks.facts import Fact
-from server.lks.gate import (
+from server.editor.facts import Fact
+from server.editor.scope import Scope
+from server.editor.train import (
+    DEFAULT_CACHE_BUDGET_BYTES,
+    ProgressCallback,
+    TrainConfig,
+    Trainer,
+    TrainResult,
+)
+from server.gate.scope_gate import (
     ENCODER_NAME,
     RULE,
     GateTable,
@@ -17,15 +24,8 @@ from server.lks.gate import (
     SentenceEncoder,
     masked_prompts,
 )
-from server.lks.scope import Scope
-from server.lks.train import (
-    DEFAULT_CACHE_BUDGET_BYTES,
-    ProgressCallback,
-    TrainConfig,
-    Trainer,
-    TrainResult,
-)
 from server.model.backbone import Backbone
+from server.packs.edit_set import EditSet
 from server.packs.format import BLOCKS_KEY, BackboneInfo, PackContent
 
 

@@ -9,15 +9,30 @@ import time
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
-from server.lks.answers import Context, answer_metrics, applied_edits, encode_texts, generate
-from server.lks.apply import EditSet
-from server.lks.facts import Fact
-from server.lks.scope import EncodedText, length_batches, pad_batch
+from server.editor.answers import (
+    CONTEXTS,
+    MAX_ANSWER_TOKENS,
+    Context,
+    answer_hit,
+    answer_pairs,
+    applied_edits,
+    degenerate,
+    encode_texts,
+    generate,
+    render,
+    target_repeats,
+)
+from server.editor.facts import Fact
+from server.editor.scope import EncodedText, length_batches, pad_batch
 from server.model.backbone import Backbone
+from server.packs.edit_set import EditSet
+
+Kind = Literal["question", "paraphrase", "locality"]
+KINDS: tuple[Kind, ...] = ("question", "paraphrase", "locality")
 
 
 @dataclass(frozen=True)
@@ -195,4 +210,87 @@ def evaluate(
     if contexts:
         metrics.update(answer_metrics(backbone, items, table, contexts, samples=answer_samples))
     metrics["eval_seconds"] = time.perf_counter() - started
+    return metrics
+
+
+# ---------------------------------------------------------------------------------------------
+# The metrics over a benchmark's items
+
+
+def _prompt(item: EvalItem, kind: Kind) -> str | None:
+    if kind == "question":
+        return item.fact.prompt
+    if kind == "paraphrase":
+        return item.generality
+    return item.locality_prompt
+
+
+def answer_metrics(
+    backbone: Backbone,
+    items: Sequence[EvalItem],
+    table: EditSet,
+    contexts: Sequence[Context] = CONTEXTS,
+    *,
+    max_new_tokens: int = MAX_ANSWER_TOKENS,
+    samples: list[dict[str, Any]] | None = None,
+) -> dict[str, float]:
+    """`{context}_{kind}_{metric}` for each context; kinds question and paraphrase get
+    answer_hit (edited and `_unedited`), degenerate (both), target_repeats, stops (both) and
+    `edited` (the share the gate opened for); `{context}_locality` is the share of same-subject
+    other questions whose answer is unchanged (with `{context}_locality_edited`, the share the
+    gate wrongly opened for). `samples` receives one record per item, context and kind."""
+    jobs: list[tuple[int, Context, Kind, str]] = []
+    for index, item in enumerate(items):
+        for context in contexts:
+            for kind in KINDS:
+                prompt = _prompt(item, kind)
+                if prompt:
+                    jobs.append((index, context, kind, prompt))
+    texts = [render(backbone, context, prompt) for _, context, _, prompt in jobs]
+    edited, unedited = answer_pairs(backbone, texts, table, max_new_tokens)
+    per: dict[tuple[Context, Kind], list[dict[str, Any]]] = {}
+    for (index, context, kind, prompt), new, old in zip(jobs, edited, unedited, strict=True):
+        targets = (items[index].fact.target,)
+        record: dict[str, Any] = {
+            "item": index,
+            "context": context,
+            "kind": kind,
+            "prompt": prompt,
+            "target": targets[0],
+            "edited": new.text,
+            "unedited": old.text,
+            "edit_applied": new.edited,
+            "degenerate_edited": degenerate(new.text),
+            "degenerate_unedited": degenerate(old.text),
+            "stops_edited": new.stopped,
+            "stops_unedited": old.stopped,
+        }
+        if kind == "locality":
+            record["unchanged"] = new.text == old.text
+        else:
+            record["answer_hit"] = answer_hit(new.text, targets)
+            record["answer_hit_unedited"] = answer_hit(old.text, targets)
+            record["target_repeats"] = target_repeats(new.text, targets)
+        per.setdefault((context, kind), []).append(record)
+        if samples is not None:
+            samples.append(record)
+    metrics: dict[str, float] = {}
+    for (context, kind), records in per.items():
+
+        def share(key: str, rows: list[dict[str, Any]] = records) -> float:
+            return _mean([float(r[key]) for r in rows])
+
+        if kind == "locality":
+            metrics[f"{context}_locality"] = share("unchanged")
+            metrics[f"{context}_locality_edited"] = share("edit_applied")
+            continue
+        prefix = f"{context}_{kind}"
+        metrics[f"{prefix}_answer_hit"] = share("answer_hit")
+        metrics[f"{prefix}_answer_hit_unedited"] = share("answer_hit_unedited")
+        metrics[f"{prefix}_degenerate"] = share("degenerate_edited")
+        metrics[f"{prefix}_degenerate_unedited"] = share("degenerate_unedited")
+        metrics[f"{prefix}_target_repeats"] = share("target_repeats")
+        metrics[f"{prefix}_stops"] = share("stops_edited")
+        metrics[f"{prefix}_stops_unedited"] = share("stops_unedited")
+        metrics[f"{prefix}_edited"] = share("edit_applied")
     return metrics

@@ -12,7 +12,8 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn.functional as F
 
-from server.lks.gate import (
+from server.gate.relation_head import RelationHead
+from server.gate.scope_gate import (
     PLACEHOLDER,
     QUESTION_PROBES,
     STATEMENT_PROBES,
@@ -22,7 +23,6 @@ from server.lks.gate import (
     is_question,
     mask_subject,
 )
-from server.lks.relation_head import RelationHead
 
 
 @dataclass(frozen=True)

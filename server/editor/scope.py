@@ -9,9 +9,16 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from server.lks.detect import SubjectIndex, SubjectMatch, last_token_position
-from server.lks.facts import Fact
-from server.packs.format import SubjectEntry
+from server.editor.detect import SubjectIndex, SubjectMatch, last_token_position
+from server.editor.facts import Fact
+
+
+@dataclass(frozen=True)
+class SubjectEntry:
+    """One subject row: its name and aliases (what a pack's subjects file lists)."""
+
+    subject: str
+    aliases: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

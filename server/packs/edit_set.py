@@ -16,9 +16,9 @@ from dataclasses import dataclass, field
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from server.lks.detect import SubjectIndex, SubjectMatch, TokenPositions
-from server.lks.gate import GateTable, ScopeGate, SentenceEncoder
-from server.lks.scope import EncodedText, encode, subject_index
+from server.editor.detect import SubjectIndex, SubjectMatch, TokenPositions
+from server.editor.scope import EncodedText, encode, subject_index
+from server.gate.scope_gate import GateTable, ScopeGate, SentenceEncoder
 from server.model.backbone import Backbone
 from server.packs.errors import PackCorruptError, PackIncompatibleError
 from server.packs.format import BLOCKS_KEY, Pack, SubjectEntry, check_compatible

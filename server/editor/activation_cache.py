@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from server.lks.split import CacheShape, SplitSequence
+from server.editor.split import CacheShape, SplitSequence
 
 log = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import ahocorasick
 
-from server.lks.facts import MIN_SUBJECT_CHARS
+from server.editor.facts import MIN_SUBJECT_CHARS
 
 
 @dataclass(frozen=True)

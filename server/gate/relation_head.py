@@ -4,7 +4,7 @@ all-MiniLM-L6-v2 says how alike two sentences are; the gate needs something narr
 masked prompts ask the same relation? A linear map fitted once on dev items of zsRE and
 CounterFact (each edit prompt pulled towards its paraphrase and pushed from another question
 about the same subject) sharpens exactly that. It ships as a 0.6 MB safetensors file beside this
-module, with the threshold picked for it; `bench/fit_relation_head.py` rebuilds both.
+module, with the threshold picked for it; `tools/fit_relation_head.py` rebuilds both.
 
 Packs store the head they were built with, so a pack is scored the way it was calibrated even
 after the shipped head changes; packs from before the head score with the identity.

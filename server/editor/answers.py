@@ -16,6 +16,9 @@ Contexts: the bare prompt, a question-answer instruction and the chat template. 
 prompt (CounterFact's cloze "The mother tongue of X is") becomes the user message "Complete the
 sentence: ...": the unedited default model answers it with the finished sentence, where a bare
 "Complete: ..." more often gets a description of the subject (docs/results/natural_edits.md).
+
+Training's teacher term generates with these functions; the metrics over a benchmark's items
+(`answer_metrics`) are in server/evaluation/evaluate.py.
 """
 
 from __future__ import annotations
@@ -25,24 +28,37 @@ from collections import Counter
 from collections.abc import Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Literal, Protocol
 
 import torch
+from transformers import PreTrainedTokenizerBase
 
-from server.lks.hook import EditPlan
-from server.lks.scope import EncodedText, length_batches
+from server.editor.scope import EncodedText, length_batches
 from server.model.backbone import Backbone
-
-if TYPE_CHECKING:
-    from server.lks.apply import EditSet
-    from server.lks.evaluate import EvalItem
+from server.model.hook import EditPlan
 
 Context = Literal["bare", "qa", "chat"]
 CONTEXTS: tuple[Context, ...] = ("bare", "qa", "chat")
-Kind = Literal["question", "paraphrase", "locality"]
-KINDS: tuple[Kind, ...] = ("question", "paraphrase", "locality")
 MAX_ANSWER_TOKENS = 40  # what issue 20's trial through /v1/chat/completions used
 CLOZE_INSTRUCTION = "Complete the sentence: "
+
+
+class EditTable(Protocol):
+    """What generating with edits needs of a set of them (the packs' `EditSet` is one): the
+    subject deltas, their layer, and texts tokenised with the gated edits placed."""
+
+    deltas: torch.Tensor  # [S, H]
+    layer: int
+
+    def encode_all(
+        self,
+        tokenizer: PreTrainedTokenizerBase,
+        pairs: Sequence[tuple[str, str | None]],
+        chunk: int = 512,
+        *,
+        templated: Sequence[bool] | None = None,
+    ) -> list[EncodedText]: ...
+
 
 # ---------------------------------------------------------------------------------------------
 # The rules, on text alone
@@ -161,7 +177,7 @@ class Answer:
 
 
 def applied_edits(
-    backbone: Backbone, table: EditSet | None, edits: list[tuple[int, int, int]]
+    backbone: Backbone, table: EditTable | None, edits: list[tuple[int, int, int]]
 ) -> AbstractContextManager[None]:
     """The next forward pass with `edits` (batch row, position, subject row) of `table`."""
     if table is None or not edits:
@@ -175,7 +191,7 @@ def applied_edits(
 def generate(
     backbone: Backbone,
     encoded: Sequence[EncodedText],
-    table: EditSet | None,
+    table: EditTable | None,
     max_new_tokens: int = MAX_ANSWER_TOKENS,
     batch_size: int = 64,
 ) -> list[Answer]:
@@ -219,7 +235,7 @@ def generate(
 
 
 def encode_texts(
-    backbone: Backbone, texts: Sequence[tuple[str, bool]], table: EditSet | None
+    backbone: Backbone, texts: Sequence[tuple[str, bool]], table: EditTable | None
 ) -> list[EncodedText]:
     """(text, templated) pairs tokenised, with `table`'s gated edits placed (none without one).
     A templated text carries its special tokens already."""
@@ -237,7 +253,7 @@ def encode_texts(
 def answer_pairs(
     backbone: Backbone,
     texts: Sequence[tuple[str, bool]],
-    table: EditSet,
+    table: EditTable,
     max_new_tokens: int = MAX_ANSWER_TOKENS,
 ) -> tuple[list[Answer], list[Answer]]:
     """(edited, unedited) answers to each (text, templated). A text the table edits nowhere
@@ -252,90 +268,3 @@ def answer_pairs(
     for index, answer in zip(touched, redone, strict=True):
         edited[index] = answer
     return edited, unedited
-
-
-# ---------------------------------------------------------------------------------------------
-# The metrics over a benchmark's items
-
-
-def _mean(values: Sequence[float]) -> float:
-    return sum(values) / len(values) if values else float("nan")
-
-
-def _prompt(item: EvalItem, kind: Kind) -> str | None:
-    if kind == "question":
-        return item.fact.prompt
-    if kind == "paraphrase":
-        return item.generality
-    return item.locality_prompt
-
-
-def answer_metrics(
-    backbone: Backbone,
-    items: Sequence[EvalItem],
-    table: EditSet,
-    contexts: Sequence[Context] = CONTEXTS,
-    *,
-    max_new_tokens: int = MAX_ANSWER_TOKENS,
-    samples: list[dict[str, Any]] | None = None,
-) -> dict[str, float]:
-    """`{context}_{kind}_{metric}` for each context; kinds question and paraphrase get
-    answer_hit (edited and `_unedited`), degenerate (both), target_repeats, stops (both) and
-    `edited` (the share the gate opened for); `{context}_locality` is the share of same-subject
-    other questions whose answer is unchanged (with `{context}_locality_edited`, the share the
-    gate wrongly opened for). `samples` receives one record per item, context and kind."""
-    jobs: list[tuple[int, Context, Kind, str]] = []
-    for index, item in enumerate(items):
-        for context in contexts:
-            for kind in KINDS:
-                prompt = _prompt(item, kind)
-                if prompt:
-                    jobs.append((index, context, kind, prompt))
-    texts = [render(backbone, context, prompt) for _, context, _, prompt in jobs]
-    edited, unedited = answer_pairs(backbone, texts, table, max_new_tokens)
-    per: dict[tuple[Context, Kind], list[dict[str, Any]]] = {}
-    for (index, context, kind, prompt), new, old in zip(jobs, edited, unedited, strict=True):
-        targets = (items[index].fact.target,)
-        record: dict[str, Any] = {
-            "item": index,
-            "context": context,
-            "kind": kind,
-            "prompt": prompt,
-            "target": targets[0],
-            "edited": new.text,
-            "unedited": old.text,
-            "edit_applied": new.edited,
-            "degenerate_edited": degenerate(new.text),
-            "degenerate_unedited": degenerate(old.text),
-            "stops_edited": new.stopped,
-            "stops_unedited": old.stopped,
-        }
-        if kind == "locality":
-            record["unchanged"] = new.text == old.text
-        else:
-            record["answer_hit"] = answer_hit(new.text, targets)
-            record["answer_hit_unedited"] = answer_hit(old.text, targets)
-            record["target_repeats"] = target_repeats(new.text, targets)
-        per.setdefault((context, kind), []).append(record)
-        if samples is not None:
-            samples.append(record)
-    metrics: dict[str, float] = {}
-    for (context, kind), records in per.items():
-
-        def share(key: str, rows: list[dict[str, Any]] = records) -> float:
-            return _mean([float(r[key]) for r in rows])
-
-        if kind == "locality":
-            metrics[f"{context}_locality"] = share("unchanged")
-            metrics[f"{context}_locality_edited"] = share("edit_applied")
-            continue
-        prefix = f"{context}_{kind}"
-        metrics[f"{prefix}_answer_hit"] = share("answer_hit")
-        metrics[f"{prefix}_answer_hit_unedited"] = share("answer_hit_unedited")
-        metrics[f"{prefix}_degenerate"] = share("degenerate_edited")
-        metrics[f"{prefix}_degenerate_unedited"] = share("degenerate_unedited")
-        metrics[f"{prefix}_target_repeats"] = share("target_repeats")
-        metrics[f"{prefix}_stops"] = share("stops_edited")
-        metrics[f"{prefix}_stops_unedited"] = share("stops_unedited")
-        metrics[f"{prefix}_edited"] = share("edit_applied")
-    return metrics

@@ -19,12 +19,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from server.lks.activation_cache import ActivationCache
-from server.lks.detect import SubjectIndex
-from server.lks.facts import Fact, FactKey, fact_key
-from server.lks.hook import EditPlan
-from server.lks.hypernet import HypernetKind, Hypernetwork
-from server.lks.scope import (
+from server.editor.activation_cache import ActivationCache
+from server.editor.detect import SubjectIndex
+from server.editor.facts import Fact, FactKey, fact_key
+from server.editor.hypernet import HypernetKind, Hypernetwork
+from server.editor.scope import (
     EncodedText,
     Scope,
     encode,
@@ -32,8 +31,9 @@ from server.lks.scope import (
     length_batches,
     pad_batch,
 )
-from server.lks.split import LayerSplit, PrefixSkippingSplit
+from server.editor.split import LayerSplit, PrefixSkippingSplit
 from server.model.backbone import Backbone
+from server.model.hook import EditPlan
 
 log = logging.getLogger(__name__)
 
@@ -236,7 +236,7 @@ def _teacher_texts(
     teacher's text ends with the target, whose continuation it gives, and the student learns
     the target after its own text, then that continuation; otherwise the teacher answers the
     question from its start."""
-    from server.lks.answers import user_message
+    from server.editor.answers import user_message
 
     told = TEACHER_FACT.format(prompt=fact.prompt.strip(), target=fact.target.strip())
     if context == "bare":
@@ -281,7 +281,7 @@ def teacher_sequences(
     states at the positions that predict it. In a forced context the target comes first, by
     cross-entropy, in the same sequence. A free answer that does not say the target in its
     first sentence is dropped: it would teach the edit to keep the old answer."""
-    from server.lks.answers import answer_hit, encode_texts, generate
+    from server.editor.answers import answer_hit, encode_texts, generate
 
     tokenizer = backbone.tokenizer
     contexts = teacher_contexts(backbone, contexts)

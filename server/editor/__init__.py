@@ -1,0 +1,3 @@
+"""The LKS editor core: facts, subject detection and scope, the hypernetwork, the layer split,
+the activation cache and training. Facts in, a trained subject table out. Pure torch; imports
+only `settings` and `model` from the server (tests/unit/test_layers.py checks it)."""

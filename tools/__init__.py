@@ -1,0 +1,1 @@
+"""Maintenance tools that write files the server ships (run from the repository root)."""
