@@ -258,11 +258,15 @@ def teacher_contexts(backbone: Backbone, contexts: Sequence[str]) -> list[str]:
     return list(dict.fromkeys("bare" if c in ("chat", "free") else c for c in contexts))
 
 
-def teacher_covers(context: str, templated: bool, fact: Fact, contexts: Sequence[str]) -> bool:
-    """Whether a forced teacher context already trains this cross-entropy context (the same
-    text, the target after it): one sequence then holds both terms."""
+def teacher_covers(
+    backbone: Backbone, context: str, templated: bool, fact: Fact, contexts: Sequence[str]
+) -> bool:
+    """Whether a forced teacher context already trains this cross-entropy context (the very
+    same text, the target after it): one sequence then holds both terms. A statement's chat
+    form is not covered: the teacher asks it as "Complete the sentence: ...", and a user may
+    send it as it is."""
     if templated:
-        return "chat" in contexts
+        return "chat" in contexts and context == _teacher_texts(backbone, fact, "chat")[0]
     return "bare" in contexts and context == fact.prompt
 
 
@@ -571,7 +575,7 @@ class Trainer:
         sequences = []
         for fact in facts:
             for context, templated in training_contexts(self.backbone, fact, self.config):
-                if covered and teacher_covers(context, templated, fact, taught):
+                if covered and teacher_covers(self.backbone, context, templated, fact, taught):
                     continue
                 encoded = encode(
                     self.backbone.tokenizer, index, context, fact.target, templated=templated

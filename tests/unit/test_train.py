@@ -343,24 +343,28 @@ def test_teacher_sequences_hold_the_student_to_the_told_models_answer(
 def test_a_forced_teacher_context_replaces_its_cross_entropy_sequence(
     tiny_model_dirs: dict[str, Path],
 ) -> None:
-    """With the teacher in chat, the chat form is trained once (target, then the teacher's
-    answer) rather than twice; the loss of that one sequence is the cross-entropy of its
-    target plus the KL of its answer."""
+    """With the teacher in chat, a question's chat form is trained once (target, then the
+    teacher's answer) rather than twice; a statement's is kept, since the teacher asks it as
+    "Complete the sentence: ..." and a user may send it as it is. The loss of the one sequence
+    is the cross-entropy of its target plus the KL of its answer."""
     backbone = _backbone(tiny_model_dirs, "llama", dtype="float32")
     config = replace(CONFIG, chat_variant=True)
     trainer = Trainer(backbone, replace(config, teacher_weight=1.0, teacher_contexts=("chat",)))
+    questions = [f.model_copy(update={"prompt": f"what is {f.prompt}?"}) for f in FACTS]
     scope = Scope.from_facts(FACTS)
     index = scope.index()
-    plain = Trainer(backbone, config)._sequences(FACTS, index)
-    covered = trainer._sequences(FACTS, index, covered=True)
+    plain = Trainer(backbone, config)._sequences(questions, index)
+    covered = trainer._sequences(questions, index, covered=True)
     chat_forms = [
         encode(backbone.tokenizer, index, context, fact.target, templated=True)
-        for fact in FACTS
+        for fact in questions
         for context, templated in training_contexts(backbone, fact, config)
         if templated
     ]
     assert len(chat_forms) == len(FACTS)
     assert [s for s in plain if s not in chat_forms] == covered  # the chat forms, and only they
+    statements = trainer._sequences(FACTS, index, covered=True)
+    assert statements == Trainer(backbone, config)._sequences(FACTS, index)  # nothing left out
     taught = teacher_sequences(backbone, index, FACTS[:1], ("chat",), 3, 1.0)[0]
     ce_only = TrainingSequence(
         EncodedText(
