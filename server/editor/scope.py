@@ -69,6 +69,12 @@ class EncodedText:
     target_ids: list[int]  # tokens to predict, teacher-forced
     predict_at: list[int]  # position whose output predicts each target token
 
+    @property
+    def first_edit(self) -> int:
+        """The first edited position: everything before it is the unedited model's, so
+        training computes it once and a step runs from here on."""
+        return min(position for _, position in self.edits)
+
 
 def join_target(context: str, target: str) -> str:
     """The text a target makes after its context (one space between, unless there is one)."""

@@ -441,7 +441,7 @@ def split_sequences(
     batch_size: int = 32,
 ) -> ActivationCache:
     """One unedited pass over every training sequence, cut at its first edited position."""
-    cuts = [min(p for _, p in s.edits) for s in sequences]
+    cuts = [s.first_edit for s in sequences]
     cache = ActivationCache(
         split.cache_shape(),
         [(len(s.ids), cut) for s, cut in zip(sequences, cuts, strict=True)],
@@ -673,7 +673,7 @@ class Trainer:
         if warm_start is not None:
             hypernet.load_state_dict(warm_start)
         optimizer = torch.optim.AdamW(hypernet.parameters(), lr=config.lr, weight_decay=0.0)
-        widths = [len(s.text.ids) - min(p for _, p in s.text.edits) for s in sequences]
+        widths = [len(s.text.ids) - s.text.first_edit for s in sequences]
         steps_per_epoch = len(epoch_batches(widths, config.batch_size, random.Random(0)))
         epochs = max(config.epochs, math.ceil(config.min_steps / steps_per_epoch))
         total_steps = steps_per_epoch * epochs
