@@ -37,10 +37,12 @@ import psutil
 import torch
 from safetensors.torch import load_file, save_file
 
+from server.editor.config import TrainConfig
 from server.editor.facts import Fact, fact_key
+from server.editor.precompute import feature_states
 from server.editor.scope import Scope, encode
 from server.editor.split import LayerSplit
-from server.editor.train import TrainConfig, Trainer, feature_states
+from server.editor.train import Trainer
 from server.evaluation.datasets import dataset_path, load_items
 from server.evaluation.evaluate import EvalItem, top1_predictions
 from server.model import Backbone, load_backbone

@@ -21,10 +21,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from server.editor.config import TrainConfig
 from server.editor.facts import Fact
 from server.editor.hypernet import Hypernetwork
 from server.editor.scope import EncodedText, Scope, encode, pad_batch
-from server.editor.train import TrainConfig, training_contexts
+from server.editor.sequences import training_contexts
 from server.model.backbone import Backbone
 from server.model.hook import EditPlan
 

@@ -129,7 +129,7 @@ def _teacher_contexts(text: str) -> tuple[str, ...]:
 
 
 def _train_config(args: argparse.Namespace) -> Any:
-    from server.editor.train import TrainConfig
+    from server.editor.config import TrainConfig
 
     names = (
         "epochs",

@@ -7,8 +7,8 @@ import os
 import torch
 
 from server.builder.edits import backbone_info
+from server.editor.config import TrainConfig
 from server.editor.facts import Fact
-from server.editor.train import TrainConfig
 from server.gate.scope_gate import GateTable, SentenceEncoder
 from server.model import Backbone
 from server.packs import PackStore

@@ -7,15 +7,11 @@ from dataclasses import dataclass, field
 
 import torch
 
+from server.editor.config import TrainConfig
 from server.editor.facts import Fact
+from server.editor.precompute import DEFAULT_CACHE_BUDGET_BYTES
 from server.editor.scope import Scope
-from server.editor.train import (
-    DEFAULT_CACHE_BUDGET_BYTES,
-    ProgressCallback,
-    TrainConfig,
-    Trainer,
-    TrainResult,
-)
+from server.editor.train import ProgressCallback, Trainer, TrainResult
 from server.gate.scope_gate import (
     ENCODER_NAME,
     RULE,

@@ -26,14 +26,11 @@ from typing import TYPE_CHECKING
 import torch
 
 from server.builder.edits import Edits, KnownParts, apply_edits, train_edits
+from server.editor.config import TrainConfig
 from server.editor.facts import Fact, FactKey, fact_key
+from server.editor.precompute import DEFAULT_CACHE_BUDGET_BYTES
 from server.editor.scope import Scope
-from server.editor.train import (
-    DEFAULT_CACHE_BUDGET_BYTES,
-    ProgressCallback,
-    TrainConfig,
-    growth_selection,
-)
+from server.editor.train import ProgressCallback, growth_selection
 from server.evaluation.evaluate import EvalItem, evaluate, top1_predictions
 from server.gate.scope_gate import PLACEHOLDER, STATEMENT_PROBES, SentenceEncoder
 from server.model.backbone import Backbone

@@ -1,8 +1,9 @@
-"""Training an edit pack from facts alone.
+"""Training an edit pack from facts alone: the trainer, its progress and its result.
 
 Every backbone computation that training does not change is done once: the feature states of
-the subjects, the layer-L states of every training sequence and the unedited answers to the
-facts' locality prompts. Each step then runs the hypernetwork, writes the deltas into the cached
+the subjects and the layer-L states of every training sequence (precompute.py), and the
+unedited answers to the facts' locality prompts (sequences.py, which says what the training
+sequences are). Each step then runs the hypernetwork, writes the deltas into the cached
 states and runs layers L+1.. only.
 """
 
@@ -20,69 +21,27 @@ import torch
 import torch.nn.functional as F
 
 from server.editor.activation_cache import ActivationCache
+from server.editor.config import TrainConfig
 from server.editor.detect import SubjectIndex
 from server.editor.facts import Fact, FactKey, fact_key
-from server.editor.hypernet import HypernetKind, Hypernetwork
-from server.editor.scope import (
-    EncodedText,
-    Scope,
-    encode,
-    join_target,
-    length_batches,
-    pad_batch,
+from server.editor.hypernet import Hypernetwork
+from server.editor.precompute import DEFAULT_CACHE_BUDGET_BYTES, feature_states, split_sequences
+from server.editor.scope import EncodedText, Scope, encode, pad_batch
+from server.editor.sequences import (
+    TrainingSequence,
+    after_target_sequences,
+    locality_sequences,
+    repeated_tokens,
+    teacher_contexts,
+    teacher_covers,
+    teacher_sequences,
+    training_contexts,
 )
-from server.editor.split import LayerSplit, PrefixSkippingSplit
+from server.editor.split import PrefixSkippingSplit
 from server.model.backbone import Backbone
 from server.model.hook import EditPlan
 
 log = logging.getLogger(__name__)
-
-DEFAULT_CACHE_BUDGET_BYTES = 4 * 2**30
-
-# Contexts the edit must survive besides the bare prompt; the chat template is added separately.
-DEFAULT_PREFIXES = ("Fact: {prompt}",)
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    layer: int | None = None  # None: 60% of the depth (18 of 30 on the default model)
-    hypernet: HypernetKind = "linear"
-    lr: float = 2e-2  # the reference's 1e-4 does not move a zero-initialised hypernetwork here
-    epochs: int = 10  # the teacher's answers need them (docs/results/natural_edits.md)
-    min_steps: int = 80  # small fact sets get more epochs: Adam needs steps, not epochs
-    batch_size: int = 8
-    seed: int = 0
-    chat_variant: bool = True
-    prefixes: tuple[str, ...] = DEFAULT_PREFIXES
-    delta_l2: float = 0.0  # penalty on the blocks' mean square: keeps them just large enough
-    stop_loss: float = 0.02  # stop once an epoch's mean loss falls under this
-    patience: int = 3  # ... or after this many epochs without improvement
-    # KL(unedited || edited) on the facts' locality prompts (as the LKS reference's loss_loc),
-    # over the positions that predict the unedited model's first tokens after the prompt.
-    locality_weight: float = 1.0
-    locality_positions: int = 3
-    # KL(unedited || edited) after each fact's prompt + target, over the positions that predict
-    # the unedited model's own continuation: once the new answer has been said, the block should
-    # stop steering (without it, edited continuations repeat the target).
-    continuation_weight: float = 0.0
-    continuation_positions: int = 3
-    # unlikelihood of the new target's first token at those same positions (where the unedited
-    # model does not say it itself): a narrower cure for the repetition than the KL. Off by
-    # default: the teacher cures the repetition, and the two pull against each other.
-    repetition_weight: float = 0.0
-    # KL(teacher || edited) over a teacher's answer: the unedited model, told the fact in its
-    # context ("Fact: <prompt> <target>."), answers the question in its own words; the edited
-    # model, asked the bare question, should answer as it does (its sentence, its end of turn).
-    teacher_weight: float = 1.0
-    teacher_tokens: int = 24  # the teacher's answer is cut here (its end of turn included)
-    # where: "chat" (the chat template), "bare" (the prompt as it is); "free": in chat the
-    # teacher answers freely (the target where it puts it) instead of after the target
-    teacher_contexts: tuple[str, ...] = ("chat",)
-
-    def resolve_layer(self, num_layers: int) -> int:
-        layer = self.layer if self.layer is not None else round(0.6 * num_layers)
-        assert 0 <= layer < num_layers - 1, f"edit layer {layer} must be in [0, {num_layers - 1})"
-        return layer
 
 
 @dataclass(frozen=True)
@@ -136,342 +95,6 @@ class TrainResult:
         record["locality_prompts"] = self.locality_prompts
         record["train_seconds"] = round(self.seconds, 2)
         return record
-
-
-@dataclass(frozen=True)
-class TrainingSequence:
-    """One sequence an epoch reads, with what its loss holds it to. A `reference` [P, H] holds
-    its last P predict positions to those final states by KL, weighted by `kl_weight`
-    (locality prompts, a teacher's answer, continuations after the target), with the
-    unlikelihood of `avoid` there (the repetition term); the positions before them are
-    cross-entropy on their targets (an edit to learn). A chat sequence holds both: the new
-    target, then the teacher's answer after it."""
-
-    text: EncodedText
-    reference: torch.Tensor | None = None
-    kl_weight: float = 0.0
-    avoid: int | None = None
-
-    @property
-    def kl_positions(self) -> int:
-        return 0 if self.reference is None else int(self.reference.shape[0])
-
-
-def training_contexts(
-    backbone: Backbone, fact: Fact, config: TrainConfig
-) -> list[tuple[str, bool]]:
-    """(context, templated) pairs for one fact: the prompt, its prefixed forms, the chat form and
-    the user's paraphrases."""
-    contexts = [(fact.prompt, False)]
-    contexts += [(p.format(prompt=fact.prompt), False) for p in config.prefixes]
-    if config.chat_variant and backbone.has_chat_template:
-        contexts.append((backbone.render_chat([{"role": "user", "content": fact.prompt}]), True))
-    contexts += [(p, False) for p in fact.paraphrases]
-    return contexts
-
-
-@torch.inference_mode()
-def feature_states(
-    backbone: Backbone,
-    split: LayerSplit,
-    scope: Scope,
-    batch_size: int = 32,
-    *,
-    rows: Sequence[int] | None = None,
-) -> torch.Tensor:
-    """The hypernetwork's input: layer-L state of each subject's feature text's last token
-    [S, H], or of the given subject `rows` only [len(rows), H]."""
-    tokenizer = backbone.tokenizer
-    wanted = scope.feature_texts if rows is None else [scope.feature_texts[r] for r in rows]
-    texts = [EncodedText(tokenizer(t)["input_ids"], [], [], []) for t in wanted]
-    features: list[torch.Tensor | None] = [None] * len(texts)
-    for batch in length_batches([len(t.ids) for t in texts], batch_size):
-        chunk = [texts[i] for i in batch]
-        ids, mask = pad_batch(chunk, int(tokenizer.pad_token_id), backbone.device)
-        hidden = split.states_at_layer(ids, mask)
-        for row, index in enumerate(batch):
-            features[index] = hidden[row, len(texts[index].ids) - 1].float()
-    return torch.stack(features)  # type: ignore[arg-type]
-
-
-def locality_sequences(
-    backbone: Backbone,
-    index: SubjectIndex,
-    facts: Sequence[Fact],
-    positions: int,
-    batch_size: int = 32,
-) -> tuple[list[EncodedText], list[torch.Tensor]]:
-    """The facts' locality prompts that name an edited subject (only those can change), each
-    extended by the unedited model's own greedy continuation, with the unedited final states
-    [P, H] at the positions that predict it: what the KL term holds the edited model to.
-
-    Labels are never needed, so a user's locality prompt is enough.
-    """
-    prompts = dict.fromkeys(p.prompt for fact in facts for p in fact.locality)
-    return continued_sequences(backbone, index, list(prompts), positions, batch_size)
-
-
-def after_target_sequences(
-    backbone: Backbone,
-    index: SubjectIndex,
-    facts: Sequence[Fact],
-    positions: int,
-    batch_size: int = 32,
-) -> tuple[list[EncodedText], list[torch.Tensor]]:
-    """Each fact's prompt followed by its new target, extended by the unedited model's own
-    continuation of that text: after the answer, the edited model should go on as the unedited
-    one would."""
-    texts = dict.fromkeys(join_target(f.prompt, f.target) for f in facts)
-    return continued_sequences(backbone, index, list(texts), positions, batch_size)
-
-
-TEACHER_FACT = "Fact: {prompt} {target}.\n"
-
-
-def _teacher_texts(
-    backbone: Backbone, fact: Fact, context: str
-) -> tuple[str, bool, str, bool, bool]:
-    """(student text, templated, teacher text, templated, forced) for one fact in one teacher
-    context: the teacher's text holds the fact before the same question. `forced`: the
-    teacher's text ends with the target, whose continuation it gives, and the student learns
-    the target after its own text, then that continuation; otherwise the teacher answers the
-    question from its start."""
-    from server.editor.answers import user_message
-
-    told = TEACHER_FACT.format(prompt=fact.prompt.strip(), target=fact.target.strip())
-    if context == "bare":
-        return fact.prompt, False, told + join_target(fact.prompt, fact.target), False, True
-    message = user_message(fact.prompt)
-    student = backbone.render_chat([{"role": "user", "content": message}])
-    teacher = backbone.render_chat([{"role": "user", "content": told + message}])
-    if context == "free":
-        return student, True, teacher, True, False
-    assert context == "chat", f"unknown teacher context {context!r}"
-    return student, True, teacher + fact.target, True, True
-
-
-def teacher_contexts(backbone: Backbone, contexts: Sequence[str]) -> list[str]:
-    """The teacher contexts this backbone has: a model without a chat template is taught on
-    the bare prompt instead of in chat."""
-    if backbone.has_chat_template:
-        return list(dict.fromkeys(contexts))
-    return list(dict.fromkeys("bare" if c in ("chat", "free") else c for c in contexts))
-
-
-def teacher_covers(
-    backbone: Backbone, context: str, templated: bool, fact: Fact, contexts: Sequence[str]
-) -> bool:
-    """Whether a forced teacher context already trains this cross-entropy context (the very
-    same text, the target after it): one sequence then holds both terms. A statement's chat
-    form is not covered: the teacher asks it as "Complete the sentence: ...", and a user may
-    send it as it is."""
-    if templated:
-        return "chat" in contexts and context == _teacher_texts(backbone, fact, "chat")[0]
-    return "bare" in contexts and context == fact.prompt
-
-
-@torch.inference_mode()
-def teacher_sequences(
-    backbone: Backbone,
-    index: SubjectIndex,
-    facts: Sequence[Fact],
-    contexts: Sequence[str],
-    max_tokens: int,
-    weight: float,
-    batch_size: int = 32,
-) -> list[TrainingSequence]:
-    """For each fact and teacher context, the student's text extended by the teacher's greedy
-    answer (up to `max_tokens`, its end of turn included), held by KL to the teacher's final
-    states at the positions that predict it. In a forced context the target comes first, by
-    cross-entropy, in the same sequence. A free answer that does not say the target in its
-    first sentence is dropped: it would teach the edit to keep the old answer."""
-    from server.editor.answers import answer_hit, encode_texts, generate
-
-    tokenizer = backbone.tokenizer
-    contexts = teacher_contexts(backbone, contexts)
-    jobs = [(fact, *_teacher_texts(backbone, fact, c)) for fact in facts for c in contexts]
-    students = [
-        encode(tokenizer, index, text, fact.target if forced else None, templated=templated)
-        for fact, text, templated, _, _, forced in jobs
-    ]
-    teachers = encode_texts(backbone, [(t, tm) for *_, t, tm, _ in jobs], None)
-    answers = generate(backbone, teachers, None, max_tokens, batch_size=64)
-    eos = set(backbone.eos_token_ids)
-    head_ids = [list(answer.tokens) for answer in answers]
-    keep = [
-        i
-        for i, (job, student, answer) in enumerate(zip(jobs, students, answers, strict=True))
-        if student.edits
-        and (job[-1] or (answer.tokens and answer_hit(answer.text, [job[0].target])))
-    ]
-    sequences: list[TrainingSequence | None] = [None] * len(keep)
-    base, pad_id = backbone.model.base_model, int(tokenizer.pad_token_id)
-    full = [teachers[i].ids + head_ids[i] for i in keep]
-    for batch in length_batches([len(f) for f in full], batch_size):
-        chunk = [EncodedText(full[j], [], [], []) for j in batch]
-        ids, mask = pad_batch(chunk, pad_id, backbone.device)
-        final = base(input_ids=ids, attention_mask=mask).last_hidden_state
-        for row, j in enumerate(batch):
-            item = keep[j]
-            said, start = head_ids[item], len(teachers[item].ids) - 1
-            student = students[item]
-            if not said:  # a forced context with no answer after the target: its target only
-                sequences[j] = TrainingSequence(student)
-                continue
-            first = len(student.ids) - 1
-            sequences[j] = TrainingSequence(
-                EncodedText(
-                    ids=student.ids + said[:-1],
-                    edits=student.edits,
-                    target_ids=student.target_ids + said,
-                    predict_at=student.predict_at + list(range(first, first + len(said))),
-                ),
-                final[row, start : start + len(said)].float(),
-                weight,
-            )
-    log.info(
-        "teacher: %d of %d answers kept (%d end their turn)",
-        len(keep),
-        len(jobs),
-        sum(1 for i in keep if head_ids[i] and head_ids[i][-1] in eos),
-    )
-    return sequences  # type: ignore[return-value]
-
-
-def repeated_tokens(
-    backbone: Backbone, index: SubjectIndex, facts: Sequence[Fact], after: Sequence[EncodedText]
-) -> list[int]:
-    """For each of `after_target_sequences`, the first token of the target it follows: what an
-    edited model that keeps steering says again."""
-    first: dict[tuple[int, ...], int] = {}
-    for fact in facts:
-        encoded = encode(backbone.tokenizer, index, fact.prompt, fact.target)
-        first.setdefault(tuple(encoded.ids), encoded.target_ids[0])
-    return [first[tuple(seq.ids[: seq.predict_at[0] + 1])] for seq in after]
-
-
-@torch.inference_mode()
-def continued_sequences(
-    backbone: Backbone,
-    index: SubjectIndex,
-    texts: Sequence[str],
-    positions: int,
-    batch_size: int = 32,
-) -> tuple[list[EncodedText], list[torch.Tensor]]:
-    """Texts that name an edited subject, each extended by up to `positions` tokens of the
-    unedited model's greedy continuation (stopping at end-of-sequence), with the unedited final
-    states [P, H] at the positions that predict them."""
-    tokenizer = backbone.tokenizer
-    encoded = [e for e in (encode(tokenizer, index, t) for t in texts) if e.edits]
-    if not encoded or positions < 1:
-        return [], []
-    pad_id, eos = int(tokenizer.pad_token_id), set(backbone.eos_token_ids)
-    head, base = backbone.model.get_output_embeddings(), backbone.model.base_model
-    sequences: list[EncodedText | None] = [None] * len(encoded)
-    references: list[torch.Tensor | None] = [None] * len(encoded)
-    for batch in length_batches([len(e.ids) for e in encoded], batch_size):
-        grown = [list(encoded[i].ids) for i in batch]
-        states: list[list[torch.Tensor]] = [[] for _ in batch]
-        done = [False] * len(batch)
-        for _ in range(positions):
-            chunk = [EncodedText(ids, [], [], []) for ids in grown]
-            ids, mask = pad_batch(chunk, pad_id, backbone.device)
-            final = base(input_ids=ids, attention_mask=mask).last_hidden_state
-            last = final[torch.arange(len(batch)), torch.tensor([len(g) - 1 for g in grown])]
-            tokens = head(last).argmax(-1).tolist()
-            for row, token in enumerate(tokens):
-                if not done[row]:
-                    states[row].append(last[row].float())
-                    grown[row].append(token)
-                    done[row] = token in eos
-        for row, item in enumerate(batch):
-            prompt = encoded[item]
-            continuation = grown[row][len(prompt.ids) :]
-            first = len(prompt.ids) - 1
-            sequences[item] = EncodedText(
-                ids=prompt.ids + continuation[:-1],
-                edits=prompt.edits,
-                target_ids=continuation,
-                predict_at=list(range(first, first + len(continuation))),
-            )
-            references[item] = torch.stack(states[row])
-    return sequences, references  # type: ignore[return-value]
-
-
-def shared_prefix_groups(
-    sequences: Sequence[EncodedText],
-    cuts: Sequence[int],
-    *,
-    key_tokens: int = 8,
-    min_group: int = 16,
-) -> list[tuple[int, list[int]]]:
-    """(prefix length, sequence indices) groups whose members all start with the same tokens
-    before their first edit, such as every chat-template form of a fact set (about 30 tokens of
-    system header on the default model). A group's prefix runs once; length 0 means no sharing."""
-    buckets: dict[tuple[int, ...], list[int]] = {}
-    for index, seq in enumerate(sequences):
-        if cuts[index] >= key_tokens:
-            buckets.setdefault(tuple(seq.ids[:key_tokens]), []).append(index)
-    groups: list[tuple[int, list[int]]] = []
-    grouped: set[int] = set()
-    for members in buckets.values():
-        if len(members) < min_group:
-            continue
-        first = sequences[members[0]].ids
-        length = min(cuts[i] for i in members)
-        for i in members:
-            ids = sequences[i].ids
-            while length > 0 and ids[:length] != first[:length]:
-                length -= 1
-        if length >= key_tokens:
-            groups.append((length, members))
-            grouped.update(members)
-    rest = [i for i in range(len(sequences)) if i not in grouped]
-    return ([(0, rest)] if rest else []) + groups
-
-
-@torch.inference_mode()
-def split_sequences(
-    backbone: Backbone,
-    split: PrefixSkippingSplit,
-    sequences: Sequence[EncodedText],
-    *,
-    memory_budget_bytes: int = DEFAULT_CACHE_BUDGET_BYTES,
-    spill_dir: Path | None = None,
-    batch_size: int = 32,
-) -> ActivationCache:
-    """One unedited pass over every training sequence, cut at its first edited position."""
-    cuts = [s.first_edit for s in sequences]
-    cache = ActivationCache(
-        split.cache_shape(),
-        [(len(s.ids), cut) for s, cut in zip(sequences, cuts, strict=True)],
-        device=backbone.device,
-        model_dtype=backbone.dtype,
-        memory_budget_bytes=memory_budget_bytes,
-        spill_dir=spill_dir,
-    )
-    pad_id = int(backbone.tokenizer.pad_token_id)
-    started, reported, done = time.perf_counter(), time.perf_counter(), 0
-    for skipped, members in shared_prefix_groups(sequences, cuts):
-        shared = split.prefix_cache(sequences[members[0]].ids[:skipped]) if skipped else None
-        lengths = [len(sequences[i].ids) for i in members]
-        for local in length_batches(lengths, batch_size):
-            batch = [members[j] for j in local]
-            rest = [EncodedText(sequences[i].ids[skipped:], [], [], []) for i in batch]
-            ids, mask = pad_batch(rest, pad_id, backbone.device)
-            parts = split.precompute(ids, mask, [cuts[i] for i in batch], shared)
-            for index, part in zip(batch, parts, strict=True):
-                cache.put(index, part)
-            done += len(batch)
-            if time.perf_counter() - reported > 60:  # large sets precompute for many minutes
-                reported = time.perf_counter()
-                log.info(
-                    "precompute: %d of %d sequences, %.0f s",
-                    done,
-                    len(sequences),
-                    reported - started,
-                )
-    return cache
 
 
 def growth_selection(

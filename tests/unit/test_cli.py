@@ -12,7 +12,7 @@ import pytest
 from conftest import free_port
 from factories import make_backbone_info, make_content
 
-from server.editor.train import TrainConfig
+from server.editor.config import TrainConfig
 from server.evaluation.evaluate import says_target
 from server.gate.relation_head import RelationHead
 from server.packs import PackStore

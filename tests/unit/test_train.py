@@ -10,25 +10,21 @@ import torch.nn.functional as F
 from factories import TEST_DEVICE, TINY_FACTS, TINY_TRAIN
 
 from server.editor.activation_cache import ActivationCache
+from server.editor.config import TrainConfig
 from server.editor.facts import Fact, LocalityPrompt, fact_key
 from server.editor.hypernet import Hypernetwork
+from server.editor.precompute import feature_states, shared_prefix_groups, split_sequences
 from server.editor.scope import EncodedText, Scope, encode, join_target
-from server.editor.split import LayerSplit, SplitSequence
-from server.editor.train import (
-    TrainConfig,
-    Trainer,
+from server.editor.sequences import (
     TrainingSequence,
     after_target_sequences,
-    epoch_batches,
-    feature_states,
-    growth_selection,
     locality_sequences,
     repeated_tokens,
-    shared_prefix_groups,
-    split_sequences,
     teacher_sequences,
     training_contexts,
 )
+from server.editor.split import LayerSplit, SplitSequence
+from server.editor.train import Trainer, epoch_batches, growth_selection
 from server.evaluation.evaluate import top1_predictions
 from server.model import Backbone, load_backbone
 from server.model.hook import EditPlan
@@ -310,7 +306,7 @@ def test_teacher_sequences_hold_the_student_to_the_told_models_answer(
     own greedy answer after it, whose references are the teacher's final states at the
     positions that predict that answer."""
     from server.editor.answers import encode_texts, generate
-    from server.editor.train import TEACHER_FACT
+    from server.editor.sequences import TEACHER_FACT
 
     backbone = _backbone(tiny_model_dirs, "llama", dtype="float32")
     scope = Scope.from_facts(FACTS)

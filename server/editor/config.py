@@ -1,0 +1,58 @@
+"""What a training run is configured by: `TrainConfig`, with the contexts an edit must survive
+by default.
+
+A module of its own because two others read it: sequences.py (which contexts and teacher
+answers to train on) and train.py (the optimiser, the epochs, the loss weights). Kept in
+either, the other would import it back.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from server.editor.hypernet import HypernetKind
+
+# Contexts the edit must survive besides the bare prompt; the chat template is added separately.
+DEFAULT_PREFIXES = ("Fact: {prompt}",)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    layer: int | None = None  # None: 60% of the depth (18 of 30 on the default model)
+    hypernet: HypernetKind = "linear"
+    lr: float = 2e-2  # the reference's 1e-4 does not move a zero-initialised hypernetwork here
+    epochs: int = 10  # the teacher's answers need them (docs/results/natural_edits.md)
+    min_steps: int = 80  # small fact sets get more epochs: Adam needs steps, not epochs
+    batch_size: int = 8
+    seed: int = 0
+    chat_variant: bool = True
+    prefixes: tuple[str, ...] = DEFAULT_PREFIXES
+    delta_l2: float = 0.0  # penalty on the blocks' mean square: keeps them just large enough
+    stop_loss: float = 0.02  # stop once an epoch's mean loss falls under this
+    patience: int = 3  # ... or after this many epochs without improvement
+    # KL(unedited || edited) on the facts' locality prompts (as the LKS reference's loss_loc),
+    # over the positions that predict the unedited model's first tokens after the prompt.
+    locality_weight: float = 1.0
+    locality_positions: int = 3
+    # KL(unedited || edited) after each fact's prompt + target, over the positions that predict
+    # the unedited model's own continuation: once the new answer has been said, the block should
+    # stop steering (without it, edited continuations repeat the target).
+    continuation_weight: float = 0.0
+    continuation_positions: int = 3
+    # unlikelihood of the new target's first token at those same positions (where the unedited
+    # model does not say it itself): a narrower cure for the repetition than the KL. Off by
+    # default: the teacher cures the repetition, and the two pull against each other.
+    repetition_weight: float = 0.0
+    # KL(teacher || edited) over a teacher's answer: the unedited model, told the fact in its
+    # context ("Fact: <prompt> <target>."), answers the question in its own words; the edited
+    # model, asked the bare question, should answer as it does (its sentence, its end of turn).
+    teacher_weight: float = 1.0
+    teacher_tokens: int = 24  # the teacher's answer is cut here (its end of turn included)
+    # where: "chat" (the chat template), "bare" (the prompt as it is); "free": in chat the
+    # teacher answers freely (the target where it puts it) instead of after the target
+    teacher_contexts: tuple[str, ...] = ("chat",)
+
+    def resolve_layer(self, num_layers: int) -> int:
+        layer = self.layer if self.layer is not None else round(0.6 * num_layers)
+        assert 0 <= layer < num_layers - 1, f"edit layer {layer} must be in [0, {num_layers - 1})"
+        return layer

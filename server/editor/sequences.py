@@ -1,0 +1,261 @@
+"""What the training sequences are: for each fact, the texts an epoch reads and what the loss
+holds each to. Cross-entropy on the new target in every context the edit must survive (the
+prompt, its prefixed and chat forms, the user's paraphrases); KL to the unedited model on the
+facts' locality prompts and after the target (its own greedy continuation); KL to a teacher (the
+unedited model told the fact) over its answer to the bare question.
+
+Building the KL sequences runs the unedited model once, before training; the trainer
+(train.py) only reads them. Which contexts are used comes from `TrainConfig` (config.py).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from server.editor.config import TrainConfig
+from server.editor.detect import SubjectIndex
+from server.editor.facts import Fact
+from server.editor.scope import EncodedText, encode, join_target, length_batches, pad_batch
+from server.model.backbone import Backbone
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TrainingSequence:
+    """One sequence an epoch reads, with what its loss holds it to. A `reference` [P, H] holds
+    its last P predict positions to those final states by KL, weighted by `kl_weight`
+    (locality prompts, a teacher's answer, continuations after the target), with the
+    unlikelihood of `avoid` there (the repetition term); the positions before them are
+    cross-entropy on their targets (an edit to learn). A chat sequence holds both: the new
+    target, then the teacher's answer after it."""
+
+    text: EncodedText
+    reference: torch.Tensor | None = None
+    kl_weight: float = 0.0
+    avoid: int | None = None
+
+    @property
+    def kl_positions(self) -> int:
+        return 0 if self.reference is None else int(self.reference.shape[0])
+
+
+def training_contexts(
+    backbone: Backbone, fact: Fact, config: TrainConfig
+) -> list[tuple[str, bool]]:
+    """(context, templated) pairs for one fact: the prompt, its prefixed forms, the chat form and
+    the user's paraphrases."""
+    contexts = [(fact.prompt, False)]
+    contexts += [(p.format(prompt=fact.prompt), False) for p in config.prefixes]
+    if config.chat_variant and backbone.has_chat_template:
+        contexts.append((backbone.render_chat([{"role": "user", "content": fact.prompt}]), True))
+    contexts += [(p, False) for p in fact.paraphrases]
+    return contexts
+
+
+def locality_sequences(
+    backbone: Backbone,
+    index: SubjectIndex,
+    facts: Sequence[Fact],
+    positions: int,
+    batch_size: int = 32,
+) -> tuple[list[EncodedText], list[torch.Tensor]]:
+    """The facts' locality prompts that name an edited subject (only those can change), each
+    extended by the unedited model's own greedy continuation, with the unedited final states
+    [P, H] at the positions that predict it: what the KL term holds the edited model to.
+
+    Labels are never needed, so a user's locality prompt is enough.
+    """
+    prompts = dict.fromkeys(p.prompt for fact in facts for p in fact.locality)
+    return continued_sequences(backbone, index, list(prompts), positions, batch_size)
+
+
+def after_target_sequences(
+    backbone: Backbone,
+    index: SubjectIndex,
+    facts: Sequence[Fact],
+    positions: int,
+    batch_size: int = 32,
+) -> tuple[list[EncodedText], list[torch.Tensor]]:
+    """Each fact's prompt followed by its new target, extended by the unedited model's own
+    continuation of that text: after the answer, the edited model should go on as the unedited
+    one would."""
+    texts = dict.fromkeys(join_target(f.prompt, f.target) for f in facts)
+    return continued_sequences(backbone, index, list(texts), positions, batch_size)
+
+
+TEACHER_FACT = "Fact: {prompt} {target}.\n"
+
+
+def _teacher_texts(
+    backbone: Backbone, fact: Fact, context: str
+) -> tuple[str, bool, str, bool, bool]:
+    """(student text, templated, teacher text, templated, forced) for one fact in one teacher
+    context: the teacher's text holds the fact before the same question. `forced`: the
+    teacher's text ends with the target, whose continuation it gives, and the student learns
+    the target after its own text, then that continuation; otherwise the teacher answers the
+    question from its start."""
+    from server.editor.answers import user_message
+
+    told = TEACHER_FACT.format(prompt=fact.prompt.strip(), target=fact.target.strip())
+    if context == "bare":
+        return fact.prompt, False, told + join_target(fact.prompt, fact.target), False, True
+    message = user_message(fact.prompt)
+    student = backbone.render_chat([{"role": "user", "content": message}])
+    teacher = backbone.render_chat([{"role": "user", "content": told + message}])
+    if context == "free":
+        return student, True, teacher, True, False
+    assert context == "chat", f"unknown teacher context {context!r}"
+    return student, True, teacher + fact.target, True, True
+
+
+def teacher_contexts(backbone: Backbone, contexts: Sequence[str]) -> list[str]:
+    """The teacher contexts this backbone has: a model without a chat template is taught on
+    the bare prompt instead of in chat."""
+    if backbone.has_chat_template:
+        return list(dict.fromkeys(contexts))
+    return list(dict.fromkeys("bare" if c in ("chat", "free") else c for c in contexts))
+
+
+def teacher_covers(
+    backbone: Backbone, context: str, templated: bool, fact: Fact, contexts: Sequence[str]
+) -> bool:
+    """Whether a forced teacher context already trains this cross-entropy context (the very
+    same text, the target after it): one sequence then holds both terms. A statement's chat
+    form is not covered: the teacher asks it as "Complete the sentence: ...", and a user may
+    send it as it is."""
+    if templated:
+        return "chat" in contexts and context == _teacher_texts(backbone, fact, "chat")[0]
+    return "bare" in contexts and context == fact.prompt
+
+
+@torch.inference_mode()
+def teacher_sequences(
+    backbone: Backbone,
+    index: SubjectIndex,
+    facts: Sequence[Fact],
+    contexts: Sequence[str],
+    max_tokens: int,
+    weight: float,
+    batch_size: int = 32,
+) -> list[TrainingSequence]:
+    """For each fact and teacher context, the student's text extended by the teacher's greedy
+    answer (up to `max_tokens`, its end of turn included), held by KL to the teacher's final
+    states at the positions that predict it. In a forced context the target comes first, by
+    cross-entropy, in the same sequence. A free answer that does not say the target in its
+    first sentence is dropped: it would teach the edit to keep the old answer."""
+    from server.editor.answers import answer_hit, encode_texts, generate
+
+    tokenizer = backbone.tokenizer
+    contexts = teacher_contexts(backbone, contexts)
+    jobs = [(fact, *_teacher_texts(backbone, fact, c)) for fact in facts for c in contexts]
+    students = [
+        encode(tokenizer, index, text, fact.target if forced else None, templated=templated)
+        for fact, text, templated, _, _, forced in jobs
+    ]
+    teachers = encode_texts(backbone, [(t, tm) for *_, t, tm, _ in jobs], None)
+    answers = generate(backbone, teachers, None, max_tokens, batch_size=64)
+    eos = set(backbone.eos_token_ids)
+    head_ids = [list(answer.tokens) for answer in answers]
+    keep = [
+        i
+        for i, (job, student, answer) in enumerate(zip(jobs, students, answers, strict=True))
+        if student.edits
+        and (job[-1] or (answer.tokens and answer_hit(answer.text, [job[0].target])))
+    ]
+    sequences: list[TrainingSequence | None] = [None] * len(keep)
+    base, pad_id = backbone.model.base_model, int(tokenizer.pad_token_id)
+    full = [teachers[i].ids + head_ids[i] for i in keep]
+    for batch in length_batches([len(f) for f in full], batch_size):
+        chunk = [EncodedText(full[j], [], [], []) for j in batch]
+        ids, mask = pad_batch(chunk, pad_id, backbone.device)
+        final = base(input_ids=ids, attention_mask=mask).last_hidden_state
+        for row, j in enumerate(batch):
+            item = keep[j]
+            said, start = head_ids[item], len(teachers[item].ids) - 1
+            student = students[item]
+            if not said:  # a forced context with no answer after the target: its target only
+                sequences[j] = TrainingSequence(student)
+                continue
+            first = len(student.ids) - 1
+            sequences[j] = TrainingSequence(
+                EncodedText(
+                    ids=student.ids + said[:-1],
+                    edits=student.edits,
+                    target_ids=student.target_ids + said,
+                    predict_at=student.predict_at + list(range(first, first + len(said))),
+                ),
+                final[row, start : start + len(said)].float(),
+                weight,
+            )
+    log.info(
+        "teacher: %d of %d answers kept (%d end their turn)",
+        len(keep),
+        len(jobs),
+        sum(1 for i in keep if head_ids[i] and head_ids[i][-1] in eos),
+    )
+    return sequences  # type: ignore[return-value]
+
+
+def repeated_tokens(
+    backbone: Backbone, index: SubjectIndex, facts: Sequence[Fact], after: Sequence[EncodedText]
+) -> list[int]:
+    """For each of `after_target_sequences`, the first token of the target it follows: what an
+    edited model that keeps steering says again."""
+    first: dict[tuple[int, ...], int] = {}
+    for fact in facts:
+        encoded = encode(backbone.tokenizer, index, fact.prompt, fact.target)
+        first.setdefault(tuple(encoded.ids), encoded.target_ids[0])
+    return [first[tuple(seq.ids[: seq.predict_at[0] + 1])] for seq in after]
+
+
+@torch.inference_mode()
+def continued_sequences(
+    backbone: Backbone,
+    index: SubjectIndex,
+    texts: Sequence[str],
+    positions: int,
+    batch_size: int = 32,
+) -> tuple[list[EncodedText], list[torch.Tensor]]:
+    """Texts that name an edited subject, each extended by up to `positions` tokens of the
+    unedited model's greedy continuation (stopping at end-of-sequence), with the unedited final
+    states [P, H] at the positions that predict them."""
+    tokenizer = backbone.tokenizer
+    encoded = [e for e in (encode(tokenizer, index, t) for t in texts) if e.edits]
+    if not encoded or positions < 1:
+        return [], []
+    pad_id, eos = int(tokenizer.pad_token_id), set(backbone.eos_token_ids)
+    head, base = backbone.model.get_output_embeddings(), backbone.model.base_model
+    sequences: list[EncodedText | None] = [None] * len(encoded)
+    references: list[torch.Tensor | None] = [None] * len(encoded)
+    for batch in length_batches([len(e.ids) for e in encoded], batch_size):
+        grown = [list(encoded[i].ids) for i in batch]
+        states: list[list[torch.Tensor]] = [[] for _ in batch]
+        done = [False] * len(batch)
+        for _ in range(positions):
+            chunk = [EncodedText(ids, [], [], []) for ids in grown]
+            ids, mask = pad_batch(chunk, pad_id, backbone.device)
+            final = base(input_ids=ids, attention_mask=mask).last_hidden_state
+            last = final[torch.arange(len(batch)), torch.tensor([len(g) - 1 for g in grown])]
+            tokens = head(last).argmax(-1).tolist()
+            for row, token in enumerate(tokens):
+                if not done[row]:
+                    states[row].append(last[row].float())
+                    grown[row].append(token)
+                    done[row] = token in eos
+        for row, item in enumerate(batch):
+            prompt = encoded[item]
+            continuation = grown[row][len(prompt.ids) :]
+            first = len(prompt.ids) - 1
+            sequences[item] = EncodedText(
+                ids=prompt.ids + continuation[:-1],
+                edits=prompt.edits,
+                target_ids=continuation,
+                predict_at=list(range(first, first + len(continuation))),
+            )
+            references[item] = torch.stack(states[row])
+    return sequences, references  # type: ignore[return-value]
