@@ -14,7 +14,9 @@ import time
 
 from server.editor.scope import Scope, encode
 from server.evaluation.datasets import dataset_path, load_items
-from server.gate.scope_gate import GateTable, ScopeGate, SentenceEncoder
+from server.gate.encoder import SentenceEncoder
+from server.gate.scope_gate import ScopeGate
+from server.gate.table import GateTable
 from server.model import load_backbone
 from server.packs.edit_set import EditSet
 from server.settings import Settings

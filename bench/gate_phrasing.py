@@ -14,7 +14,9 @@ import logging
 
 from server.editor.facts import Fact
 from server.editor.scope import Scope
-from server.gate.scope_gate import GateTable, ScopeGate, SentenceEncoder
+from server.gate.encoder import SentenceEncoder
+from server.gate.scope_gate import ScopeGate
+from server.gate.table import GateTable
 from server.packs.edit_set import EditSet
 
 log = logging.getLogger("gate_phrasing")

@@ -17,7 +17,7 @@ from server.builder.edits import KnownParts, apply_edits, train_edits
 from server.builder.version import facts_to_check
 from server.evaluation.datasets import dataset_path, load_items
 from server.evaluation.evaluate import EvalItem, evaluate
-from server.gate.scope_gate import SentenceEncoder
+from server.gate.encoder import SentenceEncoder
 from server.model import load_backbone
 from server.settings import Settings
 

@@ -27,7 +27,7 @@ from harness import start_server
 from serve import build_pack
 
 from server.evaluation.datasets import dataset_path, load_items
-from server.gate.scope_gate import SentenceEncoder
+from server.gate.encoder import SentenceEncoder
 from server.model import load_backbone
 from server.packs import PackStore
 from server.settings import Settings

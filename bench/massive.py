@@ -282,7 +282,7 @@ def cmd_grow_published(
     new subjects cost a forward pass). Needs the pack `serve --packs-dir` published."""
     from server.builder.edits import KnownParts
     from server.builder.version import BuildPolicy, StartingPoint, build_version
-    from server.gate.scope_gate import SentenceEncoder
+    from server.gate.encoder import SentenceEncoder
     from server.packs import PackStore
     from server.packs.names import PackRef
 
@@ -374,7 +374,7 @@ def build_massive_pack(
     growth first does."""
     from server.builder.edits import backbone_info
     from server.builder.version import BuildPolicy, StartingPoint, build_version
-    from server.gate.scope_gate import SentenceEncoder
+    from server.gate.encoder import SentenceEncoder
     from server.packs import PackStore
 
     started = time.perf_counter()
@@ -445,7 +445,7 @@ def cmd_serve(args: argparse.Namespace, settings: Settings, backbone: Backbone) 
     from harness import start_server
     from serve import load_run
 
-    from server.gate.scope_gate import SentenceEncoder
+    from server.gate.encoder import SentenceEncoder
     from server.packs import PackStore
     from server.packs.edit_set import load_edit_set
     from server.packs.names import PackRef

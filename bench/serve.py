@@ -34,7 +34,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from server.builder.edits import backbone_info
 from server.evaluation.datasets import dataset_path, load_items
-from server.gate.scope_gate import GateTable, SentenceEncoder
+from server.gate.encoder import SentenceEncoder
+from server.gate.table import GateTable
 from server.model import Backbone, load_backbone
 from server.packs import PackContent, PackStore, SubjectEntry
 from server.settings import Settings

@@ -59,7 +59,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     backbone = load_backbone(settings)
     edit_sets = []
     if pack is not None:
-        from server.gate.scope_gate import SentenceEncoder
+        from server.gate.encoder import SentenceEncoder
         from server.packs.edit_set import load_edit_set
 
         edit_sets.append(load_edit_set(pack, backbone, SentenceEncoder()))
@@ -169,7 +169,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     from server.builder.edits import backbone_info
     from server.builder.version import BuildPolicy, build_version, latest_start
-    from server.gate.scope_gate import SentenceEncoder
+    from server.gate.encoder import SentenceEncoder
     from server.model import load_backbone
 
     hf_logging.disable_progress_bar()
@@ -223,7 +223,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         training_facts,
     )
     from server.evaluation.evaluate import GenerationSample, evaluate
-    from server.gate.scope_gate import SentenceEncoder
+    from server.gate.encoder import SentenceEncoder
     from server.model import load_backbone
 
     hf_logging.disable_progress_bar()
@@ -640,7 +640,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     except Exception as exc:  # model files missing or unloadable: one line, not a traceback
-        from server.gate.scope_gate import EncoderMissingError
+        from server.gate.encoder import EncoderMissingError
         from server.jobs.store import StoreUnavailableError
         from server.model import ModelLoadError
 

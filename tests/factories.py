@@ -9,7 +9,8 @@ import torch
 from server.builder.edits import backbone_info
 from server.editor.config import TrainConfig
 from server.editor.facts import Fact
-from server.gate.scope_gate import GateTable, SentenceEncoder
+from server.gate.encoder import SentenceEncoder
+from server.gate.table import GateTable
 from server.model import Backbone
 from server.packs import PackStore
 from server.packs.format import BackboneInfo, Manifest, PackContent, SubjectEntry

@@ -23,8 +23,8 @@ from pathlib import Path
 import torch
 
 from server.evaluation.datasets import dataset_path, load_items
+from server.gate.encoder import ENCODER_NAME, SentenceEncoder
 from server.gate.relation_head import HEAD_FILE, RelationHead
-from server.gate.scope_gate import ENCODER_NAME, SentenceEncoder
 from server.settings import Settings
 from tools.relation_fit import (
     NearMisses,

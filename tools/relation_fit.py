@@ -12,12 +12,12 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn.functional as F
 
+from server.gate.encoder import SentenceEncoder
 from server.gate.relation_head import RelationHead
-from server.gate.scope_gate import (
+from server.gate.rule import (
     PLACEHOLDER,
     QUESTION_PROBES,
     STATEMENT_PROBES,
-    SentenceEncoder,
     csls_scores,
     hubness,
     is_question,

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from server.api.metrics import ServerMetrics, ServingStats
 from server.engine.engine import BatchEngine
 from server.engine.scheduler import Scheduler
-from server.gate.scope_gate import SentenceEncoder
+from server.gate.encoder import SentenceEncoder
 from server.jobs.store import JobStore, StoreUnavailableError
 from server.jobs.worker import Worker, WorkerConfig
 from server.model import Backbone

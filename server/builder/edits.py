@@ -12,14 +12,10 @@ from server.editor.facts import Fact
 from server.editor.precompute import DEFAULT_CACHE_BUDGET_BYTES
 from server.editor.scope import Scope
 from server.editor.train import ProgressCallback, Trainer, TrainResult
-from server.gate.scope_gate import (
-    ENCODER_NAME,
-    RULE,
-    GateTable,
-    ScopeGate,
-    SentenceEncoder,
-    masked_prompts,
-)
+from server.gate.encoder import ENCODER_NAME, SentenceEncoder
+from server.gate.rule import RULE, masked_prompts
+from server.gate.scope_gate import ScopeGate
+from server.gate.table import GateTable
 from server.model.backbone import Backbone
 from server.packs.edit_set import EditSet
 from server.packs.format import BLOCKS_KEY, BackboneInfo, PackContent

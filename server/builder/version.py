@@ -32,7 +32,8 @@ from server.editor.precompute import DEFAULT_CACHE_BUDGET_BYTES
 from server.editor.scope import Scope
 from server.editor.train import ProgressCallback, growth_selection
 from server.evaluation.evaluate import EvalItem, evaluate, top1_predictions
-from server.gate.scope_gate import PLACEHOLDER, STATEMENT_PROBES, SentenceEncoder
+from server.gate.encoder import SentenceEncoder
+from server.gate.rule import PLACEHOLDER, STATEMENT_PROBES
 from server.model.backbone import Backbone
 from server.packs.edit_set import EditSet
 from server.packs.errors import PackError, PackIncompatibleError

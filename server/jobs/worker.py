@@ -31,7 +31,7 @@ import torch
 from server.builder.edits import backbone_info
 from server.builder.version import BuildPolicy, build_version, latest_start
 from server.editor.train import Progress
-from server.gate.scope_gate import SentenceEncoder
+from server.gate.encoder import SentenceEncoder
 from server.jobs.models import JobState
 from server.jobs.store import DEFAULT_MAX_ATTEMPTS, Job, JobStore, StoreUnavailableError
 from server.model.backbone import Backbone

@@ -18,7 +18,9 @@ from transformers import PreTrainedTokenizerBase
 
 from server.editor.detect import SubjectIndex, SubjectMatch, TokenPositions
 from server.editor.scope import EncodedText, encode, subject_index
-from server.gate.scope_gate import GateTable, ScopeGate, SentenceEncoder
+from server.gate.encoder import SentenceEncoder
+from server.gate.scope_gate import ScopeGate
+from server.gate.table import GateTable
 from server.model.backbone import Backbone
 from server.packs.errors import PackCorruptError, PackIncompatibleError
 from server.packs.format import BLOCKS_KEY, Pack, SubjectEntry, check_compatible

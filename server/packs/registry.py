@@ -27,7 +27,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from server.gate.scope_gate import GateTable, SentenceEncoder
+from server.gate.encoder import SentenceEncoder
+from server.gate.table import GateTable
 from server.model.backbone import Backbone
 from server.packs.edit_set import EditSet, load_edit_set
 from server.packs.errors import PackError, PackNotFoundError

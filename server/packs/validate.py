@@ -15,7 +15,7 @@ from typing import Any, get_args
 import torch
 
 from server.editor.hypernet import HypernetKind, Hypernetwork
-from server.gate.scope_gate import GateTable
+from server.gate.table import GateTable
 from server.packs.errors import PackCorruptError
 
 BLOCKS_KEY = "blocks"

@@ -17,7 +17,7 @@ from factories import publish_subject_pack
 from server.api import create_app
 from server.engine.engine import EngineEvent, EngineRequest
 from server.engine.sampling import SamplingParams
-from server.gate.scope_gate import SentenceEncoder
+from server.gate.encoder import SentenceEncoder
 from server.model import Backbone
 from server.packs import PackStore
 from server.settings import Settings

@@ -16,7 +16,7 @@ from server.editor.answers import (
 )
 from server.editor.facts import Fact
 from server.evaluation.evaluate import EvalItem, answer_metrics
-from server.gate.scope_gate import SentenceEncoder
+from server.gate.encoder import SentenceEncoder
 from server.model import Backbone
 
 pytestmark = pytest.mark.integration

@@ -20,7 +20,7 @@ from server.builder.version import (
     probe_locality,
 )
 from server.editor.hypernet import Hypernetwork
-from server.gate.scope_gate import SentenceEncoder
+from server.gate.encoder import SentenceEncoder
 from server.model import Backbone, load_backbone
 from server.packs import PackRef, PackStore
 from server.packs.edit_set import EditSet

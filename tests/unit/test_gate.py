@@ -9,14 +9,11 @@ import torch
 from tiny_models import build_tokenizer
 
 from server.editor.scope import encode as encode_text
+from server.gate.encoder import SentenceEncoder
 from server.gate.relation_head import IDENTITY_THRESHOLD, RelationHead
-from server.gate.scope_gate import (
-    GateTable,
-    ScopeGate,
-    SentenceEncoder,
-    mask_subject,
-    sentence_around,
-)
+from server.gate.rule import mask_subject, sentence_around
+from server.gate.scope_gate import ScopeGate
+from server.gate.table import GateTable
 from server.packs.edit_set import EditSet
 from server.packs.format import SubjectEntry
 

@@ -17,7 +17,9 @@ from server.editor.detect import SubjectIndex, SubjectMatch, TokenPositions, las
 from server.editor.facts import Fact
 from server.engine.prepare import PromptRejected, RequestLimits, prepare_prompt
 from server.engine.sampling import SamplingParams
-from server.gate.scope_gate import GateTable, ScopeGate, SentenceEncoder
+from server.gate.encoder import SentenceEncoder
+from server.gate.scope_gate import ScopeGate
+from server.gate.table import GateTable
 from server.model import Backbone, load_backbone
 from server.packs.edit_set import EditSet
 from server.packs.format import SubjectEntry

@@ -5,8 +5,8 @@ phrasing an edit prompt shares with another question about the subject fools raw
 import torch
 import torch.nn.functional as F
 
+from server.gate.encoder import SentenceEncoder
 from server.gate.relation_head import RelationHead
-from server.gate.scope_gate import SentenceEncoder
 from tools.relation_fit import (
     NearMisses,
     Probes,

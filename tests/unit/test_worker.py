@@ -19,7 +19,7 @@ from factories import TINY_FACTS, TINY_TRAIN
 
 from server.builder.version import BuildPolicy
 from server.editor.facts import Fact
-from server.gate.scope_gate import SentenceEncoder
+from server.gate.encoder import SentenceEncoder
 from server.jobs.models import JobState
 from server.jobs.store import JobStore, NotFoundError
 from server.jobs.worker import Worker, WorkerConfig
