@@ -50,7 +50,7 @@ class TrainConfig:
     teacher_tokens: int = 24  # the teacher's answer is cut here (its end of turn included)
     # where: "chat" (the chat template), "bare" (the prompt as it is); "free": in chat the
     # teacher answers freely (the target where it puts it) instead of after the target
-    teacher_contexts: tuple[str, ...] = ("chat",)
+    teacher_contexts: tuple[str, ...] = ("chat", "bare")
 
     def resolve_layer(self, num_layers: int) -> int:
         layer = self.layer if self.layer is not None else round(0.6 * num_layers)

@@ -11,11 +11,23 @@ Building the KL sequences runs the unedited model once, before training; the tra
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+from transformers import PreTrainedTokenizerBase
 
+from server.editor.answers import (
+    Answer,
+    answer_hit,
+    degenerate,
+    encode_texts,
+    first_sentence,
+    generate,
+    target_repeats,
+    user_message,
+)
 from server.editor.config import TrainConfig
 from server.editor.detect import SubjectIndex
 from server.editor.facts import Fact
@@ -99,8 +111,6 @@ def _teacher_texts(
     teacher's text ends with the target, whose continuation it gives, and the student learns
     the target after its own text, then that continuation; otherwise the teacher answers the
     question from its start."""
-    from server.editor.answers import user_message
-
     told = TEACHER_FACT.format(prompt=fact.prompt.strip(), target=fact.target.strip())
     if context == "bare":
         return fact.prompt, False, told + join_target(fact.prompt, fact.target), False, True
@@ -133,6 +143,51 @@ def teacher_covers(
     return "bare" in contexts and context == fact.prompt
 
 
+def end_token(backbone: Backbone, answers: Sequence[tuple[int, ...]]) -> int:
+    """The token the model ends its answers with in a context: the commonest last token of the
+    `answers` that ended (the chat template's end of turn, or the end of sequence)."""
+    eos = set(backbone.eos_token_ids)
+    ends = Counter(a[-1] for a in answers if a and a[-1] in eos)
+    return ends.most_common(1)[0][0] if ends else backbone.eos_token_ids[0]
+
+
+def one_sentence(
+    tokenizer: PreTrainedTokenizerBase, target: str, said: Sequence[int]
+) -> int | None:
+    """How many of an answer's tokens (said after the forced `target`) make up its first
+    sentence; None when the answer has no sentence end, or its first sentence says the target
+    again."""
+
+    def text(k: int) -> str:
+        return (target + tokenizer.decode(said[:k], skip_special_tokens=True)).lstrip()
+
+    whole = text(len(said))
+    sentence = first_sentence(whole, [target])
+    if len(sentence) >= len(whole.rstrip()) or target_repeats(sentence, [target]):
+        return None
+    return next(k for k in range(len(said) + 1) if len(text(k)) >= len(sentence))
+
+
+def taught_answer(
+    tokenizer: PreTrainedTokenizerBase, context: str, target: str, answer: Answer
+) -> tuple[list[int], bool]:
+    """(answer tokens to distil, whether an end of turn follows them) for a teacher's answer
+    after the forced target. An answer that says the target again or repeats itself is cut
+    after its first sentence and ends there; so is every bare answer, since the instruct model
+    ends a bare question at once and its told answer goes on to restate the fact ("German.
+    The native language of X is German. ..."). An answer whose first sentence cannot be cut
+    clean teaches the target only."""
+    said = list(answer.tokens)
+    whole = target + answer.text
+    flawed = target_repeats(whole, [target]) or degenerate(whole)
+    if context != "bare" and not flawed:
+        return said, False
+    cut = one_sentence(tokenizer, target, said)
+    if cut is None:
+        return ([], False) if flawed else (said, False)
+    return said[:cut], True
+
+
 @torch.inference_mode()
 def teacher_sequences(
     backbone: Backbone,
@@ -146,21 +201,30 @@ def teacher_sequences(
     """For each fact and teacher context, the student's text extended by the teacher's greedy
     answer (up to `max_tokens`, its end of turn included), held by KL to the teacher's final
     states at the positions that predict it. In a forced context the target comes first, by
-    cross-entropy, in the same sequence. A free answer that does not say the target in its
-    first sentence is dropped: it would teach the edit to keep the old answer."""
-    from server.editor.answers import answer_hit, encode_texts, generate
-
+    cross-entropy, in the same sequence, and an answer cut short (`taught_answer`) learns its
+    end of turn by cross-entropy too. A free answer that does not say the target in its first
+    sentence is dropped: it would teach the edit to keep the old answer."""
     tokenizer = backbone.tokenizer
     contexts = teacher_contexts(backbone, contexts)
-    jobs = [(fact, *_teacher_texts(backbone, fact, c)) for fact in facts for c in contexts]
+    jobs = [(fact, c, *_teacher_texts(backbone, fact, c)) for fact in facts for c in contexts]
     students = [
         encode(tokenizer, index, text, fact.target if forced else None, templated=templated)
-        for fact, text, templated, _, _, forced in jobs
+        for fact, _, text, templated, _, _, forced in jobs
     ]
     teachers = encode_texts(backbone, [(t, tm) for *_, t, tm, _ in jobs], None)
     answers = generate(backbone, teachers, None, max_tokens, batch_size=64)
-    eos = set(backbone.eos_token_ids)
-    head_ids = [list(answer.tokens) for answer in answers]
+    ends = {
+        c: end_token(
+            backbone, [a.tokens for job, a in zip(jobs, answers, strict=True) if job[1] == c]
+        )
+        for c in contexts
+    }
+    taught = [
+        taught_answer(tokenizer, job[1], job[0].target, answer)
+        if job[-1]
+        else (list(answer.tokens), False)
+        for job, answer in zip(jobs, answers, strict=True)
+    ]
     keep = [
         i
         for i, (job, student, answer) in enumerate(zip(jobs, students, answers, strict=True))
@@ -169,34 +233,41 @@ def teacher_sequences(
     ]
     sequences: list[TrainingSequence | None] = [None] * len(keep)
     base, pad_id = backbone.model.base_model, int(tokenizer.pad_token_id)
-    full = [teachers[i].ids + head_ids[i] for i in keep]
+    full = [teachers[i].ids + taught[i][0] for i in keep]
     for batch in length_batches([len(f) for f in full], batch_size):
         chunk = [EncodedText(full[j], [], [], []) for j in batch]
         ids, mask = pad_batch(chunk, pad_id, backbone.device)
         final = base(input_ids=ids, attention_mask=mask).last_hidden_state
         for row, j in enumerate(batch):
             item = keep[j]
-            said, start = head_ids[item], len(teachers[item].ids) - 1
+            (said, ended), start = taught[item], len(teachers[item].ids) - 1
             student = students[item]
-            if not said:  # a forced context with no answer after the target: its target only
+            first = len(student.ids) - 1
+            # the end of turn is cross-entropy, listed before the KL positions (the loss reads
+            # a sequence's last `kl_positions` predictions as KL, whatever their order)
+            end = [ends[jobs[item][1]]] if ended else []
+            if not said and not end:  # a forced context with no answer: its target only
                 sequences[j] = TrainingSequence(student)
                 continue
-            first = len(student.ids) - 1
             sequences[j] = TrainingSequence(
                 EncodedText(
-                    ids=student.ids + said[:-1],
+                    ids=student.ids + (said if ended else said[:-1]),
                     edits=student.edits,
-                    target_ids=student.target_ids + said,
-                    predict_at=student.predict_at + list(range(first, first + len(said))),
+                    target_ids=student.target_ids + end + said,
+                    predict_at=student.predict_at
+                    + [first + len(said)] * len(end)
+                    + list(range(first, first + len(said))),
                 ),
-                final[row, start : start + len(said)].float(),
+                final[row, start : start + len(said)].float() if said else None,
                 weight,
             )
+    eos = set(backbone.eos_token_ids)
     log.info(
-        "teacher: %d of %d answers kept (%d end their turn)",
+        "teacher: %d of %d answers kept (%d end their turn, %d cut after their first sentence)",
         len(keep),
         len(jobs),
-        sum(1 for i in keep if head_ids[i] and head_ids[i][-1] in eos),
+        sum(1 for i in keep if taught[i][1] or (taught[i][0] and taught[i][0][-1] in eos)),
+        sum(1 for i in keep if taught[i][1]),
     )
     return sequences  # type: ignore[return-value]
 

@@ -8,8 +8,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 from factories import TEST_DEVICE, TINY_FACTS, TINY_TRAIN
+from tiny_models import build_tokenizer
+from transformers import PreTrainedTokenizerBase
 
 from server.editor.activation_cache import ActivationCache
+from server.editor.answers import Answer
 from server.editor.config import TrainConfig
 from server.editor.facts import Fact, LocalityPrompt, fact_key
 from server.editor.hypernet import Hypernetwork
@@ -20,6 +23,7 @@ from server.editor.sequences import (
     after_target_sequences,
     locality_sequences,
     repeated_tokens,
+    taught_answer,
     teacher_sequences,
     training_contexts,
 )
@@ -303,8 +307,9 @@ def test_teacher_sequences_hold_the_student_to_the_told_models_answer(
 ) -> None:
     """The teacher is the unedited model with the fact before the question; the student's
     sequence is the bare question (no fact), the new target (cross-entropy), then the teacher's
-    own greedy answer after it, whose references are the teacher's final states at the
-    positions that predict that answer."""
+    own greedy answer after it (as `taught_answer` keeps it), whose references are the
+    teacher's final states at the positions that predict that answer; an answer cut short
+    learns its end of turn by cross-entropy."""
     from server.editor.answers import encode_texts, generate
     from server.editor.sequences import TEACHER_FACT
 
@@ -316,24 +321,55 @@ def test_teacher_sequences_hold_the_student_to_the_told_models_answer(
     base = backbone.model.base_model
     for fact, sequence in zip(FACTS, sequences, strict=True):
         seq, reference = sequence.text, sequence.reference
-        assert reference is not None and sequence.kl_weight == 0.5
         student = encode(backbone.tokenizer, index, fact.prompt, fact.target)
         teacher = TEACHER_FACT.format(prompt=fact.prompt, target=fact.target)
         teacher += join_target(fact.prompt, fact.target)
         (answer,) = generate(backbone, encode_texts(backbone, [(teacher, False)], None), None, 4)
-        said = list(answer.tokens)
-        assert seq.ids == student.ids + said[:-1] and seq.edits == student.edits
-        # the target first, then the teacher's words, end of turn and all
-        assert seq.target_ids == student.target_ids + said
+        said, ended = taught_answer(backbone.tokenizer, "bare", fact.target, answer)
+        end = [backbone.eos_token_ids[0]] if ended else []
+        assert seq.ids == student.ids + (said if ended else said[:-1])
+        assert seq.edits == student.edits
+        # the target first, then the end of turn if the answer was cut, then the teacher's words
+        assert seq.target_ids == student.target_ids + end + said
         assert seq.predict_at[: len(student.predict_at)] == student.predict_at
-        assert seq.predict_at[len(student.predict_at)] == len(student.ids) - 1
         assert sequence.kl_positions == len(said)  # only the answer is held by KL
+        if not said:
+            assert reference is None
+            continue
+        assert reference is not None and sequence.kl_weight == 0.5
+        assert seq.predict_at[-len(said)] == len(student.ids) - 1
         teacher_ids = backbone.tokenizer(teacher)["input_ids"] + said
         with torch.no_grad():
             states = base(input_ids=torch.tensor([teacher_ids], device=backbone.device))
         first = len(teacher_ids) - len(said) - 1
         expected = states.last_hidden_state[0, first : first + len(said)]
         torch.testing.assert_close(reference, expected.float(), atol=1e-5, rtol=1e-4)
+
+
+def _answer(tokenizer: PreTrainedTokenizerBase, text: str, *, ended: bool) -> Answer:
+    tokens = tokenizer(text, add_special_tokens=False)["input_ids"]
+    tokens += [tokenizer.eos_token_id] if ended else []
+    return Answer(tokenizer.decode(tokens, skip_special_tokens=True), ended, False, tuple(tokens))
+
+
+def test_a_teacher_answer_that_restates_the_fact_ends_after_its_first_sentence() -> None:
+    """What the student learns after the target: a clean chat answer as the teacher gave it; an
+    answer that says the target again, and any bare answer that goes on after its first
+    sentence, cut there with an end of turn; an answer whose first sentence already repeats
+    the target, nothing."""
+    tokenizer = build_tokenizer(chat_template=False)
+    period = tokenizer.convert_tokens_to_ids(".")
+    restated = _answer(tokenizer, ". the capital of france is paris", ended=False)
+    assert taught_answer(tokenizer, "chat", "paris", restated) == ([period], True)
+    assert taught_answer(tokenizer, "bare", "paris", restated) == ([period], True)
+    clean = _answer(tokenizer, "is the capital of france .", ended=True)
+    assert taught_answer(tokenizer, "chat", "paris", clean) == (list(clean.tokens), False)
+    assert taught_answer(tokenizer, "bare", "paris", clean) == (list(clean.tokens), False)
+    goes_on = _answer(tokenizer, ". who was born in berlin ?", ended=True)
+    assert taught_answer(tokenizer, "chat", "paris", goes_on) == (list(goes_on.tokens), False)
+    assert taught_answer(tokenizer, "bare", "paris", goes_on) == ([period], True)
+    repeated_at_once = _answer(tokenizer, ", the city paris .", ended=True)
+    assert taught_answer(tokenizer, "chat", "paris", repeated_at_once) == ([], False)
 
 
 def test_a_forced_teacher_context_replaces_its_cross_entropy_sequence(
