@@ -31,6 +31,13 @@ class Settings(BaseSettings):
     )
     device: DeviceChoice = "auto"
     dtype: DtypeChoice = "auto"
+    cpu_threads: int | None = Field(
+        default=None,
+        ge=1,
+        description="Threads each CPU operation uses (unset: torch's default, one per core). "
+        "On a machine shared with other work, fewer than its cores keeps every step from "
+        "waiting for a thread the system has paused.",
+    )
     packs_dir: Path = Field(default=Path("packs"), description="The pack store.")
     data_dir: Path = Field(
         default=Path("../shared/data"), description="Where `lks eval` finds zsre/counterfact."
