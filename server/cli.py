@@ -28,11 +28,18 @@ class CLIError(Exception):
 
 
 def _settings(**overrides: Any) -> Settings:
+    """The command's settings, read once; LKS_CPU_THREADS applies from here on (to this thread
+    and, in `lks serve`, to the engine's)."""
     try:
-        return Settings(**{k: v for k, v in overrides.items() if v is not None})
+        settings = Settings(**{k: v for k, v in overrides.items() if v is not None})
     except ValidationError as exc:
         problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
         raise CLIError(f"invalid settings: {problems}") from None
+    if settings.cpu_threads is not None:
+        import torch
+
+        torch.set_num_threads(settings.cpu_threads)
+    return settings
 
 
 def _configure_logging(settings: Settings) -> None:

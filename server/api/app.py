@@ -4,9 +4,11 @@ runtime (backbone, engine, scheduler, pack registry) once the backbone is loaded
 from __future__ import annotations
 
 import asyncio
+import functools
 import ipaddress
 import logging
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
@@ -18,6 +20,7 @@ from server.api.errors import install_error_handlers
 from server.api.limits import BodySizeLimit
 from server.api.state import ServerState
 from server.model import Backbone
+from server.model.threads import pin_torch_threads
 from server.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -50,6 +53,14 @@ def create_app(settings: Settings, *, backbone: Backbone | None = None) -> FastA
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        # the threads that prepare requests and load packs run torch single-threaded: only the
+        # engine's thread may hold a team of CPU threads (server/model/threads.py)
+        asyncio.get_running_loop().set_default_executor(
+            ThreadPoolExecutor(
+                thread_name_prefix="lks-prepare",
+                initializer=functools.partial(pin_torch_threads, 1, default=state.cpu_threads),
+            )
+        )
         # first: submissions are accepted while the model loads
         await asyncio.to_thread(state.training.open)
         if backbone is not None:

@@ -45,6 +45,7 @@ class Runtime:
         metrics: ServerMetrics,
         *,
         live_record: LiveVersions | None,
+        cpu_threads: int | None = None,
     ) -> Runtime:
         """Build the engine, its scheduler thread and the pack registry, and start the thread.
         `live_record` shares hand-made activations with every server of the same database."""
@@ -57,7 +58,9 @@ class Runtime:
             slot_cache=settings.slot_kv_cache,
             compile_decode=settings.compile_decode,
         )
-        scheduler = Scheduler(engine, max_queued=settings.max_queued_requests)
+        scheduler = Scheduler(
+            engine, max_queued=settings.max_queued_requests, cpu_threads=cpu_threads
+        )
         registry = PackRegistry(
             packs,
             backbone,
@@ -126,7 +129,11 @@ class Training:
             on_finished=self.metrics.observe_job,
         )
         self._thread = threading.Thread(
-            target=worker.run_forever, args=(self._stop,), name="lks-worker", daemon=True
+            target=worker.run_forever,
+            args=(self._stop,),
+            kwargs={"thread_per_job": True},  # its training's CPU threads end with each job
+            name="lks-worker",
+            daemon=True,
         )
         self._thread.start()
 

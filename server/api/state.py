@@ -12,6 +12,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import Annotated
 
+import torch
 from fastapi import Depends, Header, Request
 
 from server.api.auth import Authenticator, Caller
@@ -53,6 +54,8 @@ class ServerState:
     training: Training
     metrics: ServerMetrics
     auth: Authenticator
+    # the engine thread's CPU threads: LKS_CPU_THREADS, else the process's count at start-up
+    cpu_threads: int = 1
     runtime: Runtime | None = None
     servings: Servings | None = None
     load_error: str | None = None
@@ -61,7 +64,8 @@ class ServerState:
     @classmethod
     def create(cls, settings: Settings, auth: Authenticator) -> ServerState:
         store, metrics = PackStore.from_settings(settings), ServerMetrics()
-        state = cls(settings, store, Training(settings, store, metrics), metrics, auth)
+        threads = settings.cpu_threads or torch.get_num_threads()
+        state = cls(settings, store, Training(settings, store, metrics), metrics, auth, threads)
         metrics.watch(state.serving_stats, state.training.job_counts)
         return state
 
@@ -77,6 +81,7 @@ class ServerState:
             self.store,
             self.metrics,
             live_record=self.training.jobs,  # activations shared with every server of the db
+            cpu_threads=self.cpu_threads,
         )
         self.runtime = runtime
         self.servings = Servings.of(runtime, self.settings, self.metrics)

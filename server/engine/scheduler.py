@@ -28,6 +28,7 @@ from server.engine.engine import (
     Rejected,
     step_failure,
 )
+from server.model.threads import pin_torch_threads
 
 log = logging.getLogger(__name__)
 
@@ -84,9 +85,14 @@ class RequestStream:
 
 
 class Scheduler:
-    def __init__(self, engine: BatchEngine, *, max_queued: int = 256) -> None:
+    def __init__(
+        self, engine: BatchEngine, *, max_queued: int = 256, cpu_threads: int | None = None
+    ) -> None:
+        """`cpu_threads`: the engine thread runs torch on this many (server/model/threads.py);
+        None leaves the process's count."""
         self.engine = engine
         self.max_queued = max_queued
+        self.cpu_threads = cpu_threads
         self._cond = threading.Condition()
         self._incoming: list[EngineRequest] = []
         self._aborts: set[int] = set()
@@ -157,6 +163,8 @@ class Scheduler:
             self._cond.notify()
 
     def _run(self) -> None:
+        if self.cpu_threads is not None:
+            pin_torch_threads(self.cpu_threads, default=self.cpu_threads)
         engine = self.engine
         try:
             while True:

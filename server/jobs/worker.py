@@ -35,6 +35,7 @@ from server.gate.encoder import SentenceEncoder
 from server.jobs.models import JobState
 from server.jobs.store import DEFAULT_MAX_ATTEMPTS, Job, JobStore, StoreUnavailableError
 from server.model.backbone import Backbone
+from server.model.threads import run_on_new_thread
 from server.packs.format import BLOCKS_KEY, PackContent
 from server.packs.store import PackStore
 from server.settings import Settings
@@ -161,11 +162,18 @@ class Worker:
         self.name = name or worker_name()
         self._encoder: SentenceEncoder | None = None
 
-    def run_forever(self, stop: threading.Event) -> None:
+    def run_forever(self, stop: threading.Event, *, thread_per_job: bool = False) -> None:
+        """Run jobs until `stop`. `thread_per_job`: each claim and its job run on a new thread
+        that ends with it, so that the CPU threads training starts end with the job instead of
+        slowing the engine of the same process (server/model/threads.py)."""
         log.info("worker %s started", self.name)
         while not stop.is_set():
             try:
-                worked = self.run_once()
+                worked = (
+                    run_on_new_thread(self.run_once, f"lks-job-{self.name}")
+                    if thread_per_job
+                    else self.run_once()
+                )
             except StoreUnavailableError as exc:
                 log.warning("worker %s: %s; retrying", self.name, exc)
                 worked = False

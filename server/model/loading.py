@@ -100,8 +100,6 @@ def load_backbone(settings: Settings) -> Backbone:
     )
     device = resolve_device(settings.device)
     dtype = resolve_dtype(settings.dtype, device)
-    if settings.cpu_threads is not None:
-        torch.set_num_threads(settings.cpu_threads)  # the process's one pool, set once here
     started = time.perf_counter()
     try:
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)

@@ -82,15 +82,3 @@ def test_unknown_directory_fails_with_a_clear_message(tmp_path: Path) -> None:
     with pytest.raises(Exception, match=r"no-such-family|cannot load"):
         _load(tmp_path)
 
-
-def test_cpu_threads_sets_the_process_pool(tiny_model_dirs: dict[str, Path]) -> None:
-    """`LKS_CPU_THREADS` is applied when the backbone loads; unset leaves torch's own choice."""
-    before = torch.get_num_threads()
-    target = 1 if before != 1 else 2
-    try:
-        _load(tiny_model_dirs["llama"])
-        assert torch.get_num_threads() == before
-        _load(tiny_model_dirs["llama"], cpu_threads=target)
-        assert torch.get_num_threads() == target
-    finally:
-        torch.set_num_threads(before)
