@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -72,6 +73,34 @@ def test_a_job_trains_checks_and_publishes(backbone: Backbone, tmp_path: Path) -
     assert [f["subject"] for f in pack.content.facts] == ["danielle darrieux", "france"]
     assert [v.fact_ids for v in store.versions("demo")] == [submission.fact_ids]
     assert not worker.run_once(), "nothing left to do"
+
+
+def test_an_in_process_worker_trains_each_job_on_a_thread_that_ends_with_it(
+    backbone: Backbone, tmp_path: Path
+) -> None:
+    """In `lks serve` the worker shares the process with the engine: a training job's CPU
+    threads must end with the job (server/model/threads.py), so each job runs on its own
+    thread, which is gone once the job is published."""
+    store = JobStore.open(f"sqlite:///{tmp_path / 'jobs.db'}")
+    worker = make_worker(store, PackStore(tmp_path / "packs"), backbone, min_reliability=0.0)
+    ran_on: list[threading.Thread] = []
+    stop = threading.Event()
+
+    def published(_name: str, _version: int) -> None:
+        ran_on.append(threading.current_thread())
+        stop.set()
+
+    worker.on_published = published
+    store.submit("demo", FACTS)
+    loop = threading.Thread(
+        target=worker.run_forever, args=(stop,), kwargs={"thread_per_job": True}
+    )
+    loop.start()
+    loop.join(timeout=120)
+    assert not loop.is_alive() and len(ran_on) == 1
+    assert ran_on[0] is not loop and ran_on[0].name.startswith("lks-job-")
+    assert not ran_on[0].is_alive()
+    assert store.jobs()[0].state == JobState.SUCCEEDED
 
 
 def test_a_failed_quality_gate_publishes_nothing(backbone: Backbone, tmp_path: Path) -> None:
