@@ -132,8 +132,13 @@ def test_a_killed_worker_s_job_is_reclaimed_and_finished(
     process.wait()
     assert store.job(job_id).state == JobState.RUNNING, "the dead worker still holds the job"
     assert packs.versions("demo") == [], "no half pack is visible"
-    time.sleep(2.2)  # its lease runs out
-    assert make_worker(store, packs, backbone, min_reliability=0.0).run_once()
+    # no worker may take the job while its lease (2 s) holds; once it runs out, one does
+    rescuer = make_worker(store, packs, backbone, min_reliability=0.0)
+    assert not rescuer.run_once(), "the job was taken while its lease still held"
+    deadline = time.monotonic() + 60
+    while not rescuer.run_once():
+        assert time.monotonic() < deadline, "the dead worker's job was never reclaimed"
+        time.sleep(0.05)
     job = store.job(job_id)
     assert job.state == JobState.SUCCEEDED and job.attempts == 2
     assert packs.versions("demo") == [1]
