@@ -81,4 +81,3 @@ def test_unknown_directory_fails_with_a_clear_message(tmp_path: Path) -> None:
     (tmp_path / "config.json").write_text('{"model_type": "no-such-family"}')
     with pytest.raises(Exception, match=r"no-such-family|cannot load"):
         _load(tmp_path)
-
