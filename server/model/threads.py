@@ -3,9 +3,9 @@
 On the CPU torch runs an operation on an OpenMP team owned by the calling thread, and the team
 lives as long as that thread. GNU OpenMP spins between operations only while the process holds
 no more team threads than cores; past that it puts idle workers to sleep, and every operation
-then waits for its workers to wake. One live helper thread that once ran a two-threaded gate
-query was enough to double the engine's decode step on a 2-core machine (31 -> 60 ms on the
-default model; docs/results/serving.md). So in a server one thread, the engine's, runs on
+then waits for its workers to wake: one live helper thread that once ran a two-threaded gate
+query was enough to double the engine's decode step on a 2-core machine
+(docs/results/serving.md). So in a server one thread, the engine's, runs on
 several cores; the threads that prepare requests and load packs run single-threaded, and a
 training job runs on a thread of its own that ends with the job.
 
