@@ -55,7 +55,7 @@ class ServerState:
     metrics: ServerMetrics
     auth: Authenticator
     # the engine thread's CPU threads: LKS_CPU_THREADS, else the process's count at start-up
-    cpu_threads: int = 1
+    cpu_threads: int
     runtime: Runtime | None = None
     servings: Servings | None = None
     load_error: str | None = None
