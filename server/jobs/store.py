@@ -18,7 +18,7 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -166,8 +166,10 @@ class Submission:
 
 
 class JobStore:
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, clock: Callable[[], datetime] = now) -> None:
+        """`clock` gives the time leases are taken and judged by (tests pass one they step)."""
         self.url = url
+        self.clock = clock
         self.is_sqlite = url.startswith("sqlite")
         if self.is_sqlite:
             self.engine: Engine = create_engine(
@@ -297,7 +299,7 @@ class JobStore:
                         request_hash=asked,
                         job_id=submission.job_id,
                         fact_ids=submission.fact_ids,
-                        created_at=now(),
+                        created_at=self.clock(),
                     )
                 )
             return submission
@@ -324,7 +326,7 @@ class JobStore:
             elif earlier.target == fact.target and earlier.extra == _extra(fact):
                 kept.append(earlier.id)  # already there: nothing to train
             elif replace:
-                earlier.deleted_at = now()
+                earlier.deleted_at = self.clock()
                 fresh.append(fact)
             else:
                 raise FactConflictError(
@@ -341,7 +343,7 @@ class JobStore:
             latest = session.scalar(select(func.max(FactRow.job_id)).where(FactRow.id.in_(kept)))
             return Submission(int(latest or 0), kept, replayed=False)
         job = self._queued_job(session, pack)
-        created = now()
+        created = self.clock()
         rows = [
             FactRow(
                 pack=pack,
@@ -385,7 +387,7 @@ class JobStore:
             job = JobRow(
                 pack=pack,
                 state=JobState.QUEUED,
-                created_at=now(),
+                created_at=self.clock(),
                 progress=0.0,
                 metrics={},
                 attempts=0,
@@ -405,7 +407,7 @@ class JobStore:
             if row is None or row.pack != pack:
                 raise NotFoundError(f"pack {pack!r} has no fact {fact_id}")
             if row.deleted_at is None:
-                row.deleted_at = now()
+                row.deleted_at = self.clock()
             elif fact_id not in self._in_service(session, pack):
                 raise NotFoundError(f"pack {pack!r} has no fact {fact_id}")
             return self._queued_job(session, pack).id
@@ -465,7 +467,7 @@ class JobStore:
             row = session.get(JobRow, job_id, with_for_update=self._row_lock)
             if row is None:
                 raise NotFoundError(f"no job {job_id}")
-            moment = now()
+            moment = self.clock()
             if row.state == JobState.QUEUED:
                 row.state, row.finished_at = JobState.CANCELLED, moment
             elif row.state == JobState.RUNNING:
@@ -500,7 +502,7 @@ class JobStore:
         """Take the oldest runnable job: queued, or running under an expired lease with attempts
         left, and of a pack with no other job running. Jobs whose worker died and that must not
         run again (cancelled, or out of attempts) are ended first."""
-        moment = now()
+        moment = self.clock()
         expired = (JobRow.state == JobState.RUNNING) & (JobRow.lease_expires_at < moment)
         abandoned = select(JobRow).where(
             expired, or_(JobRow.cancel_requested.is_(True), JobRow.attempts >= max_attempts)
@@ -573,7 +575,7 @@ class JobStore:
                     JobRow.state == JobState.RUNNING,
                 )
                 .values(
-                    lease_expires_at=now() + timedelta(seconds=lease_seconds),
+                    lease_expires_at=self.clock() + timedelta(seconds=lease_seconds),
                     progress=progress,
                     eta_seconds=eta_seconds,
                 )
@@ -600,7 +602,7 @@ class JobStore:
             row = session.get(JobRow, job_id, with_for_update=self._row_lock)
             if row is None or row.lease_owner != owner or row.state != JobState.RUNNING:
                 return False
-            row.state, row.finished_at = state, now()
+            row.state, row.finished_at = state, self.clock()
             row.metrics, row.error, row.fact_count = metrics or {}, error, fact_count
             row.lease_expires_at = None
             if state == JobState.SUCCEEDED:
@@ -615,7 +617,7 @@ class JobStore:
                         job_id=job_id,
                         fact_ids=fact_ids,
                         metrics=metrics or {},
-                        published_at=now(),
+                        published_at=self.clock(),
                     )
                 )
             return True
@@ -633,9 +635,9 @@ class JobStore:
             row.error = f"attempt {row.attempts} of {max_attempts}: {error}"
             row.lease_owner, row.lease_expires_at = None, None
             if row.cancel_requested:
-                row.state, row.finished_at = JobState.CANCELLED, now()
+                row.state, row.finished_at = JobState.CANCELLED, self.clock()
             elif row.attempts >= max_attempts:
-                row.state, row.finished_at = JobState.FAILED, now()
+                row.state, row.finished_at = JobState.FAILED, self.clock()
             else:
                 row.state, row.progress, row.eta_seconds = JobState.QUEUED, 0.0, None
             return JobState(row.state)
@@ -653,7 +655,7 @@ class JobStore:
                     pack=name,
                     version=activation.version,
                     newest=activation.newest,
-                    activated_at=now(),
+                    activated_at=self.clock(),
                 )
             )
 

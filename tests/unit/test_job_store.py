@@ -8,10 +8,9 @@ from __future__ import annotations
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -35,10 +34,32 @@ from server.jobs.store import (
 )
 
 
+class SteppedClock:
+    """Wall time plus whatever a test has stepped it on: leases run out on cue, however slow
+    the machine running the test is."""
+
+    def __init__(self) -> None:
+        self.offset = timedelta()
+
+    def __call__(self) -> datetime:
+        return now() + self.offset
+
+    def advance(self, seconds: float) -> None:
+        self.offset += timedelta(seconds=seconds)
+
+
+@pytest.fixture
+def clock() -> SteppedClock:
+    return SteppedClock()
+
+
 @pytest.fixture(params=["sqlite", "postgresql"])
-def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[JobStore]:
+def store(
+    request: pytest.FixtureRequest, tmp_path: Path, clock: SteppedClock
+) -> Iterator[JobStore]:
     with database_url(request.param, tmp_path) as url:
-        opened = JobStore.open(url)
+        opened = JobStore(url, clock=clock)
+        opened.migrate()
         try:
             yield opened
         finally:
@@ -74,19 +95,21 @@ def test_idempotency_key_conflicts_and_replacement(store: JobStore) -> None:
     assert total == 1 and facts[0].id == replaced.fact_ids[0] and facts[0].fact.target == "Rome"
 
 
-def test_claim_lease_expiry_and_reclaim(store: JobStore) -> None:
+def test_claim_lease_expiry_and_reclaim(store: JobStore, clock: SteppedClock) -> None:
     job_id = store.submit("p", [fact("Ann")]).job_id
     store.submit("q", [fact("Bob")])
-    claimed = store.claim("w1", lease_seconds=0.5)
+    claimed = store.claim("w1", lease_seconds=30)
     assert claimed is not None and claimed.id == job_id and claimed.state == JobState.RUNNING
     later = store.submit("p", [fact("Cid")])  # arrives while p runs: a new queued job
     assert later.job_id != job_id
-    other = store.claim("w2", lease_seconds=30)
+    other = store.claim("w2", lease_seconds=300)
     assert other is not None and other.pack == "q", "p is busy; q's job is next"
-    assert store.claim("w2", lease_seconds=30) is None, "p's queued job waits for p's running one"
-    assert store.heartbeat(job_id, "w1", 0.5, progress=0.5, eta_seconds=3.0)
+    assert store.claim("w2", lease_seconds=300) is None, "p's queued job waits for p's running one"
+    assert store.heartbeat(job_id, "w1", 30, progress=0.5, eta_seconds=3.0)
     assert store.job(job_id).progress == 0.5
-    time.sleep(0.7)  # w1 died: its lease runs out
+    clock.advance(29)
+    assert store.claim("w3", lease_seconds=30) is None, "the renewed lease still holds"
+    clock.advance(2)  # w1 died: its lease runs out
     reclaimed = store.claim("w3", lease_seconds=30)
     assert reclaimed is not None and reclaimed.id == job_id and reclaimed.attempts == 2
     assert not store.heartbeat(job_id, "w1", 30, progress=0.6, eta_seconds=None)
