@@ -16,6 +16,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from server.editor.config import TrainConfig
 from server.packs import PackError, PackRef, PackStore
 from server.packs.names import validate_name
 from server.settings import Settings
@@ -135,9 +136,7 @@ def _teacher_contexts(text: str) -> tuple[str, ...]:
     return chosen
 
 
-def _train_config(args: argparse.Namespace) -> Any:
-    from server.editor.config import TrainConfig
-
+def _train_config(args: argparse.Namespace) -> TrainConfig:
     names = (
         "epochs",
         "lr",
@@ -507,8 +506,9 @@ def build_parser() -> argparse.ArgumentParser:
         command.add_argument(
             "--epochs",
             type=int,
-            help="epochs to plan (default 5); a small fact set gets more, to make at least 80 "
-            "steps (the manifest records the number planned); early stop may end sooner",
+            help=f"epochs to plan (default {TrainConfig.epochs}); a small fact set gets more, to "
+            f"make at least {TrainConfig.min_steps} steps (the manifest records the number "
+            "planned); early stop may end sooner",
         )
         command.add_argument("--lr", type=float, help="hypernetwork learning rate")
         command.add_argument("--layer", type=int, help="decoder layer to edit")
