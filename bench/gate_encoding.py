@@ -34,7 +34,13 @@ def main() -> int:
     facts = [it.fact for it in items]
     scope = Scope.from_facts(facts)
     encoder = SentenceEncoder()
-    table = GateTable.build(encoder, [f.prompt for f in facts], scope.fact_names(), scope.fact_rows)
+    table = GateTable.build(
+        encoder,
+        [f.prompt for f in facts],
+        scope.fact_names(),
+        scope.fact_rows,
+        targets=[f.target for f in facts],
+    )
     pairs = [(it.fact.prompt, it.fact.target) for it in items]
     pairs += [(it.generality, it.fact.target) for it in items if it.generality]
     pairs += [(it.locality_prompt, it.locality_target) for it in items if it.locality_prompt]

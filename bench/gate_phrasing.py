@@ -113,7 +113,13 @@ def main() -> None:
     facts = [Fact(subject=s, prompt=p, target=t) for s, p, t, _, _ in CASES]
     scope = Scope.from_facts(facts)
     encoder = SentenceEncoder()
-    table = GateTable.build(encoder, [f.prompt for f in facts], scope.fact_names(), scope.fact_rows)
+    table = GateTable.build(
+        encoder,
+        [f.prompt for f in facts],
+        scope.fact_names(),
+        scope.fact_rows,
+        targets=[f.target for f in facts],
+    )
     edit_set = EditSet(scope.subjects, None, 0, gate=ScopeGate(table, encoder))  # type: ignore[arg-type]
     for form, wrap in (("bare", lambda q: q), ("chat", render_chat)):
         asks = [(q, opened(edit_set, wrap(q))) for *_, qs, _ in CASES for q in qs]

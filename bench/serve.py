@@ -76,6 +76,7 @@ def build_pack(
         [it.prompt for it in items],
         [[it.subject] for it in items],
         [row_of[it.subject] for it in items],
+        targets=[it.target for it in items],
     )
     blocks = (
         torch.randn(

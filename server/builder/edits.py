@@ -13,7 +13,7 @@ from server.editor.precompute import DEFAULT_CACHE_BUDGET_BYTES
 from server.editor.scope import Scope
 from server.editor.train import ProgressCallback, Trainer, TrainResult
 from server.gate.encoder import ENCODER_NAME, SentenceEncoder
-from server.gate.rule import RULE, masked_prompts
+from server.gate.rule import RULE, gate_rows
 from server.gate.scope_gate import ScopeGate
 from server.gate.table import GateTable
 from server.model.backbone import Backbone
@@ -45,9 +45,13 @@ class KnownParts:
             return cls()
         gate = GateTable.from_tensors(content.table)
         embeddings: dict[str, torch.Tensor] = {}
-        if gate is not None and gate.prompt_embeddings.shape[0] == len(facts):
-            masked = masked_prompts([f.prompt for f in facts], scope.fact_names())
-            embeddings = dict(zip(masked, gate.prompt_embeddings, strict=True))
+        if gate is not None:
+            prompts, names = [f.prompt for f in facts], scope.fact_names()
+            rows, _ = gate_rows(prompts, names, [f.target for f in facts])
+            if gate.prompt_embeddings.shape[0] != len(rows):  # before answer rows: prompts only
+                rows, _ = gate_rows(prompts, names)
+            if gate.prompt_embeddings.shape[0] == len(rows):
+                embeddings = dict(zip(rows, gate.prompt_embeddings, strict=True))
         return cls(dict(zip(scope.feature_texts, deltas, strict=True)), embeddings)
 
 
@@ -132,6 +136,7 @@ def _with_gate(
         result.scope.fact_names(),
         result.scope.fact_rows,
         known=known.prompt_embeddings,
+        targets=[f.target for f in facts],
     )
     edit_set = EditSet(
         subjects=result.scope.subjects,

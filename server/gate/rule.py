@@ -62,6 +62,36 @@ def is_question(text: str) -> bool:
     return text.rstrip().endswith("?")
 
 
+def answer_statement(masked_prompt: str, target: str) -> str | None:
+    """A statement-style fact completed with its answer ("X is located in Rome"), a second gate
+    row for the fact: the encoder was trained to match a question with the sentence that answers
+    it, so "In which city is X?" finds it where it misses the cloze "X is located in". None for
+    a question-style fact: its own prompt already meets questions (and the answered form cost
+    shut rate on dev without raising recall; bench/gate_recall.py)."""
+    if is_question(masked_prompt) or not target.strip():
+        return None
+    return f"{masked_prompt.rstrip()} {target.strip()}"
+
+
+def gate_rows(
+    prompts: Sequence[str],
+    subject_names: Sequence[Sequence[str]],
+    targets: Sequence[str] | None = None,
+) -> tuple[list[str], list[int]]:
+    """What a gate table embeds, and the fact each row belongs to: every fact's masked prompt
+    (rows 0..F-1, in fact order), then, with `targets`, each statement-style fact's answered
+    form (`answer_statement`). A fact's rows share its subject row; the gate takes the best."""
+    texts = masked_prompts(prompts, subject_names)
+    facts = list(range(len(texts)))
+    if targets is not None:
+        for fact, (masked, target) in enumerate(zip(list(texts), targets, strict=True)):
+            answered = answer_statement(masked, target)
+            if answered is not None:
+                texts.append(answered)
+                facts.append(fact)
+    return texts, facts
+
+
 # Chat-template markers such as <|im_end|>, </s>, <s>, [INST]: not part of what the user asked.
 _TEMPLATE_MARKERS = re.compile(r"<\|[^<>|\s]{1,40}\|>|</?s>|\[/?INST\]")
 

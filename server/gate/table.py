@@ -15,17 +15,19 @@ from server.gate.relation_head import RelationHead
 from server.gate.rule import (
     QUESTION_PROBES,
     STATEMENT_PROBES,
+    gate_rows,
     hubness,
     is_question,
-    masked_prompts,
 )
 
 
 @dataclass
 class GateTable:
-    """Per fact: its masked prompt's embedding (encoder space, so a later version can reuse it
+    """Per row: a masked prompt's embedding (encoder space, so a later version can reuse it
     whatever head it uses), subject row, hubness r_p (relation space) and style; the relation
-    head and threshold the table was calibrated with."""
+    head and threshold the table was calibrated with. Rows 0..F-1 are the facts' prompts; a
+    statement-style fact may add a row after them, its prompt with the answer (rule.gate_rows),
+    with the same subject row: F below counts rows, not facts."""
 
     prompt_embeddings: torch.Tensor  # [F, E]
     fact_rows: torch.Tensor  # [F] long: subject row of each fact
@@ -139,9 +141,16 @@ class GateTable:
         subject_names: Sequence[Sequence[str]],
         fact_rows: Sequence[int],
         known: Mapping[str, torch.Tensor] | None = None,
+        targets: Sequence[str] | None = None,
     ) -> GateTable:
-        """`known`: masked prompt -> embedding from an earlier version, not encoded again."""
-        masked = masked_prompts(prompts, subject_names)
+        """`known`: masked prompt (or answered form) -> embedding from an earlier version, not
+        encoded again. `targets`: each fact's answer; with them a statement-style fact gets a
+        second row, its prompt completed with the answer (rule.gate_rows), which opens the gate
+        for questions that ask it. Without them, one row per fact (tables before answer rows)."""
+        masked, facts = gate_rows(prompts, subject_names, targets)
+        subject_rows = list(fact_rows)
+        if targets is not None:
+            subject_rows = [subject_rows[fact] for fact in facts]
         known = known or {}
         missing = list(dict.fromkeys(m for m in masked if m not in known))
         fresh = dict(zip(missing, encoder.encode(missing), strict=True)) if missing else {}
@@ -159,7 +168,7 @@ class GateTable:
         )
         return cls(
             embeddings,
-            torch.tensor(list(fact_rows), dtype=torch.long),
+            torch.tensor(subject_rows, dtype=torch.long),
             prompt_hubness,
             is_q,
             questions,
