@@ -161,3 +161,23 @@ def test_encoding_many_texts_batches_the_gate_queries(gate: ScopeGate) -> None:
     ]
     assert batched == one_by_one
     assert [len(e.edits) for e in batched] == [1, 1, 1, 0, 0, 0]  # gate shut on other relations
+
+
+def test_a_statement_fact_opens_for_the_question_that_asks_it(gate: ScopeGate) -> None:
+    """A user POSTs a statement and asks a question: the answered statement ("X is located in
+    Rome") is what the encoder matches a question with; the cloze alone misses it."""
+    subject, prompt, target = "Eiffel Tower", "The Eiffel Tower is located in", "Rome"
+
+    def opens(table: GateTable, text: str) -> bool:
+        start = text.index(subject)
+        return ScopeGate(table, gate.encoder).opens(text, start, start + len(subject), 0, [subject])
+
+    prompt_only = GateTable.build(gate.encoder, [prompt], [[subject]], [0])
+    answered = GateTable.build(gate.encoder, [prompt], [[subject]], [0], targets=[target])
+    assert answered.prompt_embeddings.shape[0] == 2 and answered.fact_rows.tolist() == [0, 0]
+    question = "In which city is the Eiffel Tower?"
+    assert not opens(prompt_only, question) and opens(answered, question)
+    for other in ("Who designed the Eiffel Tower?", "How tall is the Eiffel Tower?"):
+        assert not opens(answered, other)
+    questions = GateTable.build(gate.encoder, [FACTS[0][1]], [[FACTS[0][0]]], [0], targets=["x"])
+    assert questions.prompt_embeddings.shape[0] == 1, "a question-style fact keeps one row"
