@@ -145,6 +145,7 @@ def _train_config(args: argparse.Namespace) -> TrainConfig:
         "continuation_weight",
         "repetition_weight",
         "teacher_weight",
+        "bare_teacher_weight",
         "teacher_contexts",
         "teacher_tokens",
     )
@@ -285,6 +286,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         "continuation_weight": config.continuation_weight,
         "repetition_weight": config.repetition_weight,
         "teacher_weight": config.teacher_weight,
+        "bare_teacher_weight": config.bare_teacher_weight,
         "teacher_contexts": ",".join(config.teacher_contexts),
         "teacher_tokens": config.teacher_tokens,
         "epochs": config.epochs,
@@ -526,7 +528,14 @@ def build_parser() -> argparse.ArgumentParser:
         command.add_argument(
             "--teacher-weight",
             type=_weight,
-            help="KL to the unedited model's answer when told the fact (default 1; 0: off)",
+            help="KL to the unedited model's answer when told the fact (default "
+            f"{TrainConfig.teacher_weight}; 0: the teacher is off)",
+        )
+        command.add_argument(
+            "--bare-teacher-weight",
+            type=_weight,
+            help="the same KL over the bare prompt's answer (default "
+            f"{TrainConfig.bare_teacher_weight})",
         )
         command.add_argument(
             "--teacher-tokens", type=int, help="the teacher's answer is cut after this many tokens"

@@ -14,6 +14,9 @@ from server.editor.hypernet import HypernetKind
 
 # Contexts the edit must survive besides the bare prompt; the chat template is added separately.
 DEFAULT_PREFIXES = ("Fact: {prompt}",)
+# Where a teacher answers: the chat template after the target, the chat template in its own
+# sentence, the prompt as it is (sequences.py).
+TEACHER_CONTEXTS = ("chat", "free", "bare")
 
 
 @dataclass(frozen=True)
@@ -47,10 +50,18 @@ class TrainConfig:
     # context ("Fact: <prompt> <target>."), answers the question in its own words; the edited
     # model, asked the bare question, should answer as it does (its sentence, its end of turn).
     teacher_weight: float = 1.0
+    # the same KL over the bare context's answer (its end of turn stays cross-entropy). Lower:
+    # at the chat's weight it cost generality (zsRE dev 0.970 against 0.991 at 0.3;
+    # docs/results/natural_edits.md, 2d).
+    bare_teacher_weight: float = 0.3
     teacher_tokens: int = 24  # the teacher's answer is cut here (its end of turn included)
     # where: "chat" (the chat template), "bare" (the prompt as it is); "free": in chat the
     # teacher answers freely (the target where it puts it) instead of after the target
     teacher_contexts: tuple[str, ...] = ("chat", "bare")
+
+    def teacher_weight_in(self, context: str) -> float:
+        """The KL weight of a teacher context's answer."""
+        return self.bare_teacher_weight if context == "bare" else self.teacher_weight
 
     def resolve_layer(self, num_layers: int) -> int:
         layer = self.layer if self.layer is not None else round(0.6 * num_layers)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -195,15 +195,16 @@ def teacher_sequences(
     facts: Sequence[Fact],
     contexts: Sequence[str],
     max_tokens: int,
-    weight: float,
+    weights: Mapping[str, float],
     batch_size: int = 32,
 ) -> list[TrainingSequence]:
     """For each fact and teacher context, the student's text extended by the teacher's greedy
     answer (up to `max_tokens`, its end of turn included), held by KL to the teacher's final
     states at the positions that predict it. In a forced context the target comes first, by
     cross-entropy, in the same sequence, and an answer cut short (`taught_answer`) learns its
-    end of turn by cross-entropy too. A free answer that does not say the target in its first
-    sentence is dropped: it would teach the edit to keep the old answer."""
+    end of turn by cross-entropy too. `weights`: each context's KL weight. A free answer that
+    does not say the target in its first sentence is dropped: it would teach the edit to keep
+    the old answer."""
     tokenizer = backbone.tokenizer
     contexts = teacher_contexts(backbone, contexts)
     jobs = [(fact, c, *_teacher_texts(backbone, fact, c)) for fact in facts for c in contexts]
@@ -259,7 +260,7 @@ def teacher_sequences(
                     + list(range(first, first + len(said))),
                 ),
                 final[row, start : start + len(said)].float() if said else None,
-                weight,
+                weights[jobs[item][1]],
             )
     eos = set(backbone.eos_token_ids)
     log.info(

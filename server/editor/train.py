@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from server.editor.activation_cache import ActivationCache
-from server.editor.config import TrainConfig
+from server.editor.config import TEACHER_CONTEXTS, TrainConfig
 from server.editor.detect import SubjectIndex
 from server.editor.facts import Fact, FactKey, fact_key
 from server.editor.hypernet import Hypernetwork
@@ -255,7 +255,7 @@ class Trainer:
                 trained,
                 config.teacher_contexts,
                 config.teacher_tokens,
-                config.teacher_weight,
+                {c: config.teacher_weight_in(c) for c in TEACHER_CONTEXTS},
             )
         sequences += [
             TrainingSequence(s, reference, config.locality_weight)

@@ -316,7 +316,7 @@ def test_teacher_sequences_hold_the_student_to_the_told_models_answer(
     backbone = _backbone(tiny_model_dirs, "llama", dtype="float32")
     scope = Scope.from_facts(FACTS)
     index = scope.index()
-    sequences = teacher_sequences(backbone, index, FACTS, ("bare",), 4, 0.5)
+    sequences = teacher_sequences(backbone, index, FACTS, ("bare",), 4, {"bare": 0.5})
     assert len(sequences) == len(FACTS)
     base = backbone.model.base_model
     for fact, sequence in zip(FACTS, sequences, strict=True):
@@ -397,7 +397,7 @@ def test_a_forced_teacher_context_replaces_its_cross_entropy_sequence(
     assert [s for s in plain if s not in chat_forms] == covered  # the chat forms, and only they
     statements = trainer._sequences(FACTS, index, covered=True)
     assert statements == Trainer(backbone, config)._sequences(FACTS, index)  # nothing left out
-    taught = teacher_sequences(backbone, index, FACTS[:1], ("chat",), 3, 1.0)[0]
+    taught = teacher_sequences(backbone, index, FACTS[:1], ("chat",), 3, {"chat": 1.0})[0]
     ce_only = TrainingSequence(
         EncodedText(
             taught.text.ids,
@@ -413,6 +413,28 @@ def test_a_forced_teacher_context_replaces_its_cross_entropy_sequence(
         both = trainer._loss(hypernet, features, [taught], None, [0])
         ce = trainer._loss(hypernet, features, [ce_only], None, [0])
     assert float(both) > float(ce) > 0  # the answer's KL adds to the target's cross-entropy
+
+
+def test_each_teacher_context_holds_its_answer_with_its_own_weight(
+    tiny_model_dirs: dict[str, Path],
+) -> None:
+    """The bare answer's KL weighs what `bare_teacher_weight` says and the chat answer's what
+    `teacher_weight` says: the trainer passes each context its own."""
+    backbone = _backbone(tiny_model_dirs, "llama", dtype="float32")
+    index = Scope.from_facts(FACTS).index()
+    config = replace(CONFIG, teacher_weight=1.0, bare_teacher_weight=0.25)
+    weights = {c: config.teacher_weight_in(c) for c in ("bare", "chat")}
+    assert weights == {"bare": 0.25, "chat": 1.0}
+    sequences = teacher_sequences(backbone, index, FACTS, ("bare", "chat"), 3, weights)
+    bare_ids = [encode(backbone.tokenizer, index, f.prompt, f.target).ids for f in FACTS]
+    seen = set()
+    for sequence in sequences:
+        if sequence.reference is None:
+            continue
+        bare = any(sequence.text.ids[: len(ids)] == ids for ids in bare_ids)
+        assert sequence.kl_weight == (0.25 if bare else 1.0)
+        seen.add(bare)
+    assert seen == {True, False}, "both contexts taught an answer"
 
 
 def test_the_teacher_term_takes_part_in_training(tiny_model_dirs: dict[str, Path]) -> None:
@@ -619,7 +641,7 @@ def test_a_model_without_a_chat_template_is_taught_on_the_bare_prompt(
     trainer = Trainer(backbone, config)
     index = Scope.from_facts(FACTS).index()
     assert trainer._sequences(FACTS, index, covered=True) == []  # the bare prompt is taught
-    taught = teacher_sequences(backbone, index, FACTS, config.teacher_contexts, 3, 1.0)
+    taught = teacher_sequences(backbone, index, FACTS, config.teacher_contexts, 3, {"chat": 1.0})
     assert len(taught) == len(FACTS)
     for fact, sequence in zip(FACTS, taught, strict=True):
         bare = encode(backbone.tokenizer, index, fact.prompt, fact.target)
