@@ -330,13 +330,21 @@ def cmd_worker(args: argparse.Namespace) -> int:
     import signal
     import threading
 
-    from server.jobs.store import JobStore
+    from server.jobs.store import JobStore, StoreUnavailableError
     from server.jobs.worker import Worker, WorkerConfig
     from server.model import load_backbone
 
     settings = _settings()
     _configure_logging(settings)
-    store = JobStore.open(settings.jobs_database_url)
+    store = JobStore(settings.jobs_database_url)
+    try:
+        store.migrate()
+    except StoreUnavailableError as exc:
+        if args.once:  # one job now or a clear error: there is no later to wait for
+            raise CLIError(str(exc)) from exc
+        # a worker that starts before its database (a restart, an orchestrator's order) waits
+        # for it: each poll retries, and the first that reaches it migrates
+        log.warning("the jobs database is not reachable yet (%s); retrying as it polls", exc)
     backbone = load_backbone(settings)
     config = WorkerConfig.from_settings(settings)
     worker = Worker(store, PackStore.from_settings(settings), backbone, config)

@@ -380,3 +380,48 @@ def test_a_deleted_fact_stays_live_until_a_version_without_it_is_published(
     assert total == 1 and [(f.id, f.live, f.deleting) for f in listed] == [(kept, True, False)]
     with pytest.raises(NotFoundError):
         store.delete_fact("demo", gone)
+
+
+def test_a_worker_started_before_its_database_waits_for_it(
+    tiny_model_dirs: dict[str, Path], tmp_path: Path
+) -> None:
+    """`lks worker` against a PostgreSQL database that does not exist yet keeps polling; once
+    the database is there it migrates it and trains what is submitted. `--once` fails at once
+    with the reason instead."""
+    from jobs_db import later_database
+
+    with later_database(tmp_path) as (url, create):
+        env = worker_env(tiny_model_dirs, url, tmp_path, LKS_PUBLISH_MIN_RELIABILITY="0")
+        once = subprocess.run(
+            [sys.executable, "-m", "server.cli", "worker", "--once"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert once.returncode != 0 and url.rsplit("/", 1)[1] in once.stderr, once.stderr
+        log = tmp_path / "worker.log"
+        with log.open("w") as stderr:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "server.cli", "worker"], env=env, stderr=stderr
+            )
+        try:
+            deadline = time.monotonic() + 90
+            while "not reachable yet" not in log.read_text():
+                assert process.poll() is None, f"the worker exited: {log.read_text()}"
+                assert time.monotonic() < deadline, "the worker never said it waits"
+                time.sleep(0.1)
+            time.sleep(1.5)  # polls that fail
+            assert process.poll() is None, f"the worker exited: {log.read_text()}"
+            create()
+            store = JobStore.open(url)
+            job_id = store.submit("demo", FACTS[:1]).job_id
+            deadline = time.monotonic() + 90
+            while store.job(job_id).state != JobState.SUCCEEDED:
+                assert time.monotonic() < deadline, f"never trained: {store.job(job_id)}"
+                assert process.poll() is None, "the worker exited"
+                time.sleep(0.2)
+            store.close()
+        finally:
+            process.terminate()
+            process.wait(timeout=30)
