@@ -202,9 +202,10 @@ def teacher_sequences(
     answer (up to `max_tokens`, its end of turn included), held by KL to the teacher's final
     states at the positions that predict it. In a forced context the target comes first, by
     cross-entropy, in the same sequence, and an answer cut short (`taught_answer`) learns its
-    end of turn by cross-entropy too. `weights`: each context's KL weight. A free answer that
-    does not say the target in its first sentence is dropped: it would teach the edit to keep
-    the old answer."""
+    end of turn by cross-entropy too. `weights`: the KL weight of each context taught in (a
+    model without a chat template is taught on the bare prompt: `teacher_contexts`). A free
+    answer that does not say the target in its first sentence is dropped: it would teach the
+    edit to keep the old answer."""
     tokenizer = backbone.tokenizer
     contexts = teacher_contexts(backbone, contexts)
     jobs = [(fact, c, *_teacher_texts(backbone, fact, c)) for fact in facts for c in contexts]

@@ -641,7 +641,7 @@ def test_a_model_without_a_chat_template_is_taught_on_the_bare_prompt(
     trainer = Trainer(backbone, config)
     index = Scope.from_facts(FACTS).index()
     assert trainer._sequences(FACTS, index, covered=True) == []  # the bare prompt is taught
-    taught = teacher_sequences(backbone, index, FACTS, config.teacher_contexts, 3, {"chat": 1.0})
+    taught = teacher_sequences(backbone, index, FACTS, config.teacher_contexts, 3, {"bare": 1.0})
     assert len(taught) == len(FACTS)
     for fact, sequence in zip(FACTS, taught, strict=True):
         bare = encode(backbone.tokenizer, index, fact.prompt, fact.target)
