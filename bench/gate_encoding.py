@@ -12,11 +12,11 @@ import json
 import logging
 import time
 
+from server.builder.edits import fact_gate_table
 from server.editor.scope import Scope, encode
 from server.evaluation.datasets import dataset_path, load_items
 from server.gate.encoder import SentenceEncoder
 from server.gate.scope_gate import ScopeGate
-from server.gate.table import GateTable
 from server.model import load_backbone
 from server.packs.edit_set import EditSet
 from server.settings import Settings
@@ -34,13 +34,7 @@ def main() -> int:
     facts = [it.fact for it in items]
     scope = Scope.from_facts(facts)
     encoder = SentenceEncoder()
-    table = GateTable.build(
-        encoder,
-        [f.prompt for f in facts],
-        scope.fact_names(),
-        scope.fact_rows,
-        targets=[f.target for f in facts],
-    )
+    table = fact_gate_table(encoder, facts, scope)
     pairs = [(it.fact.prompt, it.fact.target) for it in items]
     pairs += [(it.generality, it.fact.target) for it in items if it.generality]
     pairs += [(it.locality_prompt, it.locality_target) for it in items if it.locality_prompt]

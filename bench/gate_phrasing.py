@@ -11,7 +11,9 @@ the kinds of failure issue 20 reports, not a rate over a population.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 
+from server.builder.edits import fact_gate_table
 from server.editor.facts import Fact
 from server.editor.scope import Scope
 from server.gate.encoder import SentenceEncoder
@@ -96,6 +98,10 @@ CASES = [
 ]
 
 
+ASKS = [q for *_, asks, _ in CASES for q in asks]
+OTHERS = [q for *_, others in CASES for q in others]
+
+
 def render_chat(message: str) -> str:
     """SmolLM2-Instruct's chat template, as serving renders a one-message chat."""
     return (
@@ -108,41 +114,53 @@ def opened(edit_set: EditSet, text: str) -> bool:
     return any(edit_set.allow(text, match) for match in edit_set.index.find(text))
 
 
+def gated_set(
+    encoder: SentenceEncoder, facts: Sequence[Fact], *, answer_rows: bool = True
+) -> tuple[EditSet, GateTable]:
+    """A gate-only edit set over `facts`, its table as a pack's (`answer_rows=False`: the table
+    as built before answered statements, the baseline)."""
+    scope, prompts = Scope.from_facts(facts), [f.prompt for f in facts]
+    table = (
+        fact_gate_table(encoder, facts, scope)
+        if answer_rows
+        else GateTable.build(encoder, prompts, scope.fact_names(), scope.fact_rows)
+    )
+    return EditSet(scope.subjects, None, 0, gate=ScopeGate(table, encoder)), table  # type: ignore[arg-type]
+
+
+def phrasing_results(
+    encoder: SentenceEncoder, *, answer_rows: bool = True
+) -> dict[str, tuple[list[str], list[str]]]:
+    """Per form (bare, chat): (the rephrased questions that opened no edit, the other questions
+    that opened one), out of every case's."""
+    facts = [Fact(subject=s, prompt=p, target=t) for s, p, t, _, _ in CASES]
+    edit_set, _ = gated_set(encoder, facts, answer_rows=answer_rows)
+    results = {}
+    for form, wrap in (("bare", lambda q: q), ("chat", render_chat)):
+        missed = [q for q in ASKS if not opened(edit_set, wrap(q))]
+        wrongly = [q for q in OTHERS if opened(edit_set, wrap(q))]
+        results[form] = (missed, wrongly)
+    return results
+
+
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    facts = [Fact(subject=s, prompt=p, target=t) for s, p, t, _, _ in CASES]
-    scope = Scope.from_facts(facts)
-    encoder = SentenceEncoder()
-    table = GateTable.build(
-        encoder,
-        [f.prompt for f in facts],
-        scope.fact_names(),
-        scope.fact_rows,
-        targets=[f.target for f in facts],
-    )
-    edit_set = EditSet(scope.subjects, None, 0, gate=ScopeGate(table, encoder))  # type: ignore[arg-type]
-    for form, wrap in (("bare", lambda q: q), ("chat", render_chat)):
-        asks = [(q, opened(edit_set, wrap(q))) for *_, qs, _ in CASES for q in qs]
-        others = [(q, opened(edit_set, wrap(q))) for *_, os in CASES for q in os]
-        recall = sum(o for _, o in asks) / len(asks)
-        shut = sum(not o for _, o in others) / len(others)
+    for form, (missed, wrongly) in phrasing_results(SentenceEncoder()).items():
         log.info(
             "%s: gate opens for %d of %d rephrased questions (%.2f); stays shut for %d of "
             "%d other questions (%.2f)",
             form,
-            sum(o for _, o in asks),
-            len(asks),
-            recall,
-            sum(not o for _, o in others),
-            len(others),
-            shut,
+            len(ASKS) - len(missed),
+            len(ASKS),
+            1 - len(missed) / len(ASKS),
+            len(OTHERS) - len(wrongly),
+            len(OTHERS),
+            1 - len(wrongly) / len(OTHERS),
         )
-        for question, was_open in asks:
-            if not was_open:
-                log.info("  missed: %s", question)
-        for question, was_open in others:
-            if was_open:
-                log.info("  opened wrongly: %s", question)
+        for question in missed:
+            log.info("  missed: %s", question)
+        for question in wrongly:
+            log.info("  opened wrongly: %s", question)
 
 
 if __name__ == "__main__":

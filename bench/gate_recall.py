@@ -24,12 +24,9 @@ from pathlib import Path
 
 import torch
 
-from bench.gate_phrasing import CASES, opened, render_chat
-from server.editor.facts import Fact
-from server.editor.scope import Scope
+from bench.gate_phrasing import ASKS, OTHERS, gated_set, opened, phrasing_results, render_chat
 from server.evaluation.datasets import SPLITS, dataset_path, load_items
 from server.gate.encoder import SentenceEncoder
-from server.gate.scope_gate import ScopeGate
 from server.gate.table import GateTable
 from server.packs.edit_set import EditSet
 from server.settings import Settings
@@ -51,7 +48,7 @@ class CachedEncoder(SentenceEncoder):
         if missing:
             self.cache.update(zip(missing, super().encode(missing, batch_size), strict=True))
             self.fresh += len(missing)
-        return torch.stack([self.cache[t] for t in texts]) if texts else torch.zeros(0, 384)
+        return torch.stack([self.cache[t] for t in texts]) if texts else super().encode([])
 
     def save(self) -> None:
         if self.fresh:
@@ -87,24 +84,6 @@ def flip_style(text: str, subject: str) -> str | None:
     return None
 
 
-ANSWER_ROWS = True  # --prompt-rows-only: the table as built before answer rows (the baseline)
-
-
-def gated_set(encoder: SentenceEncoder, facts: Sequence[Fact]) -> tuple[EditSet, GateTable, float]:
-    scope = Scope.from_facts(facts)
-    started = time.perf_counter()
-    table = GateTable.build(
-        encoder,
-        [f.prompt for f in facts],
-        scope.fact_names(),
-        scope.fact_rows,
-        targets=[f.target for f in facts] if ANSWER_ROWS else None,
-    )
-    build_s = time.perf_counter() - started
-    edit_set = EditSet(scope.subjects, None, 0, gate=ScopeGate(table, encoder))  # type: ignore[arg-type]
-    return edit_set, table, build_s
-
-
 def rate(edit_set: EditSet, texts: Sequence[str], want_open: bool) -> tuple[float, float]:
     """(fraction that open (want_open) or stay shut, seconds per text)."""
     started = time.perf_counter()
@@ -117,10 +96,12 @@ def table_bytes(table: GateTable) -> int:
 
 
 def dataset_figures(
-    encoder: SentenceEncoder, dataset: str, split: str, n: int, offset: int
+    encoder: SentenceEncoder, dataset: str, split: str, n: int, offset: int, answer_rows: bool
 ) -> dict:
     items = load_items(dataset_path(Settings().data_dir, dataset), split, n, offset)  # type: ignore[arg-type]
-    edit_set, table, build_s = gated_set(encoder, [it.fact for it in items])
+    started = time.perf_counter()
+    edit_set, table = gated_set(encoder, [it.fact for it in items], answer_rows=answer_rows)
+    build_s = time.perf_counter() - started
     paraphrases = [it.generality for it in items if it.generality]
     localities = [it.locality_prompt for it in items if it.locality_prompt]
     bare, bare_s = rate(edit_set, paraphrases, True)
@@ -157,19 +138,12 @@ def dataset_figures(
     }  # fmt: skip
 
 
-def phrasing_figures(encoder: SentenceEncoder) -> dict:
-    facts = [Fact(subject=s, prompt=p, target=t) for s, p, t, _, _ in CASES]
-    edit_set, _, _ = gated_set(encoder, facts)
+def phrasing_figures(encoder: SentenceEncoder, answer_rows: bool) -> dict:
     figures: dict = {"dataset": "gate_phrasing"}
-    for form, wrap in (("bare", lambda q: q), ("chat", render_chat)):
-        asks = [q for *_, qs, _ in CASES for q in qs]
-        others = [q for *_, os in CASES for q in os]
-        recall, _ = rate(edit_set, [wrap(q) for q in asks], True)
-        shut, _ = rate(edit_set, [wrap(q) for q in others], False)
-        figures[f"recall_{form}"] = f"{round(recall * len(asks))}/{len(asks)} ({recall:.2f})"
-        figures[f"shut_{form}"] = f"{round(shut * len(others))}/{len(others)} ({shut:.2f})"
-    figures["missed"] = [q for q in asks if not opened(edit_set, q)]
-    figures["opened_wrongly"] = [q for q in others if opened(edit_set, q)]
+    for form, (missed, wrongly) in phrasing_results(encoder, answer_rows=answer_rows).items():
+        figures[f"recall_{form}"] = f"{len(ASKS) - len(missed)}/{len(ASKS)}"
+        figures[f"shut_{form}"] = f"{len(OTHERS) - len(wrongly)}/{len(OTHERS)}"
+        figures[f"missed_{form}"], figures[f"opened_wrongly_{form}"] = missed, wrongly
     return figures
 
 
@@ -185,14 +159,14 @@ def main() -> int:
         "--prompt-rows-only", action="store_true", help="no answer rows: the table as before"
     )
     args = parser.parse_args()
-    global ANSWER_ROWS
-    ANSWER_ROWS = not args.prompt_rows_only
+    answer_rows = not args.prompt_rows_only
     logging.basicConfig(level=logging.WARNING)
     encoder = CachedEncoder(args.cache) if args.cache else SentenceEncoder()
     for dataset in args.datasets:
-        print(json.dumps(dataset_figures(encoder, dataset, args.split, args.n, args.offset)))
+        figures = dataset_figures(encoder, dataset, args.split, args.n, args.offset, answer_rows)
+        print(json.dumps(figures))
     if not args.no_phrasing:
-        print(json.dumps(phrasing_figures(encoder)))
+        print(json.dumps(phrasing_figures(encoder, answer_rows)))
     if isinstance(encoder, CachedEncoder):
         encoder.save()
     return 0

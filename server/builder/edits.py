@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -123,6 +123,24 @@ def apply_edits(
     return _with_gate(backbone, facts, encoder, result, known)
 
 
+def fact_gate_table(
+    encoder: SentenceEncoder,
+    facts: Sequence[Fact],
+    scope: Scope,
+    known: Mapping[str, torch.Tensor] | None = None,
+) -> GateTable:
+    """The gate table a pack version stores for its facts (benchmarks build theirs here too, so
+    they measure what the server builds)."""
+    return GateTable.build(
+        encoder,
+        [f.prompt for f in facts],
+        scope.fact_names(),
+        scope.fact_rows,
+        known=known,
+        targets=[f.target for f in facts],
+    )
+
+
 def _with_gate(
     backbone: Backbone,
     facts: Sequence[Fact],
@@ -130,14 +148,7 @@ def _with_gate(
     result: TrainResult,
     known: KnownParts,
 ) -> Edits:
-    gate_table = GateTable.build(
-        encoder,
-        [f.prompt for f in facts],
-        result.scope.fact_names(),
-        result.scope.fact_rows,
-        known=known.prompt_embeddings,
-        targets=[f.target for f in facts],
-    )
+    gate_table = fact_gate_table(encoder, facts, result.scope, known.prompt_embeddings)
     edit_set = EditSet(
         subjects=result.scope.subjects,
         deltas=result.deltas.to(backbone.dtype),
