@@ -16,12 +16,12 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 def start_server(packs_dir: Path, port: int) -> subprocess.Popen[bytes]:
     """`lks serve` on `port` with its pack store (and SQLite job store) in `packs_dir`; returns
-    once it is ready."""
+    once it is ready (a compiled decode step compiles first: minutes on a CPU)."""
     env = {**os.environ, "LKS_PACKS_DIR": str(packs_dir), "LKS_LOG_LEVEL": "warning"}
     process = subprocess.Popen(
         [sys.executable, "-m", "server.cli", "serve", "--port", str(port)], env=env
     )
-    deadline = time.monotonic() + 300
+    deadline = time.monotonic() + 900
     while time.monotonic() < deadline:
         try:
             if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200:

@@ -179,6 +179,7 @@ def main() -> int:
         build_pack(store, f"bench-mix{i}", backbone, encoder, items[i * 250 : (i + 1) * 250], i + 1)
 
     prompts = [it.prompt for it in items]
+    served_dtype = str(backbone.dtype).removeprefix("torch.")  # what the server's `auto` picks
     model_dir = backbone.model_dir
     assert model_dir is not None
     del backbone
@@ -249,7 +250,8 @@ def main() -> int:
 
     print(
         f"\nmodel {settings.model_name}, {args.tokens} new tokens per request, "
-        f"{torch.get_num_threads()} CPU threads\n"
+        f"{torch.get_num_threads()} CPU threads; server in {served_dtype}, decode step "
+        f"{'compiled' if settings.compile_decode else 'eager'}\n"
     )
     print(
         "| config | concurrency | requests | tokens/s | x HF generate | p50 latency s | "

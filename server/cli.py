@@ -177,7 +177,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from server.builder.edits import backbone_info
     from server.builder.version import BuildPolicy, build_version, latest_start
     from server.gate.encoder import SentenceEncoder
-    from server.model import load_backbone
+    from server.model import load_backbone, load_training_backbone
 
     hf_logging.disable_progress_bar()
     policy = BuildPolicy.from_settings(
@@ -197,6 +197,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         SentenceEncoder(),
         start,
         policy,
+        training=load_training_backbone(settings, backbone),
         progress=_progress_bar("training") if sys.stderr.isatty() else None,
     )
     if candidate.rejection is not None:
@@ -231,7 +232,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     )
     from server.evaluation.evaluate import GenerationSample, evaluate
     from server.gate.encoder import SentenceEncoder
-    from server.model import load_backbone
+    from server.model import load_backbone, load_training_backbone
 
     hf_logging.disable_progress_bar()
     if args.samples is not None and not args.samples.parent.is_dir():  # before, not after, training
@@ -244,8 +245,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise CLIError(str(exc)) from None
     backbone = load_backbone(settings)
     config = _train_config(args)
+    training = load_training_backbone(settings, backbone)
     edits = train_edits(
-        backbone,
+        training,  # float32 unless LKS_TRAIN_DTYPE=serving; evaluated below as served
         training_facts(items, args.protocol),
         SentenceEncoder(),
         config,
@@ -293,6 +295,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         # which relation head the gate used (generality and locality depend on it)
         "gate_threshold": round(float(edits.gate_table.threshold), 4),
         "contexts": ",".join(args.contexts),
+        "dtype": str(backbone.dtype).removeprefix("torch."),
+        "train_dtype": str(training.dtype).removeprefix("torch."),
     }
     if args.json:
         print(json.dumps(report))
@@ -332,7 +336,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
     from server.jobs.store import JobStore, StoreUnavailableError
     from server.jobs.worker import Worker, WorkerConfig
-    from server.model import load_backbone
+    from server.model import load_backbone, load_training_backbone
 
     settings = _settings()
     _configure_logging(settings)
@@ -347,7 +351,13 @@ def cmd_worker(args: argparse.Namespace) -> int:
         log.warning("the jobs database is not reachable yet (%s); retrying as it polls", exc)
     backbone = load_backbone(settings)
     config = WorkerConfig.from_settings(settings)
-    worker = Worker(store, PackStore.from_settings(settings), backbone, config)
+    worker = Worker(
+        store,
+        PackStore.from_settings(settings),
+        backbone,
+        config,
+        training_factory=lambda: load_training_backbone(settings, backbone),
+    )
     if args.metrics_port:  # a worker process exports its own training metrics
         from prometheus_client import start_http_server
 

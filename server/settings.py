@@ -30,7 +30,17 @@ class Settings(BaseSettings):
         description="Where the default model is converted once and cached as safetensors.",
     )
     device: DeviceChoice = "auto"
-    dtype: DtypeChoice = "auto"
+    dtype: DtypeChoice = Field(
+        default="auto",
+        description="The serving dtype. auto: bfloat16 on a GPU that has it (else float16), "
+        "bfloat16 on a CPU with AVX-512 BF16 or AMX, float32 on other CPUs.",
+    )
+    train_dtype: Literal["float32", "serving"] = Field(
+        default="float32",
+        description="What training runs in: float32 (a second, float32 copy of the weights "
+        "when the backbone serves in another dtype; loaded by the first training job), or "
+        "the serving weights themselves (less memory, a lower-precision edit).",
+    )
     cpu_threads: int | None = Field(
         default=None,
         ge=1,

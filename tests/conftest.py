@@ -19,6 +19,9 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Tests compare outputs across engines and runs in float32, whatever this CPU serves by default;
+# the tests of the default dtype (bfloat16 on a CPU that has it) ask for it by name.
+os.environ.setdefault("LKS_DTYPE", "float32")
 
 
 @pytest.fixture(scope="session")

@@ -84,7 +84,7 @@ class JobsStatus(BaseModel):
 
 
 class HealthResponse(BaseModel):
-    status: Literal["ok", "loading", "failed", "stalled"]
+    status: Literal["ok", "loading", "warming", "failed", "stalled"]
     model: str
     detail: str | None = Field(default=None, description="Why the status is not ok.")
     engine: EngineStatus | None = None

@@ -35,8 +35,9 @@ async def healthz(state: StateDep) -> HealthResponse:
 @router.get("/readyz", response_model=HealthResponse, responses={503: {"model": HealthResponse}})
 async def readyz(state: StateDep) -> HealthResponse | JSONResponse:
     """Readiness: 200 only while requests can be served: the backbone is loaded, the engine
-    thread is alive, and no work has waited longer than LKS_READY_STALL_SECONDS for a step.
-    The job store's state is reported beside it (generation does not need it)."""
+    thread is alive and past compiling its decode step, and no work has waited longer than
+    LKS_READY_STALL_SECONDS for a step. The job store's state is reported beside it
+    (generation does not need it)."""
     jobs = await jobs_status(state)
     runtime = state.runtime
     if runtime is None:
@@ -57,6 +58,9 @@ async def readyz(state: StateDep) -> HealthResponse | JSONResponse:
     status, detail = "ok", None
     if not health.alive:
         status, detail = "failed", f"the engine thread has stopped: {health.failure}"
+    elif health.warming:
+        status = "warming"
+        detail = "compiling the decode step (LKS_COMPILE_DECODE); requests wait until it is done"
     elif health.stalled_seconds > limit:
         status = "stalled"
         detail = (

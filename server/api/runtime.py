@@ -19,7 +19,7 @@ from server.engine.scheduler import Scheduler
 from server.gate.encoder import SentenceEncoder
 from server.jobs.store import JobStore, StoreUnavailableError
 from server.jobs.worker import Worker, WorkerConfig
-from server.model import Backbone
+from server.model import Backbone, load_training_backbone
 from server.packs import PackStore
 from server.packs.registry import LiveVersions, PackRegistry
 from server.settings import Settings
@@ -125,6 +125,7 @@ class Training:
             backbone,
             WorkerConfig.from_settings(self.settings),
             encoder_factory=encoder_factory,
+            training_factory=lambda: load_training_backbone(self.settings, backbone),
             on_published=on_published,
             on_finished=self.metrics.observe_job,
         )

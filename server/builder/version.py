@@ -148,14 +148,18 @@ def build_version(
     start: StartingPoint | None = None,
     policy: BuildPolicy | None = None,
     *,
+    training: Backbone | None = None,
     progress: ProgressCallback | None = None,
     checkpoint: Callable[[], None] | None = None,
 ) -> Candidate:
-    """Build a version of `facts` from `start` (the previous version) under `policy`.
-    `progress` receives the training steps; `checkpoint` runs after each attempt's training,
-    before its check (the worker's lease stops a cancelled job there)."""
+    """Build a version of `facts` from `start` (the previous version) under `policy`: trained
+    on `training` (the backbone's float32 copy, `load_training_backbone`; default the backbone
+    itself), checked on `backbone`, as it will serve. `progress` receives the training steps;
+    `checkpoint` runs after each attempt's training, before its check (the worker's lease stops
+    a cancelled job there)."""
     assert facts, "a version with no facts is `empty_content`"
     policy = policy or BuildPolicy()
+    trainer = training or backbone
     wanted = {fact_key(f) for f in facts}
     if start is not None and not (policy.warm_start and start.learned <= wanted):
         start = None  # asked not to, or a fact it learned is no longer wanted
@@ -174,10 +178,10 @@ def build_version(
     for apply_only, train_on in attempts:
         if apply_only:
             assert start is not None
-            edits = apply_edits(backbone, facts, encoder, start.weights, policy.train, known=known)
+            edits = apply_edits(trainer, facts, encoder, start.weights, policy.train, known=known)
         else:
             edits = train_edits(
-                backbone,
+                trainer,
                 facts,
                 encoder,
                 policy.train,

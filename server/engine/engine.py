@@ -382,6 +382,28 @@ class BatchEngine:
         while self.has_work():
             self.step()
 
+    @property
+    def compiles_decode(self) -> bool:
+        """Whether the decode step is compiled (and so wants `warm_up` before serving)."""
+        return self._slots is not None and self._slots.compiled
+
+    def warm_up(self) -> float:
+        """Compile the decode step's graphs (one row, and several rows) on throwaway requests,
+        so that no user request waits for the compiler; the seconds it took (0: nothing to
+        compile). Run before serving."""
+        if not self.compiles_decode:
+            return 0.0
+        started = time.perf_counter()
+
+        def throwaway() -> EngineRequest:
+            params = SamplingParams(max_tokens=3, ignore_eos=True)
+            return EngineRequest("", params, prompt=PreparedPrompt([0] * 4, []))
+
+        self.generate([throwaway()])
+        if self.max_batch_size > 1:
+            self.generate([throwaway(), throwaway()])
+        return time.perf_counter() - started
+
     def generate(self, requests: Sequence[EngineRequest]) -> list[Generation]:
         """Run `requests` to completion on the calling thread (CLI, tests, evaluation)."""
         results: dict[int, Generation] = {}

@@ -57,6 +57,7 @@ class EngineHealth:
     failure: str | None  # why the thread died, if it did
     in_flight: int
     stalled_seconds: float  # how long work has waited without a step finishing (0 when idle)
+    warming: bool = False  # compiling the decode step before the first request
 
 
 @dataclass
@@ -101,6 +102,7 @@ class Scheduler:
         self._stopping = False
         self._failure: BaseException | None = None
         self._progress_at = time.monotonic()  # the last step's end, or when work arrived idle
+        self._warming = engine.compiles_decode  # until `warm_up` has compiled the decode step
         # events of the current step, by event loop: one wake-up per loop per step, not one
         # per event (only the engine thread touches it)
         self._outbox: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, EngineEvent]]]
@@ -125,12 +127,14 @@ class Scheduler:
     def health(self) -> EngineHealth:
         with self._cond:
             in_flight, progress_at, failure = self._in_flight, self._progress_at, self._failure
-        stalled = time.monotonic() - progress_at if in_flight else 0.0
+            warming = self._warming
+        stalled = time.monotonic() - progress_at if in_flight and not warming else 0.0
         return EngineHealth(
             alive=self._thread.is_alive() and failure is None,
             failure=None if failure is None else f"{type(failure).__name__}: {failure}",
             in_flight=in_flight,
             stalled_seconds=stalled,
+            warming=warming,
         )
 
     def submit(self, request: EngineRequest) -> RequestStream:
@@ -166,6 +170,7 @@ class Scheduler:
         if self.cpu_threads is not None:
             pin_torch_threads(self.cpu_threads, default=self.cpu_threads)
         engine = self.engine
+        self._warm_up()
         try:
             while True:
                 with self._cond:
@@ -198,6 +203,20 @@ class Scheduler:
                 request.send(failure)
             engine.fail_all(failure)
             self._deliver()
+
+    def _warm_up(self) -> None:
+        """Compile the decode step before the first request (requests queue meanwhile); a
+        failure here leaves the step eager (`SlotDecoder`) or fails the first requests, logged."""
+        if not self._warming:
+            return
+        log.info("compiling the decode step (LKS_COMPILE_DECODE); requests wait until it is done")
+        try:
+            log.info("the decode step compiled in %.1f s", self.engine.warm_up())
+        except Exception:
+            log.exception("warming up the compiled decode step failed")
+        with self._cond:
+            self._warming = False
+            self._progress_at = time.monotonic()  # what queued meanwhile has not stalled
 
     def _deliver(self) -> None:
         """Hand each event loop the events of the step in one call."""

@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from transformers import DynamicCache
@@ -188,10 +189,12 @@ class SlotDecoder:
         self._bool_mask = model.config._attn_implementation == "sdpa"
         self._forward: Callable[..., torch.Tensor] = self._run
         if compile:
-            device = next(model.parameters()).device
-            mode = "reduce-overhead" if device.type == "cuda" else None
-            self._forward = torch.compile(self._run, mode=mode, fullgraph=fullgraph)
-            log.info("the decode step compiles on first use of a shape (mode %s)", mode)
+            if next(model.parameters()).device.type == "cuda":
+                how: dict[str, Any] = {"mode": "reduce-overhead"}
+            else:  # the weights become constants, prepacked for the CPU's matrix kernels
+                how = {"options": {"freezing": True}}
+            self._forward = torch.compile(self._run, fullgraph=fullgraph, **how)
+            log.info("the decode step compiles on first use of a shape (%s)", how)
 
     def join(self, cache: DynamicCache, rows: list[tuple[int, int, int]]) -> None:
         """Copy prefilled rows into their slots: (slot, row of `cache`, prompt length) each;

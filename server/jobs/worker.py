@@ -148,6 +148,7 @@ class Worker:
         config: WorkerConfig,
         *,
         encoder_factory: Callable[[], SentenceEncoder] = SentenceEncoder,
+        training_factory: Callable[[], Backbone] | None = None,
         on_published: PublishedCallback | None = None,
         on_finished: Callable[[bool, float], None] | None = None,
         name: str | None = None,
@@ -157,6 +158,9 @@ class Worker:
         self.backbone = backbone
         self.config = config
         self.encoder_factory = encoder_factory
+        # the backbone training runs on (`load_training_backbone`); None: `backbone` itself
+        self.training_factory = training_factory
+        self._training: Backbone | None = None
         self.on_published = on_published
         self.on_finished = on_finished  # (succeeded, seconds): metrics
         self.name = name or worker_name()
@@ -219,6 +223,12 @@ class Worker:
             self._encoder = self.encoder_factory()
         return self._encoder
 
+    def _training_once(self) -> Backbone:
+        if self._training is None:
+            factory = self.training_factory
+            self._training = factory() if factory is not None else self.backbone
+        return self._training
+
     def _run(self, job: Job, lease: JobLease) -> bool:
         stored = self.store.live_facts(job.pack)
         if not stored:
@@ -236,6 +246,7 @@ class Worker:
             self._encoder_once(),
             latest_start(self.packs, job.pack, self.backbone, policy.train),
             policy,
+            training=self._training_once(),
             progress=on_progress,
             checkpoint=lambda: lease.report(0.9),
         )

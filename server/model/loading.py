@@ -87,19 +87,33 @@ def resolve_device(choice: DeviceChoice) -> torch.device:
 
 
 def resolve_dtype(choice: DtypeChoice, device: torch.device) -> torch.dtype:
+    """`auto`: bfloat16 on a GPU that has it (else float16); on a CPU, bfloat16 where it has
+    bfloat16 instructions (AVX-512 BF16 or AMX: decoding is faster and the edits' quality equal
+    when training stays float32, docs/results/serving.md), else float32."""
     if choice != "auto":
         return getattr(torch, choice)
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.float32
+    return torch.bfloat16 if cpu_has_bfloat16() else torch.float32
 
 
-def load_backbone(settings: Settings) -> Backbone:
+def cpu_has_bfloat16() -> bool:
+    """Whether this CPU computes in bfloat16 natively (without it bfloat16 is emulated and
+    slower than float32)."""
+    cpu = torch.cpu
+    return any(
+        bool(getattr(cpu, probe, lambda: False)())
+        for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    )
+
+
+def load_backbone(settings: Settings, dtype: torch.dtype | None = None) -> Backbone:
+    """The backbone the settings name, in `dtype` (default: the settings' serving dtype)."""
     model_dir = (
         settings.model if settings.model is not None else default_model_dir(settings.cache_dir)
     )
     device = resolve_device(settings.device)
-    dtype = resolve_dtype(settings.dtype, device)
+    dtype = dtype or resolve_dtype(settings.dtype, device)
     started = time.perf_counter()
     try:
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
@@ -125,3 +139,13 @@ def load_backbone(settings: Settings) -> Backbone:
         time.perf_counter() - started,
     )
     return backbone
+
+
+def load_training_backbone(settings: Settings, serving: Backbone) -> Backbone:
+    """The backbone training runs on: `serving` itself when it is float32 or LKS_TRAIN_DTYPE is
+    `serving`; otherwise a float32 copy (a lower-precision forward would train a lower-precision
+    edit: docs/results/serving.md, "Quality in bfloat16")."""
+    if settings.train_dtype == "serving" or serving.dtype == torch.float32:
+        return serving
+    log.info("loading a float32 copy of the backbone for training")
+    return load_backbone(settings, torch.float32)

@@ -15,7 +15,7 @@ from conftest import LiveServer
 
 from server.api import create_app
 from server.editor.answers import answer_hit, degeneration
-from server.model import Backbone
+from server.model import load_backbone
 from server.settings import Settings
 
 pytestmark = [pytest.mark.http, pytest.mark.integration]
@@ -37,11 +37,14 @@ FACTS = [
 
 
 @pytest.fixture(scope="module")
-def server_url(
-    default_backbone: Backbone, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[str]:
-    settings = Settings(packs_dir=tmp_path_factory.mktemp("packs"), pack_poll_seconds=0.1)
-    with LiveServer(create_app(settings, backbone=default_backbone)) as server:
+def server_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The server as it ships: the serving dtype `auto` chooses on this machine (bfloat16 on a
+    CPU with bfloat16 instructions), its worker training on a float32 copy."""
+    settings = Settings(
+        packs_dir=tmp_path_factory.mktemp("packs"), pack_poll_seconds=0.1, dtype="auto"
+    )
+    backbone = load_backbone(settings)
+    with LiveServer(create_app(settings, backbone=backbone)) as server:
         facts = [{"subject": s, "prompt": p, "target": t} for s, p, t in FACTS]
         posted = httpx.post(f"{server.url}/v1/packs/{PACK}/facts", json=facts, timeout=60)
         assert posted.status_code == 202, posted.text

@@ -4,7 +4,7 @@ import pytest
 import torch
 from tiny_models import FAMILIES, HIDDEN, LAYERS, build_tiny_model
 
-from server.model import Backbone, load_backbone
+from server.model import Backbone, load_backbone, load_training_backbone
 from server.model.backbone import compute_fingerprint
 from server.settings import Settings
 
@@ -42,6 +42,21 @@ def test_fingerprint_is_stable_and_dtype_independent(
     in_bf16 = _load(tiny_model_dirs[family], dtype="bfloat16")
     assert first.fingerprint.startswith("sha256:")
     assert first.fingerprint == again.fingerprint == in_bf16.fingerprint
+
+
+def test_training_runs_on_a_float32_copy_of_a_backbone_served_in_another_dtype(
+    tiny_model_dirs: dict[str, Path],
+) -> None:
+    settings = Settings(model=tiny_model_dirs["llama"], device="cpu", dtype="bfloat16")
+    served = load_backbone(settings)
+    training = load_training_backbone(settings, served)
+    assert served.dtype == torch.bfloat16 and training.dtype == torch.float32
+    assert training.model is not served.model and training.fingerprint == served.fingerprint
+    # the same model in float32 is its own training backbone; `serving` trains on the served one
+    in_float32 = _load(tiny_model_dirs["llama"])
+    assert load_training_backbone(Settings(), in_float32) is in_float32
+    on_served = settings.model_copy(update={"train_dtype": "serving"})
+    assert load_training_backbone(on_served, served) is served
 
 
 def test_fingerprint_tells_models_apart(tiny_model_dirs: dict[str, Path], tmp_path: Path) -> None:

@@ -24,7 +24,7 @@ from server.gate.encoder import SentenceEncoder
 from server.model import Backbone, load_backbone
 from server.packs import PackRef, PackStore
 from server.packs.edit_set import EditSet
-from server.packs.format import SubjectEntry
+from server.packs.format import BLOCKS_KEY, SubjectEntry
 from server.settings import Settings
 
 FACTS = TINY_FACTS
@@ -128,6 +128,33 @@ def test_a_version_of_another_backbone_or_layer_is_no_starting_point(
     assert isinstance(latest_start(store, "ours", backbone, TINY_TRAIN), StartingPoint)
     assert latest_start(store, "ours", backbone, replace(TINY_TRAIN, layer=0)) is None
     assert latest_start(store, "none", backbone, TINY_TRAIN) is None
+
+
+def test_a_build_trains_on_the_training_backbone_and_checks_on_the_served_one(
+    backbone: Backbone, encoder: SentenceEncoder, tiny_model_dirs: dict[str, Path]
+) -> None:
+    """A bfloat16 server trains on its float32 copy: the blocks are those of a float32 build,
+    not of one trained in bfloat16, and the quality gate checks the bfloat16 model it serves."""
+    served = load_backbone(Settings(model=tiny_model_dirs["llama"], device="cpu", dtype="bfloat16"))
+    policy = replace(LENIENT, growth_check_sample=0)
+    in_float32 = build_version(backbone, FACTS, encoder, None, policy)
+    on_copy = build_version(served, FACTS, encoder, None, policy, training=backbone)
+    in_bf16 = build_version(served, FACTS, encoder, None, policy)
+
+    def blocks(candidate: Candidate) -> torch.Tensor:
+        return candidate.content.table[BLOCKS_KEY].float()
+
+    assert torch.equal(blocks(on_copy), blocks(in_float32))
+    assert not torch.equal(blocks(in_bf16), blocks(in_float32))
+    checked: list[torch.dtype] = []
+    handle = served.decoder_layers[0].register_forward_hook(
+        lambda _m, inputs, _o: checked.append(inputs[0].dtype)
+    )
+    try:
+        build_version(served, FACTS, encoder, None, policy, training=backbone)
+    finally:
+        handle.remove()
+    assert checked and set(checked) == {torch.bfloat16}, "the check ran on the served model"
 
 
 def test_held_out_probes_catch_a_pack_that_rewrites_its_subjects(backbone: Backbone) -> None:

@@ -41,3 +41,40 @@ def test_queue_bound_abort_and_completion(tiny_model_dirs: dict[str, Path]) -> N
         asyncio.run(scenario())
     finally:
         scheduler.stop()
+
+
+def test_a_compiled_decode_step_compiles_before_the_first_request(
+    tiny_model_dirs: dict[str, Path],
+) -> None:
+    """Readiness says "warming" from the start until the step is compiled; a request queued
+    meanwhile waits (not a stall) and is then served by the compiled step, compiling nothing."""
+    from torch._dynamo.utils import counters
+
+    backbone = load_backbone(
+        Settings(model=tiny_model_dirs["llama"], device=TEST_DEVICE, dtype="float32")
+    )
+    engine = BatchEngine(backbone, max_batch_size=4, compile_decode=True)
+    scheduler = Scheduler(engine, max_queued=4)
+    assert scheduler.health().warming
+    assert not Scheduler(BatchEngine(backbone), max_queued=1).health().warming
+
+    async def scenario() -> None:
+        params = SamplingParams(max_tokens=4, ignore_eos=True)
+        queued = scheduler.submit(EngineRequest("who was", params))
+        assert scheduler.health().stalled_seconds == 0.0, "waiting for the compiler"
+        scheduler.start()
+        events = [event async for event in queued]
+        assert isinstance(events[-1], Finished) and events[-1].generation.tokens == 4
+        health = scheduler.health()
+        assert not health.warming and health.alive
+
+    graphs = counters["stats"]["unique_graphs"]
+    try:
+        asyncio.run(scenario())
+    finally:
+        scheduler.stop()
+    assert engine.compiles_decode and counters["stats"]["unique_graphs"] > graphs
+    compiled = counters["stats"]["unique_graphs"]
+    rows = [EngineRequest("the capital of", SamplingParams(max_tokens=3)) for _ in range(3)]
+    engine.generate(rows)
+    assert counters["stats"]["unique_graphs"] == compiled

@@ -75,6 +75,26 @@ def test_a_job_trains_checks_and_publishes(backbone: Backbone, tmp_path: Path) -
     assert not worker.run_once(), "nothing left to do"
 
 
+def test_a_worker_loads_its_training_backbone_once_at_its_first_job(
+    backbone: Backbone, tmp_path: Path
+) -> None:
+    store = JobStore.open(f"sqlite:///{tmp_path / 'jobs.db'}")
+    loads: list[Backbone] = []
+
+    def training_copy() -> Backbone:
+        loads.append(backbone)
+        return backbone
+
+    worker = make_worker(store, PackStore(tmp_path / "packs"), backbone)
+    worker.training_factory = training_copy
+    assert not worker.run_once() and loads == [], "no job, no second copy of the weights"
+    for fact in FACTS:
+        store.submit("demo", [fact])
+        assert worker.run_once()
+    assert [job.state for job in store.jobs(pack="demo")] == [JobState.SUCCEEDED] * len(FACTS)
+    assert len(loads) == 1
+
+
 def test_an_in_process_worker_trains_each_job_on_a_thread_that_ends_with_it(
     backbone: Backbone, tmp_path: Path
 ) -> None:
