@@ -6,6 +6,7 @@ from tiny_models import FAMILIES, HIDDEN, LAYERS, build_tiny_model
 
 from server.model import Backbone, load_backbone, load_training_backbone
 from server.model.backbone import compute_fingerprint
+from server.model.loading import cpu_has_bfloat16, resolve_dtype
 from server.settings import Settings
 
 
@@ -96,3 +97,16 @@ def test_unknown_directory_fails_with_a_clear_message(tmp_path: Path) -> None:
     (tmp_path / "config.json").write_text('{"model_type": "no-such-family"}')
     with pytest.raises(Exception, match=r"no-such-family|cannot load"):
         _load(tmp_path)
+
+
+@pytest.mark.skipif(not Path("/proc/cpuinfo").exists(), reason="reads the CPU flags from Linux")
+def test_auto_serves_bfloat16_exactly_on_a_cpu_with_bfloat16_instructions() -> None:
+    flags = set()
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("flags"):
+            flags |= set(line.split(":", 1)[1].split())
+    native = bool(flags & {"avx512_bf16", "amx_bf16", "amx_tile"})
+    assert cpu_has_bfloat16() == native
+    cpu = torch.device("cpu")
+    assert resolve_dtype("auto", cpu) == (torch.bfloat16 if native else torch.float32)
+    assert resolve_dtype("float32", cpu) == torch.float32
