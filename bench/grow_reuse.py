@@ -31,7 +31,7 @@ def main() -> int:
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
-    settings = Settings()
+    settings = Settings(dtype="float32")  # what the server trains on, whatever it serves in
     backbone, encoder = load_backbone(settings), SentenceEncoder()
     path = dataset_path(settings.data_dir, "counterfact")
     items = load_items(path, "dev", args.facts + args.added, args.offset)

@@ -35,11 +35,12 @@ class Settings(BaseSettings):
         description="The serving dtype. auto: bfloat16 on a GPU that has it (else float16), "
         "bfloat16 on a CPU with AVX-512 BF16 or AMX, float32 on other CPUs.",
     )
-    train_dtype: Literal["float32", "serving"] = Field(
-        default="float32",
-        description="What training runs in: float32 (a second, float32 copy of the weights "
-        "when the backbone serves in another dtype; loaded by the first training job), or "
-        "the serving weights themselves (less memory, a lower-precision edit).",
+    train_dtype: Literal["auto", "float32", "serving"] = Field(
+        default="auto",
+        description="What training runs in. auto: float32 on a CPU, the serving weights on a "
+        "GPU; float32: a float32 copy of the weights when the backbone serves in another dtype "
+        "(loaded by the first training job); serving: the served weights (less memory, edits "
+        "of lower generality).",
     )
     cpu_threads: int | None = Field(
         default=None,

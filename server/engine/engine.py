@@ -399,9 +399,13 @@ class BatchEngine:
             params = SamplingParams(max_tokens=3, ignore_eos=True)
             return EngineRequest("", params, prompt=PreparedPrompt([0] * 4, []))
 
-        self.generate([throwaway()])
-        if self.max_batch_size > 1:
-            self.generate([throwaway(), throwaway()])
+        on_step, self.on_step = self.on_step, None  # throwaway steps are not served traffic
+        try:
+            self.generate([throwaway()])
+            if self.max_batch_size > 1:
+                self.generate([throwaway(), throwaway()])
+        finally:
+            self.on_step = on_step
         return time.perf_counter() - started
 
     def generate(self, requests: Sequence[EngineRequest]) -> list[Generation]:

@@ -107,13 +107,40 @@ def cpu_has_bfloat16() -> bool:
     )
 
 
-def load_backbone(settings: Settings, dtype: torch.dtype | None = None) -> Backbone:
-    """The backbone the settings name, in `dtype` (default: the settings' serving dtype)."""
+def load_backbone(settings: Settings) -> Backbone:
+    """The backbone the settings name, on their device, in their serving dtype."""
     model_dir = (
         settings.model if settings.model is not None else default_model_dir(settings.cache_dir)
     )
     device = resolve_device(settings.device)
-    dtype = dtype or resolve_dtype(settings.dtype, device)
+    return _load(model_dir, settings.model_name, device, resolve_dtype(settings.dtype, device))
+
+
+def load_training_backbone(settings: Settings, serving: Backbone) -> Backbone:
+    """The backbone training runs on (LKS_TRAIN_DTYPE): on a CPU, float32: `serving` itself, or
+    a float32 copy of the same weights when it serves in another dtype (trained in bfloat16,
+    edits lose generality: docs/results/serving.md, "bfloat16 as the CPU default"); on a GPU,
+    `serving` (a float32 copy of a large model would not fit beside it)."""
+    train_dtype = settings.train_dtype
+    if train_dtype == "auto":
+        train_dtype = "float32" if serving.device.type == "cpu" else "serving"
+    if train_dtype == "serving" or serving.dtype == torch.float32:
+        return serving
+    if serving.model_dir is None:
+        raise ModelLoadError(
+            "the backbone was not loaded from a directory, so there is no float32 copy to "
+            "train on; set LKS_TRAIN_DTYPE=serving"
+        )
+    log.info("loading a float32 copy of the backbone for training")
+    copy = _load(serving.model_dir, serving.name, serving.device, torch.float32)
+    if copy.fingerprint != serving.fingerprint:
+        raise ModelLoadError(
+            f"{serving.model_dir} changed since it was loaded; restart to serve what it holds"
+        )
+    return copy
+
+
+def _load(model_dir: Path, name: str, device: torch.device, dtype: torch.dtype) -> Backbone:
     started = time.perf_counter()
     try:
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
@@ -125,9 +152,7 @@ def load_backbone(settings: Settings, dtype: torch.dtype | None = None) -> Backb
     model.requires_grad_(False)
     if device.type == "cpu":
         use_column_major_linears(model)
-    backbone = Backbone(
-        name=settings.model_name, model=model, tokenizer=tokenizer, model_dir=model_dir
-    )
+    backbone = Backbone(name=name, model=model, tokenizer=tokenizer, model_dir=model_dir)
     log.info(
         "loaded %s (%s, %d layers, hidden %d) on %s/%s in %.1f s",
         backbone.name,
@@ -139,13 +164,3 @@ def load_backbone(settings: Settings, dtype: torch.dtype | None = None) -> Backb
         time.perf_counter() - started,
     )
     return backbone
-
-
-def load_training_backbone(settings: Settings, serving: Backbone) -> Backbone:
-    """The backbone training runs on: `serving` itself when it is float32 or LKS_TRAIN_DTYPE is
-    `serving`; otherwise a float32 copy (a lower-precision forward would train a lower-precision
-    edit: docs/results/serving.md, "Quality in bfloat16")."""
-    if settings.train_dtype == "serving" or serving.dtype == torch.float32:
-        return serving
-    log.info("loading a float32 copy of the backbone for training")
-    return load_backbone(settings, torch.float32)

@@ -11,7 +11,7 @@ import pytest
 from conftest import LiveServer, free_port
 
 from server.api import create_app
-from server.model import Backbone
+from server.model import Backbone, load_backbone
 from server.settings import Settings
 
 pytestmark = pytest.mark.http
@@ -100,3 +100,32 @@ def test_lks_serve_is_ready_only_after_loading(tiny_model_dirs: dict[str, Path])
     finally:
         process.terminate()
         process.wait(timeout=20)
+
+
+def test_readiness_waits_for_the_compiled_decode_step(
+    tiny_model_dirs: dict[str, Path], tmp_path: Path
+) -> None:
+    """With LKS_COMPILE_DECODE the server says "warming" (503) until the step is compiled,
+    then ready; a request sent meanwhile waits and is served."""
+    settings = Settings(
+        model=tiny_model_dirs["llama"], packs_dir=tmp_path, device="cpu", compile_decode=True
+    )
+    with LiveServer(create_app(settings, backbone=load_backbone(settings))) as server:
+        statuses: list[str] = []
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            ready = httpx.get(f"{server.url}/readyz")
+            statuses.append(ready.json()["status"])
+            assert ready.status_code == (200 if statuses[-1] == "ok" else 503)
+            if statuses[-1] == "ok":
+                break
+            if len(statuses) == 1:
+                early = httpx.post(
+                    f"{server.url}/v1/generate",
+                    json={"prompt": "who was", "max_tokens": 3},
+                    timeout=300,
+                )
+            time.sleep(0.01)
+        assert statuses[0] == "warming" and statuses[-1] == "ok", statuses
+        assert set(statuses) == {"warming", "ok"}, statuses
+        assert early.status_code == 200 and early.json()["tokens"] >= 1

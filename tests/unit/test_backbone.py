@@ -58,6 +58,9 @@ def test_training_runs_on_a_float32_copy_of_a_backbone_served_in_another_dtype(
     assert load_training_backbone(Settings(), in_float32) is in_float32
     on_served = settings.model_copy(update={"train_dtype": "serving"})
     assert load_training_backbone(on_served, served) is served
+    # the copy is of the weights served, whatever model the settings name now
+    elsewhere = settings.model_copy(update={"model": tiny_model_dirs["qwen2"]})
+    assert load_training_backbone(elsewhere, served).fingerprint == served.fingerprint
 
 
 def test_fingerprint_tells_models_apart(tiny_model_dirs: dict[str, Path], tmp_path: Path) -> None:

@@ -78,3 +78,30 @@ def test_a_compiled_decode_step_compiles_before_the_first_request(
     rows = [EngineRequest("the capital of", SamplingParams(max_tokens=3)) for _ in range(3)]
     engine.generate(rows)
     assert counters["stats"]["unique_graphs"] == compiled
+
+
+def test_a_warm_up_that_fails_leaves_the_engine_serving(
+    tiny_model_dirs: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    backbone = load_backbone(
+        Settings(model=tiny_model_dirs["llama"], device=TEST_DEVICE, dtype="float32")
+    )
+    engine = BatchEngine(backbone, max_batch_size=2, compile_decode=True)
+
+    def broken() -> float:
+        raise RuntimeError("the compiler crashed")
+
+    monkeypatch.setattr(engine, "warm_up", broken)
+    scheduler = Scheduler(engine, max_queued=2)
+
+    async def scenario() -> None:
+        scheduler.start()
+        stream = scheduler.submit(EngineRequest("who was", SamplingParams(max_tokens=3)))
+        assert isinstance([event async for event in stream][-1], Finished)
+        health = scheduler.health()
+        assert health.alive and not health.warming
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        scheduler.stop()

@@ -151,17 +151,19 @@ def test_a_compiled_step_is_one_graph_and_stops_compiling_once_warm(
             results.append(EngineRequest("", params, prompt=prompt))
         return engine.generate(results[:1]) + engine.generate(results[1:])
 
-    compiled = BatchEngine(backbone, max_batch_size=8, compile_decode=True)
+    steps: list[int] = []  # what the metrics see
+    compiled = BatchEngine(backbone, max_batch_size=8, compile_decode=True, on_step=steps.append)
     eager = BatchEngine(backbone, max_batch_size=8)
     assert eager.warm_up() == 0.0 and not eager.compiles_decode, "nothing to compile"
     before = counters["stats"]["unique_graphs"]
     assert compiled.warm_up() > 0.0
+    assert steps == [], "the throwaway requests are not served traffic"
     assert compiled._slots is not None and compiled._slots.compiled, "no fallback to eager"
     warm = counters["stats"]["unique_graphs"]
     assert warm > before
     assert workload(compiled, 0, 4) == workload(eager, 0, 4)
     assert workload(compiled, 10, 9) == workload(eager, 10, 9)
-    assert compiled._slots.compiled
+    assert compiled._slots.compiled and steps
     assert counters["stats"]["unique_graphs"] == warm, "a join, a leave or a width recompiled"
     assert {rows for rows, _ in compiled._slots._shapes} >= {1, 2, 8}
     assert {width for _, width in compiled._slots._shapes} == {64, 128}
