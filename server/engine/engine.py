@@ -388,10 +388,10 @@ class BatchEngine:
         return self._slots is not None and self._slots.compiled
 
     def warm_up(self) -> float:
-        """Compile the decode step's graphs (one row, and several rows) on throwaway requests,
-        so that no user request waits for the compiler; the seconds it took (0: nothing to
-        compile). Run before serving."""
-        if not self.compiles_decode:
+        """Compile the decode step's graphs (one row, and several rows where those run compiled)
+        on throwaway requests, so that no user request waits for the compiler; the seconds it
+        took (0: nothing to compile). Run before serving."""
+        if self._slots is None or not self._slots.compiled:
             return 0.0
         started = time.perf_counter()
 
@@ -402,7 +402,7 @@ class BatchEngine:
         on_step, self.on_step = self.on_step, None  # throwaway steps are not served traffic
         try:
             self.generate([throwaway()])
-            if self.max_batch_size > 1:
+            if min(self.max_batch_size, self._slots.compiled_rows) > 1:
                 self.generate([throwaway(), throwaway()])
         finally:
             self.on_step = on_step

@@ -127,6 +127,7 @@ class SlotCacheView(Cache):
         self.layer_class_to_replicate = None
         self.offloading = False
         self.kv = kv
+        self.rows = torch.zeros(1, dtype=torch.long)  # [B]: 0..B-1, the slots this pass reads
         self.columns = torch.zeros(1, dtype=torch.long)  # [B] where each row writes this pass
         self.mask = torch.ones(1, 1, 1, 1, dtype=torch.bool)  # [B, 1, 1, W]: W is the width read
 
@@ -140,9 +141,9 @@ class SlotCacheView(Cache):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         keys, values = self.kv.keys[layer_idx], self.kv.values[layer_idx]
         rows = key_states.shape[0]
-        at = self.columns.view(rows, 1, 1, 1)
-        keys[:rows].scatter_(2, at.expand_as(key_states), key_states)
-        values[:rows].scatter_(2, at.expand_as(value_states), value_states)
+        # Index assignment writes only the new column (a scatter_ here copied the whole buffer).
+        keys[self.rows, :, self.columns] = key_states[:, :, 0]
+        values[self.rows, :, self.columns] = value_states[:, :, 0]
         width = self.mask.shape[-1]
         return keys[:rows, :, :width], values[:rows, :, :width]
 
@@ -173,8 +174,11 @@ class SlotDecoder:
     columns it reads to a power of two, and marks both dimensions dynamic: one graph for one row
     and one for the rest, compiled on first use, so joins and leaves never recompile. On CUDA
     the mode is "reduce-overhead" (CUDA graphs, one per bucket) and the buffers are marked
-    static, so a replay reads them in place. A step that cannot compile falls back to eager,
-    logged, for the life of the decoder.
+    static, so a replay reads them in place. On a CPU only a lone row runs compiled
+    (`compiled_rows` = 1): there the step is bound by Python and per-op overhead, which the graph
+    removes, while several rows are bound by the matrix products, where a compiled graph (frozen,
+    static or dynamic) measured no faster than eager. A step that cannot compile falls back to
+    eager, logged, for the life of the decoder.
     """
 
     def __init__(
@@ -183,6 +187,7 @@ class SlotDecoder:
         self.model = model
         self.slots = slots
         self.compiled = compile
+        self.compiled_rows = slots  # the most rows a step runs compiled; more run eager
         self.kv: SlotKV | None = None
         self._view: SlotCacheView | None = None
         self._shapes: set[tuple[int, int]] = set()
@@ -193,8 +198,13 @@ class SlotDecoder:
                 how: dict[str, Any] = {"mode": "reduce-overhead"}
             else:  # the weights become constants, prepacked for the CPU's matrix kernels
                 how = {"options": {"freezing": True}}
+                self.compiled_rows = 1
             self._forward = torch.compile(self._run, fullgraph=fullgraph, **how)
-            log.info("the decode step compiles on first use of a shape (%s)", how)
+            log.info(
+                "the decode step compiles on first use of a shape (%s), up to %d rows",
+                how,
+                self.compiled_rows,
+            )
 
     def join(self, cache: DynamicCache, rows: list[tuple[int, int, int]]) -> None:
         """Copy prefilled rows into their slots: (slot, row of `cache`, prompt length) each;
@@ -223,11 +233,13 @@ class SlotDecoder:
         the next-token logits of each row, in the order given."""
         kv, view = self.kv, self._view
         assert kv is not None and view is not None
-        if self.compiled:
-            rows = row_bucket(max(slots) + 1, self.slots)
+        rows = max(slots) + 1
+        compiled = self.compiled and rows <= self.compiled_rows
+        if compiled:
+            rows = row_bucket(rows, self.slots)
             width = bucket(max(lengths) + 1, kv.columns, minimum=MIN_COLUMNS)
         else:
-            rows, width = max(slots) + 1, max(lengths) + 1
+            width = max(lengths) + 1
         kv.ensure_clean(rows, width)
         device = tokens.device
         index = torch.tensor(slots, device=device)
@@ -237,9 +249,13 @@ class SlotDecoder:
         columns[index] = torch.tensor(lengths, device=device)
         valid = torch.arange(width, device=device)[None, :] <= columns[:, None]
         mask = valid if self._bool_mask else _additive(valid, kv.keys[0].dtype)
-        view.columns, view.mask = columns, mask[:, None, None, :]
+        view.rows, view.columns, view.mask = (
+            torch.arange(rows, device=device),
+            columns,
+            mask[:, None, None, :],
+        )
         inputs = (input_ids[:, None], columns[:, None], view.mask)
-        logits = self._compiled(inputs, rows, width) if self.compiled else self._run(*inputs)
+        logits = self._compiled(inputs, rows, width) if compiled else self._run(*inputs)
         return logits[index]
 
     def _compiled(self, inputs: tuple[torch.Tensor, ...], rows: int, width: int) -> torch.Tensor:

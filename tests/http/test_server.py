@@ -3,7 +3,9 @@
 import os
 import subprocess
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -11,6 +13,7 @@ import pytest
 from conftest import LiveServer, free_port
 
 from server.api import create_app
+from server.engine.engine import BatchEngine
 from server.model import Backbone, load_backbone
 from server.settings import Settings
 
@@ -103,29 +106,37 @@ def test_lks_serve_is_ready_only_after_loading(tiny_model_dirs: dict[str, Path])
 
 
 def test_readiness_waits_for_the_compiled_decode_step(
-    tiny_model_dirs: dict[str, Path], tmp_path: Path
+    tiny_model_dirs: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """With LKS_COMPILE_DECODE the server says "warming" (503) until the step is compiled,
-    then ready; a request sent meanwhile waits and is served."""
+    then ready; a request sent meanwhile waits and is served. (The warm-up is held until the
+    request is in: graphs an earlier test compiled can make it too quick to observe.)"""
+    release = threading.Event()
+    warm_up = BatchEngine.warm_up
+
+    def held_warm_up(engine: BatchEngine) -> float:
+        release.wait(60)
+        return warm_up(engine)
+
+    monkeypatch.setattr(BatchEngine, "warm_up", held_warm_up)
     settings = Settings(
         model=tiny_model_dirs["llama"], packs_dir=tmp_path, device="cpu", compile_decode=True
     )
     with LiveServer(create_app(settings, backbone=load_backbone(settings))) as server:
-        statuses: list[str] = []
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:
-            ready = httpx.get(f"{server.url}/readyz")
-            statuses.append(ready.json()["status"])
-            assert ready.status_code == (200 if statuses[-1] == "ok" else 503)
-            if statuses[-1] == "ok":
-                break
-            if len(statuses) == 1:
-                early = httpx.post(
-                    f"{server.url}/v1/generate",
-                    json={"prompt": "who was", "max_tokens": 3},
-                    timeout=300,
-                )
-            time.sleep(0.01)
-        assert statuses[0] == "warming" and statuses[-1] == "ok", statuses
-        assert set(statuses) == {"warming", "ok"}, statuses
-        assert early.status_code == 200 and early.json()["tokens"] >= 1
+        ready = httpx.get(f"{server.url}/readyz")
+        assert ready.status_code == 503 and ready.json()["status"] == "warming"
+        with ThreadPoolExecutor(1) as pool:
+            early = pool.submit(
+                httpx.post,
+                f"{server.url}/v1/generate",
+                json={"prompt": "who was", "max_tokens": 3},
+                timeout=300,
+            )
+            time.sleep(0.5)
+            assert not early.done(), "served before the warm-up"
+            assert httpx.get(f"{server.url}/readyz").json()["status"] == "warming"
+            release.set()
+            response = early.result(timeout=300)
+        assert response.status_code == 200 and response.json()["tokens"] >= 1
+        ready = httpx.get(f"{server.url}/readyz")
+        assert ready.status_code == 200 and ready.json()["status"] == "ok"

@@ -153,6 +153,8 @@ def test_a_compiled_step_is_one_graph_and_stops_compiling_once_warm(
 
     steps: list[int] = []  # what the metrics see
     compiled = BatchEngine(backbone, max_batch_size=8, compile_decode=True, on_step=steps.append)
+    assert compiled._slots is not None and compiled._slots.compiled_rows == 1, "a CPU: one row"
+    compiled._slots.compiled_rows = 8  # every bucket compiled, as on CUDA
     eager = BatchEngine(backbone, max_batch_size=8)
     assert eager.warm_up() == 0.0 and not eager.compiles_decode, "nothing to compile"
     assert compiled.warm_up() > 0.0
@@ -166,6 +168,30 @@ def test_a_compiled_step_is_one_graph_and_stops_compiling_once_warm(
     assert counters["stats"]["unique_graphs"] == warm, "a join, a leave or a width recompiled"
     assert {rows for rows, _ in compiled._slots._shapes} >= {1, 2, 8}
     assert {width for _, width in compiled._slots._shapes} == {64, 128}
+
+
+def test_on_a_cpu_one_row_runs_compiled_and_several_run_eager(
+    tiny_model_dirs: dict[str, Path],
+) -> None:
+    """The CPU policy: warm-up compiles the one-row graph only; steps of several rows run eager
+    (no new graph) and every step gives the eager engine's tokens."""
+    backbone = load_backbone(
+        Settings(model=tiny_model_dirs["llama"], device=TEST_DEVICE, dtype="float32")
+    )
+    compiled = BatchEngine(backbone, max_batch_size=4, compile_decode=True)
+    eager = BatchEngine(backbone, max_batch_size=4)
+    assert compiled.warm_up() > 0.0
+    assert compiled._slots is not None and compiled._slots._shapes == {(1, 64)}
+    requests = [prepared(backbone, index) for index in range(5)]
+
+    def run(engine: BatchEngine) -> list[Generation]:
+        alone = engine.generate([EngineRequest("", requests[0][1], prompt=requests[0][0])])
+        together = [EngineRequest("", params, prompt=prompt) for prompt, params in requests[1:]]
+        return alone + engine.generate(together)
+
+    assert run(compiled) == run(eager)
+    assert compiled._slots.compiled, "no fallback to eager"
+    assert {rows for rows, _ in compiled._slots._shapes} == {1}, "several rows ran compiled"
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
@@ -194,10 +220,11 @@ def test_a_compiled_step_decodes_the_model_it_was_built_for(tmp_path: Path) -> N
         engine = BatchEngine(backbone, max_batch_size=4, compile_decode=compile)
         engine.warm_up()
         params = SamplingParams(max_tokens=8, ignore_eos=True)
-        requests = [
-            EngineRequest("", params, prompt=PreparedPrompt([5 + i, 6, 7, 8], [])) for i in range(3)
-        ]
-        return [g.token_ids for g in engine.generate(requests)]
+        answers = []
+        for i in range(3):  # one at a time: a lone row runs compiled on any device
+            request = EngineRequest("", params, prompt=PreparedPrompt([5 + i, 6, 7, 8], []))
+            answers += [g.token_ids for g in engine.generate([request])]
+        return answers
 
     models = [
         load_backbone(
