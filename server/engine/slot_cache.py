@@ -27,6 +27,8 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import Cache, DynamicLayer, DynamicSlidingWindowLayer
 
+from server.model.cpu_layout import has_packed_linears
+
 log = logging.getLogger(__name__)
 
 # The attention implementations whose masks the slot path can build (a 4D mask is passed as is).
@@ -177,8 +179,9 @@ class SlotDecoder:
     static, so a replay reads them in place. On a CPU only a lone row runs compiled
     (`compiled_rows` = 1): there the step is bound by Python and per-op overhead, which the graph
     removes, while several rows are bound by the matrix products, where a compiled graph (frozen,
-    static or dynamic) measured no faster than eager. A step that cannot compile falls back to
-    eager, logged, for the life of the decoder.
+    static or dynamic) measured no faster than eager; a backbone with oneDNN-packed linears
+    (`cpu_layout.py`) is not compiled at all. A step that cannot compile falls back to eager,
+    logged, for the life of the decoder.
     """
 
     def __init__(
@@ -186,6 +189,12 @@ class SlotDecoder:
     ) -> None:
         self.model = model
         self.slots = slots
+        if compile and has_packed_linears(model):
+            log.info(
+                "the decode step runs eager: the backbone's linears are oneDNN-packed, which "
+                "torch.compile cannot trace (and which decode as fast as a compiled step)"
+            )
+            compile = False
         self.compiled = compile
         self.compiled_rows = slots  # the most rows a step runs compiled; more run eager
         self.kv: SlotKV | None = None

@@ -1,10 +1,18 @@
-"""Column-major linear weights for CPU inference.
+"""CPU weight layouts for the linear layers: what makes a decode step's matrix products fast.
 
-MKL's GEMM on `x @ W.T` with a row-major `W` (what `nn.Linear` does) is slow for the small row
-counts of batched decoding: on the default model, 16 rows x a 1536x576 projection take about
-1 ms; with the weight stored transposed and contiguous, `x @ W_t` takes 0.25 ms (and batch 1 is
-no slower). A decode step of 16 rows drops from ~200 ms to ~125 ms with identical outputs.
-On CUDA cuBLAS has no such cliff, so this applies on the CPU only.
+Float32: MKL's GEMM on `x @ W.T` with a row-major `W` (what `nn.Linear` does) is slow for the
+small row counts of batched decoding: on the default model, 16 rows x a 1536x576 projection take
+about 1 ms; with the weight stored transposed and contiguous, `x @ W_t` takes 0.25 ms (and batch
+1 is no slower). `ColumnMajorLinear` stores it so, as a view: no extra memory.
+
+Bfloat16 (CPUs with AVX-512 BF16 or AMX): oneDNN's matmul reads a plain row- or column-major
+bfloat16 weight well below the memory bandwidth at these row counts; reordered once into
+oneDNN's blocked layout (`PackedLinear`) it reads it markedly faster, with bit-identical outputs
+(docs/results/serving.md, "Packed bfloat16 weights"). A packed weight is opaque: no autograd and
+no `torch.compile`, so only a backbone that is never trained on (training runs on a float32
+copy) is packed, and its decode step runs eager.
+
+On CUDA cuBLAS needs neither; these apply on the CPU only.
 """
 
 from __future__ import annotations
@@ -52,3 +60,48 @@ def use_column_major_linears(model: nn.Module) -> int:
         if isinstance(weight, nn.Parameter) and id(weight) in replaced:
             module.weight = replaced[id(weight)]
     return len(swaps)
+
+
+class PackedLinear(nn.Module):
+    """An inference-only linear layer whose weight oneDNN has reordered into its blocked layout
+    (`packed`, opaque); the row-major weight is not kept."""
+
+    packed: torch.Tensor
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        weight = linear.weight.detach().contiguous()
+        packed = torch.ops.mkldnn._reorder_linear_weight(weight, None)
+        self.register_buffer("packed", packed, persistent=False)
+        self.bias = linear.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+
+
+def can_pack_linears(dtype: torch.dtype) -> bool:
+    """Whether this CPU runs oneDNN's packed matmul in `dtype` (bfloat16 with the instructions)."""
+    return (
+        dtype == torch.bfloat16
+        and torch.backends.mkldnn.is_available()
+        and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    )
+
+
+def use_packed_linears(model: nn.Module) -> int:
+    """Swap every `nn.Linear` of `model` for a `PackedLinear` (in place); an output head tied to
+    the input embedding gets a packed copy, the embedding keeps its weight. Returns how many."""
+    swaps = [
+        (parent, name, child)
+        for parent in model.modules()
+        for name, child in parent.named_children()
+        if type(child) is nn.Linear
+    ]
+    for parent, name, child in swaps:
+        setattr(parent, name, PackedLinear(child))
+    return len(swaps)
+
+
+def has_packed_linears(model: nn.Module) -> bool:
+    return any(isinstance(module, PackedLinear) for module in model.modules())

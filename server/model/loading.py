@@ -16,7 +16,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from server.model.backbone import Backbone
-from server.model.cpu_layout import use_column_major_linears
+from server.model.cpu_layout import can_pack_linears, use_column_major_linears, use_packed_linears
 from server.settings import DEFAULT_MODEL_NAME, DeviceChoice, DtypeChoice, Settings
 
 log = logging.getLogger(__name__)
@@ -113,18 +113,31 @@ def load_backbone(settings: Settings) -> Backbone:
         settings.model if settings.model is not None else default_model_dir(settings.cache_dir)
     )
     device = resolve_device(settings.device)
-    return _load(model_dir, settings.model_name, device, resolve_dtype(settings.dtype, device))
+    dtype = resolve_dtype(settings.dtype, device)
+    # Packed weights cannot be trained on: only a backbone whose training runs on a copy.
+    pack = (
+        device.type == "cpu"
+        and not trains_on_served_weights(settings, device, dtype)
+        and can_pack_linears(dtype)
+    )
+    return _load(model_dir, settings.model_name, device, dtype, pack_linears=pack)
+
+
+def trains_on_served_weights(settings: Settings, device: torch.device, dtype: torch.dtype) -> bool:
+    """LKS_TRAIN_DTYPE: `auto` trains on a float32 copy on a CPU and on the served weights on a
+    GPU (a float32 copy of a large model would not fit beside it); a float32 backbone is its own
+    float32 copy."""
+    train_dtype = settings.train_dtype
+    if train_dtype == "auto":
+        train_dtype = "float32" if device.type == "cpu" else "serving"
+    return train_dtype == "serving" or dtype == torch.float32
 
 
 def load_training_backbone(settings: Settings, serving: Backbone) -> Backbone:
-    """The backbone training runs on (LKS_TRAIN_DTYPE): on a CPU, float32: `serving` itself, or
-    a float32 copy of the same weights when it serves in another dtype (trained in bfloat16,
-    edits lose generality: docs/results/serving.md, "bfloat16 as the CPU default"); on a GPU,
-    `serving` (a float32 copy of a large model would not fit beside it)."""
-    train_dtype = settings.train_dtype
-    if train_dtype == "auto":
-        train_dtype = "float32" if serving.device.type == "cpu" else "serving"
-    if train_dtype == "serving" or serving.dtype == torch.float32:
+    """The backbone training runs on (LKS_TRAIN_DTYPE): `serving` itself, or a float32 copy of
+    the same weights when it serves in another dtype (trained in bfloat16, edits lose
+    generality: docs/results/serving.md, "bfloat16 as the CPU default")."""
+    if trains_on_served_weights(settings, serving.device, serving.dtype):
         return serving
     if serving.model_dir is None:
         raise ModelLoadError(
@@ -140,7 +153,14 @@ def load_training_backbone(settings: Settings, serving: Backbone) -> Backbone:
     return copy
 
 
-def _load(model_dir: Path, name: str, device: torch.device, dtype: torch.dtype) -> Backbone:
+def _load(
+    model_dir: Path,
+    name: str,
+    device: torch.device,
+    dtype: torch.dtype,
+    *,
+    pack_linears: bool = False,
+) -> Backbone:
     started = time.perf_counter()
     try:
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
@@ -150,7 +170,9 @@ def _load(model_dir: Path, name: str, device: torch.device, dtype: torch.dtype) 
     model.to(device)
     model.eval()
     model.requires_grad_(False)
-    if device.type == "cpu":
+    if pack_linears:
+        use_packed_linears(model)
+    elif device.type == "cpu":
         use_column_major_linears(model)
     backbone = Backbone(name=name, model=model, tokenizer=tokenizer, model_dir=model_dir)
     log.info(

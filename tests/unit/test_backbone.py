@@ -6,6 +6,7 @@ from tiny_models import FAMILIES, HIDDEN, LAYERS, build_tiny_model
 
 from server.model import Backbone, load_backbone, load_training_backbone
 from server.model.backbone import compute_fingerprint
+from server.model.cpu_layout import can_pack_linears, has_packed_linears
 from server.model.loading import cpu_has_bfloat16, resolve_dtype
 from server.settings import Settings
 
@@ -57,7 +58,11 @@ def test_training_runs_on_a_float32_copy_of_a_backbone_served_in_another_dtype(
     in_float32 = _load(tiny_model_dirs["llama"])
     assert load_training_backbone(Settings(), in_float32) is in_float32
     on_served = settings.model_copy(update={"train_dtype": "serving"})
-    assert load_training_backbone(on_served, served) is served
+    trained_on = load_backbone(on_served)
+    assert load_training_backbone(on_served, trained_on) is trained_on
+    # packed linears (no autograd) only where training runs on the copy
+    assert not has_packed_linears(trained_on.model) and not has_packed_linears(training.model)
+    assert has_packed_linears(served.model) == can_pack_linears(torch.bfloat16)
     # the copy is of the weights served, whatever model the settings name now
     elsewhere = settings.model_copy(update={"model": tiny_model_dirs["qwen2"]})
     assert load_training_backbone(elsewhere, served).fingerprint == served.fingerprint

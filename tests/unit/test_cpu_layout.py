@@ -1,4 +1,5 @@
-"""Column-major linears: same outputs as the stock model, no extra memory, ties kept."""
+"""CPU linear layouts: column-major (float32) and oneDNN-packed (bfloat16) give the stock
+model's outputs; column-major costs no extra memory and keeps ties."""
 
 from __future__ import annotations
 
@@ -10,7 +11,17 @@ from tiny_models import FAMILIES
 from torch import nn
 from transformers import AutoModelForCausalLM
 
-from server.model.cpu_layout import ColumnMajorLinear, use_column_major_linears
+from server.model.cpu_layout import (
+    ColumnMajorLinear,
+    PackedLinear,
+    can_pack_linears,
+    use_column_major_linears,
+    use_packed_linears,
+)
+
+needs_packing = pytest.mark.skipif(
+    not can_pack_linears(torch.bfloat16), reason="this CPU has no oneDNN bfloat16 matmul"
+)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -28,3 +39,26 @@ def test_outputs_unchanged_and_ties_kept(family: str, tiny_model_dirs: dict[str,
         assert head.weight is embed.weight, "tied weights must stay tied"
     assert isinstance(head, ColumnMajorLinear)
     assert head.weight.data_ptr() == head.weight_t.data_ptr(), "the weight is a view, no copy"
+
+
+@needs_packing
+@pytest.mark.parametrize("family", FAMILIES)
+def test_packed_linears_give_the_stock_logits_in_bfloat16(
+    family: str, tiny_model_dirs: dict[str, Path]
+) -> None:
+    """Bit for bit, at a decode step's row counts and a prefill's; a tied head gets its own
+    packed copy and the input embedding keeps its weight."""
+    load = AutoModelForCausalLM.from_pretrained
+    stock = load(tiny_model_dirs[family], dtype=torch.bfloat16).eval()
+    packed = load(tiny_model_dirs[family], dtype=torch.bfloat16).eval()
+    linears = sum(type(m) is nn.Linear for m in packed.modules())
+    assert use_packed_linears(packed) == linears > 0
+    assert not any(type(m) is nn.Linear for m in packed.modules())
+    generator = torch.Generator().manual_seed(0)
+    with torch.inference_mode():
+        for rows, length in ((1, 1), (16, 1), (2, 40)):
+            ids = torch.randint(3, stock.config.vocab_size, (rows, length), generator=generator)
+            assert torch.equal(stock(ids).logits, packed(ids).logits)
+    assert isinstance(packed.get_output_embeddings(), PackedLinear)
+    embedding = packed.get_input_embeddings().weight
+    assert torch.equal(embedding, stock.get_input_embeddings().weight)

@@ -17,6 +17,7 @@ from server.engine.prepare import PreparedPrompt
 from server.engine.sampling import SamplingParams
 from server.engine.slot_cache import SlotKV, bucket
 from server.model import Backbone, load_backbone
+from server.model.cpu_layout import can_pack_linears, has_packed_linears
 from server.packs.edit_set import PlannedEdit
 from server.settings import Settings
 
@@ -192,6 +193,24 @@ def test_on_a_cpu_one_row_runs_compiled_and_several_run_eager(
     assert run(compiled) == run(eager)
     assert compiled._slots.compiled, "no fallback to eager"
     assert {rows for rows, _ in compiled._slots._shapes} == {1}, "several rows ran compiled"
+
+
+@pytest.mark.skipif(not can_pack_linears(torch.bfloat16), reason="no oneDNN bfloat16 matmul")
+@pytest.mark.parametrize("family", FAMILIES)
+def test_packed_bfloat16_linears_decode_as_the_unpacked_ones(
+    family: str, tiny_model_dirs: dict[str, Path]
+) -> None:
+    """Served in bfloat16 on a CPU that packs its linears (training runs on a float32 copy),
+    the engine gives the tokens of the same model unpacked, edited and unedited rows joining
+    and leaving; asked to compile its step, it runs eager (a packed weight cannot be traced)."""
+    settings = Settings(model=tiny_model_dirs[family], device="cpu", dtype="bfloat16")
+    packed = load_backbone(settings)
+    plain = load_backbone(settings.model_copy(update={"train_dtype": "serving"}))
+    assert has_packed_linears(packed.model) and not has_packed_linears(plain.model)
+    engine = BatchEngine(packed, max_batch_size=3, compile_decode=True)
+    assert engine.warm_up() == 0.0 and not engine.compiles_decode
+    expected = run_joining_and_leaving(BatchEngine(plain, max_batch_size=3), plain, 7)
+    assert run_joining_and_leaving(engine, packed, 7) == expected
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
