@@ -49,11 +49,9 @@ bench-quality: install
 	@echo ">> training and evaluating fresh packs on the test split (heldout protocol)"
 	bench/quality.sh $(QUALITY_SIZES) | tee bench/quality.jsonl | $(BIN)/python bench/quality_table.py
 
-# The server with its decode step compiled (the fastest configuration on a CPU; a minute of
-# compiling first): COMPILE=false measures the default, eager step.
 bench-serve: install
 	@echo ">> lks serve on loopback vs Hugging Face generate (64 tokens; minutes, longer on a busy machine)"
-	LKS_COMPILE_DECODE=$(or $(COMPILE),true) $(BIN)/python bench/serve.py --json bench/serve.jsonl | tee bench/serve.md
+	$(BIN)/python bench/serve.py --json bench/serve.jsonl | tee bench/serve.md
 
 bench-train: install
 	@echo ">> POST facts -> live pack version, for 10 and 100 facts (SIZES=\"10 100 1000\" for more)"

@@ -5,9 +5,9 @@ All figures are measured in one run on the same machine and model:
   in this process, not the server's), one request at a time (greedy, exactly T new tokens),
   taking turns with the server's concurrency-1 requests so that drift of the machine's load
   falls on both alike;
-- the server (a real `lks serve` process, its settings from the environment: `make bench-serve`
-  compiles its decode step) at concurrency 1 and 16 with no pack, one 1,000-subject pack, and
-  (at 16) 4 packs of 250 subjects mixed request by request.
+- the server (a real `lks serve` process, its default settings unless the environment sets
+  others) at concurrency 1 and 16 with no pack, one 1,000-subject pack, and (at 16) 4 packs of
+  250 subjects mixed request by request.
 Every prompt names an edited subject (zsRE test items), so the packs' detection, gate and edits
 are on the measured path. Packs are synthetic (random blocks, real gate tables from the items'
 prompts): throughput does not depend on what an edit says. Outputs a Markdown table and the
