@@ -39,6 +39,7 @@ from server.editor.sequences import (
 )
 from server.editor.split import PrefixSkippingSplit
 from server.model.backbone import Backbone
+from server.model.cpu_layout import has_packed_linears
 from server.model.hook import EditPlan
 
 log = logging.getLogger(__name__)
@@ -143,6 +144,11 @@ class Trainer:
     ) -> None:
         """`cache_budget_bytes`: the cached activations beyond this are mapped from a file in
         `spill_dir` (the system's temporary directory by default) instead of held in memory."""
+        if has_packed_linears(backbone.model):
+            raise ValueError(
+                "this backbone's linears are packed for inference (no gradients flow through "
+                "them): train on model.load_training_backbone(settings, backbone)"
+            )
         self.backbone = backbone
         self.config = config or TrainConfig()
         self.cache_budget_bytes = cache_budget_bytes

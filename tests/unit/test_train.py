@@ -30,7 +30,8 @@ from server.editor.sequences import (
 from server.editor.split import LayerSplit, SplitSequence
 from server.editor.train import Trainer, epoch_batches, growth_selection
 from server.evaluation.evaluate import top1_predictions
-from server.model import Backbone, load_backbone
+from server.model import Backbone, load_backbone, load_training_backbone
+from server.model.cpu_layout import has_packed_linears
 from server.model.hook import EditPlan
 from server.packs.edit_set import EditSet
 from server.settings import DtypeChoice, Settings
@@ -42,9 +43,27 @@ LOCALITY = LocalityPrompt(prompt="who was born in france")  # names FACTS[1]'s s
 def _backbone(
     tiny_model_dirs: dict[str, Path], family: str, dtype: DtypeChoice = "auto"
 ) -> Backbone:
-    """`dtype="float32"` for a loss compared with the full model's to 1e-5: on CUDA, "auto" is
-    bfloat16, where the cached and the full forward pass round differently."""
-    return load_backbone(Settings(model=tiny_model_dirs[family], device=TEST_DEVICE, dtype=dtype))
+    """The served backbone, trained on as it is (`train_dtype="serving"`: in its own dtype,
+    unpacked). `dtype="float32"` for a loss compared with the full model's to 1e-5: on CUDA
+    and on a bfloat16 CPU, "auto" is bfloat16, where the cached and the full forward pass round
+    differently."""
+    settings = Settings(
+        model=tiny_model_dirs[family], device=TEST_DEVICE, dtype=dtype, train_dtype="serving"
+    )
+    return load_backbone(settings)
+
+
+def test_a_backbone_packed_for_inference_is_refused_for_training(
+    tiny_model_dirs: dict[str, Path],
+) -> None:
+    """Packed linears pass no gradients: training on them would silently learn nothing."""
+    settings = Settings(model=tiny_model_dirs["llama"], device="cpu", dtype="bfloat16")
+    served = load_backbone(settings)
+    if not has_packed_linears(served.model):
+        pytest.skip("this CPU does not pack bfloat16 linears")
+    with pytest.raises(ValueError, match="load_training_backbone"):
+        Trainer(served)
+    assert Trainer(load_training_backbone(settings, served)).backbone.dtype == torch.float32
 
 
 @pytest.mark.parametrize("kind", ["linear", "mlp"])
