@@ -135,11 +135,13 @@ def test_a_build_trains_on_the_training_backbone_and_checks_on_the_served_one(
 ) -> None:
     """A bfloat16 server trains on its float32 copy: the blocks are those of a float32 build,
     not of one trained in bfloat16, and the quality gate checks the bfloat16 model it serves."""
-    served = load_backbone(Settings(model=tiny_model_dirs["llama"], device="cpu", dtype="bfloat16"))
+    settings = Settings(model=tiny_model_dirs["llama"], device="cpu", dtype="bfloat16")
+    served = load_backbone(settings)  # packed where this CPU can: not trainable
     policy = replace(LENIENT, growth_check_sample=0)
     in_float32 = build_version(backbone, FACTS, encoder, None, policy)
     on_copy = build_version(served, FACTS, encoder, None, policy, training=backbone)
-    in_bf16 = build_version(served, FACTS, encoder, None, policy)
+    trained_as_served = load_backbone(settings.model_copy(update={"train_dtype": "serving"}))
+    in_bf16 = build_version(trained_as_served, FACTS, encoder, None, policy)
 
     def blocks(candidate: Candidate) -> torch.Tensor:
         return candidate.content.table[BLOCKS_KEY].float()
