@@ -82,8 +82,9 @@ class Settings(BaseSettings):
     )
     compile_decode: bool = Field(
         default=False,
-        description="torch.compile the decode step (CUDA graphs on CUDA), lazily per batch "
-        "shape; the first steps at a new shape wait for the compiler.",
+        description="torch.compile the decode step before serving (readiness says warming "
+        "meanwhile): CUDA graphs on CUDA; on a CPU the one-row step, and not at all for "
+        "bfloat16 weights packed for oneDNN (they decode as fast eager).",
     )
     max_prompt_chars: int = Field(
         default=100_000, ge=1, description="Longest prompt, in characters once rendered."

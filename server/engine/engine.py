@@ -391,8 +391,9 @@ class BatchEngine:
         """Compile the decode step's graphs (one row, and several rows where those run compiled)
         on throwaway requests, so that no user request waits for the compiler; the seconds it
         took (0: nothing to compile). Run before serving."""
-        if self._slots is None or not self._slots.compiled:
+        if not self.compiles_decode:
             return 0.0
+        assert self._slots is not None
         started = time.perf_counter()
 
         def throwaway() -> EngineRequest:

@@ -196,18 +196,19 @@ class SlotDecoder:
             )
             compile = False
         self.compiled = compile
-        self.compiled_rows = slots  # the most rows a step runs compiled; more run eager
+        on_cuda = next(model.parameters()).device.type == "cuda"
+        # the most rows a step runs compiled; more run eager
+        self.compiled_rows = slots if on_cuda else 1
         self.kv: SlotKV | None = None
         self._view: SlotCacheView | None = None
         self._shapes: set[tuple[int, int]] = set()
         self._bool_mask = model.config._attn_implementation == "sdpa"
         self._forward: Callable[..., torch.Tensor] = self._run
         if compile:
-            if next(model.parameters()).device.type == "cuda":
+            if on_cuda:
                 how: dict[str, Any] = {"mode": "reduce-overhead"}
             else:  # the weights become constants, prepacked for the CPU's matrix kernels
                 how = {"options": {"freezing": True}}
-                self.compiled_rows = 1
             self._forward = torch.compile(self._run, fullgraph=fullgraph, **how)
             log.info(
                 "the decode step compiles on first use of a shape (%s), up to %d rows",
