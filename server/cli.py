@@ -462,7 +462,8 @@ def cmd_pack_list(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps([{"name": n, "versions": v, "latest": d} for n, v, d in rows]))
     elif not rows:
-        print(f"no packs in {store.root}")
+        # the store is relative to the working directory: say which one, and how to choose
+        print(f"no packs in {store.root.resolve()} (LKS_PACKS_DIR sets the pack store)")
     else:
         width = max(len(r[0]) for r in rows)
         for name, versions, detail in rows:

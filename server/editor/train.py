@@ -195,7 +195,7 @@ class Trainer:
         seconds = time.perf_counter() - started
         return TrainResult(self.layer, scope, deltas, hypernet, self.config, 0, math.nan, seconds)
 
-    def _sequences(
+    def cross_entropy_sequences(
         self, facts: Sequence[Fact], index: SubjectIndex, *, covered: bool = False
     ) -> list[EncodedText]:
         """The cross-entropy sequences; `covered`: without those a forced teacher context
@@ -253,7 +253,8 @@ class Trainer:
             else [None] * len(after)
         )
         teacher = config.teacher_weight > 0
-        sequences = [TrainingSequence(s) for s in self._sequences(trained, index, covered=teacher)]
+        plain = self.cross_entropy_sequences(trained, index, covered=teacher)
+        sequences = [TrainingSequence(s) for s in plain]
         if teacher:
             sequences += teacher_sequences(
                 backbone,
@@ -314,7 +315,7 @@ class Trainer:
         for epoch in range(1, epochs + 1):
             losses = []
             for batch in epoch_batches(widths, config.batch_size, rng):
-                loss = self._loss(hypernet, features, sequences, cached, batch)
+                loss = self.loss(hypernet, features, sequences, cached, batch)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
@@ -366,7 +367,7 @@ class Trainer:
             epochs=epochs,
         )
 
-    def _loss(
+    def loss(
         self,
         hypernet: Hypernetwork,
         features: torch.Tensor,

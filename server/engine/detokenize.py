@@ -6,9 +6,13 @@ of the window minus the text of its first token is the new text. The context tok
 tokenizers that drop a word's leading space at the start of a decode, or that join bytes across
 tokens, exact; a window that ends inside a multi-byte character (U+FFFD) waits for the next
 token.
+
+Stop strings are found the same way: only where the newest text can have completed one.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 from transformers import PreTrainedTokenizerBase
 
@@ -44,3 +48,28 @@ class IncrementalDetokenizer:
         self._prefix, self._read = self._read, len(self.ids)
         self.text += delta
         return delta
+
+
+# Stop strings: searched in the text as it grows, held back while they may still complete.
+
+
+def first_stop(text: str, stops: Sequence[str], new: int) -> int:
+    """Where the first stop string starts in `text`, looking only where the last `new`
+    characters can have completed one (earlier text was searched before); -1 if none."""
+    found = []
+    for stop in stops:
+        index = text.find(stop, max(0, len(text) - new - len(stop) + 1))
+        if index >= 0:
+            found.append(index)
+    return min(found, default=-1)
+
+
+def stop_prefix_at_end(text: str, stop: str) -> int:
+    """The length of the longest end of `text` that begins `stop` (and may yet become it)."""
+    tail = text[max(0, len(text) - len(stop) + 1) :] if len(stop) > 1 else ""
+    start = tail.find(stop[0])
+    while start >= 0:
+        if stop.startswith(tail[start:]):
+            return len(tail) - start
+        start = tail.find(stop[0], start + 1)
+    return 0

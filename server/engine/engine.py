@@ -32,7 +32,12 @@ import torch
 from transformers import DynamicCache
 
 from server.engine import kv_cache
-from server.engine.detokenize import REPLACEMENT, IncrementalDetokenizer
+from server.engine.detokenize import (
+    REPLACEMENT,
+    IncrementalDetokenizer,
+    first_stop,
+    stop_prefix_at_end,
+)
 from server.engine.prepare import PreparedPrompt, PromptRejected, RequestLimits, prepare_prompt
 from server.engine.sampling import RowSamplingError, SamplingParams, make_rng, sample_rows
 from server.engine.slot_cache import SlotDecoder, unsupported_reason
@@ -383,6 +388,11 @@ class BatchEngine:
             self.step()
 
     @property
+    def slot_decoder(self) -> SlotDecoder | None:
+        """The slot-cache decode step; None where this model decodes through a DynamicCache."""
+        return self._slots
+
+    @property
     def compiles_decode(self) -> bool:
         """Whether the decode step is compiled (and so wants `warm_up` before serving)."""
         return self._slots is not None and self._slots.compiled
@@ -588,7 +598,7 @@ class BatchEngine:
             row.output_ids.append(token)
             new = row.detokenizer.push(token)
             row.text += new
-            cut = _first_stop(row.text, params.stop, len(new)) if new and params.stop else -1
+            cut = first_stop(row.text, params.stop, len(new)) if new and params.stop else -1
             if cut >= 0:
                 row.text, row.finish = row.text[:cut], "stop"
             elif len(row.output_ids) >= params.max_tokens:
@@ -603,7 +613,7 @@ class BatchEngine:
         if row.finish is None:
             ready = ready.rstrip(REPLACEMENT)
             for stop in row.request.params.stop:
-                ready = ready[: len(ready) - _stop_prefix_at_end(ready, stop)]
+                ready = ready[: len(ready) - stop_prefix_at_end(ready, stop)]
         if ready.startswith(row.emitted) and len(ready) > len(row.emitted):
             row.emit(TextDelta(ready[len(row.emitted) :]))
             row.emitted = ready
@@ -702,25 +712,3 @@ def step_failure(exc: BaseException, stage: str) -> Failed:
             f"out of memory in {stage}; retry later or send a shorter prompt", "overloaded"
         )
     return Failed(f"the model failed in {stage} ({type(exc).__name__}); the server log has details")
-
-
-def _first_stop(text: str, stops: Sequence[str], new: int) -> int:
-    """Where the first stop string starts in `text`, looking only where the last `new`
-    characters can have completed one (earlier text was searched before); -1 if none."""
-    found = []
-    for stop in stops:
-        index = text.find(stop, max(0, len(text) - new - len(stop) + 1))
-        if index >= 0:
-            found.append(index)
-    return min(found, default=-1)
-
-
-def _stop_prefix_at_end(text: str, stop: str) -> int:
-    """The length of the longest end of `text` that begins `stop` (and may yet become it)."""
-    tail = text[max(0, len(text) - len(stop) + 1) :] if len(stop) > 1 else ""
-    start = tail.find(stop[0])
-    while start >= 0:
-        if stop.startswith(tail[start:]):
-            return len(tail) - start
-        start = tail.find(stop[0], start + 1)
-    return 0

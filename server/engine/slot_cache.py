@@ -202,7 +202,8 @@ class SlotDecoder:
         self.kv: SlotKV | None = None
         self._view: SlotCacheView | None = None
         self._shapes: set[tuple[int, int]] = set()
-        self._bool_mask = model.config._attn_implementation == "sdpa"
+        # sdpa takes a boolean mask; eager attention an additive one
+        self.bool_mask = model.config._attn_implementation == "sdpa"
         self._forward: Callable[..., torch.Tensor] = self._run
         if compile:
             if on_cuda:
@@ -215,6 +216,11 @@ class SlotDecoder:
                 how,
                 self.compiled_rows,
             )
+
+    @property
+    def compiled_shapes(self) -> frozenset[tuple[int, int]]:
+        """The (rows, width) buckets the compiled step has run (each one graph)."""
+        return frozenset(self._shapes)
 
     def join(self, cache: DynamicCache, rows: list[tuple[int, int, int]]) -> None:
         """Copy prefilled rows into their slots: (slot, row of `cache`, prompt length) each;
@@ -258,7 +264,7 @@ class SlotDecoder:
         columns = torch.zeros(rows, dtype=torch.long, device=device)
         columns[index] = torch.tensor(lengths, device=device)
         valid = torch.arange(width, device=device)[None, :] <= columns[:, None]
-        mask = valid if self._bool_mask else _additive(valid, kv.keys[0].dtype)
+        mask = valid if self.bool_mask else _additive(valid, kv.keys[0].dtype)
         view.rows, view.columns, view.mask = (
             torch.arange(rows, device=device),
             columns,

@@ -65,6 +65,24 @@ def test_pack_list_and_show(packs_dir: Path) -> None:
     assert latest["version"] == 2
 
 
+def test_an_empty_store_is_named_where_it_is(tmp_path: Path) -> None:
+    """The default store is relative to the working directory: from elsewhere, `lks pack list`
+    says which directory it looked in and which setting chooses another."""
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    env = {k: v for k, v in os.environ.items() if k != "LKS_PACKS_DIR"}
+    listed = subprocess.run(
+        [sys.executable, "-m", "server.cli", "pack", "list"],
+        capture_output=True,
+        text=True,
+        env={**env, "PYTHONPATH": str(Path(__file__).resolve().parents[2])},
+        cwd=elsewhere,
+        timeout=60,
+    )
+    assert listed.returncode == 0, listed.stderr
+    assert str(elsewhere / "packs") in listed.stdout and "LKS_PACKS_DIR" in listed.stdout
+
+
 def test_corrupt_pack_fails_naming_the_file(packs_dir: Path) -> None:
     table = packs_dir / "demo" / "2" / "table.safetensors"
     table.write_bytes(table.read_bytes()[:-10])

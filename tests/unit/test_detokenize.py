@@ -9,8 +9,7 @@ from pathlib import Path
 import pytest
 from tiny_models import FAMILIES
 
-from server.engine.detokenize import IncrementalDetokenizer
-from server.engine.engine import _first_stop, _stop_prefix_at_end
+from server.engine.detokenize import IncrementalDetokenizer, first_stop, stop_prefix_at_end
 from server.model import Backbone, load_backbone
 from server.settings import Settings
 
@@ -60,8 +59,8 @@ def test_stop_search_and_hold_back_match_the_whole_text_rules() -> None:
              if text.endswith(stop[:size])),
             0,
         )  # fmt: skip
-        assert _stop_prefix_at_end(text, stop) == longest, (text, stop)
+        assert stop_prefix_at_end(text, stop) == longest, (text, stop)
         new = rng.randint(1, max(1, len(text)))
         earlier = text[: len(text) - new]
         if stop not in earlier:
-            assert _first_stop(text, [stop], new) == text.find(stop), (text, stop, new)
+            assert first_stop(text, [stop], new) == text.find(stop), (text, stop, new)

@@ -72,8 +72,9 @@ def test_a_compiled_decode_step_compiles_before_the_first_request(
         asyncio.run(scenario())
     finally:
         scheduler.stop()
-    assert engine.compiles_decode and engine._slots is not None
-    assert (1, 64) in engine._slots._shapes, "warmed up at one row (on a CPU, the one graph)"
+    decoder = engine.slot_decoder
+    assert engine.compiles_decode and decoder is not None
+    assert (1, 64) in decoder.compiled_shapes, "warmed up at one row (on a CPU, the one graph)"
     compiled = counters["stats"]["unique_graphs"]
     rows = [EngineRequest("the capital of", SamplingParams(max_tokens=3)) for _ in range(3)]
     engine.generate(rows)

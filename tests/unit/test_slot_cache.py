@@ -68,7 +68,7 @@ def run_joining_and_leaving(
 
 def test_the_slot_cache_decodes_token_for_token_as_the_dynamic_cache(backbone: Backbone) -> None:
     slot_engine = BatchEngine(backbone, max_batch_size=3, prefill_chunk_tokens=8)
-    assert slot_engine._slots is not None, "the slot path serves every tiny family"
+    assert slot_engine.slot_decoder is not None, "the slot path serves every tiny family"
     dynamic_engine = BatchEngine(
         backbone, max_batch_size=3, prefill_chunk_tokens=8, slot_cache=False
     )
@@ -93,7 +93,7 @@ def test_joins_and_leaves_move_no_other_row(backbone: Backbone) -> None:
     first = EngineRequest("", SamplingParams(max_tokens=30, ignore_eos=True), prompt=long_prompt)
     engine.add(first)
     engine.step()
-    decoder, batch = engine._slots, engine._batch
+    decoder, batch = engine.slot_decoder, engine._batch
     assert decoder is not None and decoder.kv is not None and batch is not None
     slot = batch.slots[0]
     addresses = [t.data_ptr() for t in decoder.kv.keys + decoder.kv.values]
@@ -155,21 +155,22 @@ def test_a_compiled_step_is_one_graph_and_stops_compiling_once_warm(
     steps: list[int] = []  # what the metrics see
     compiled = BatchEngine(backbone, max_batch_size=8, compile_decode=True, on_step=steps.append)
     on_cpu = TEST_DEVICE == "cpu"
-    assert compiled._slots is not None and compiled._slots.compiled_rows == (1 if on_cpu else 8)
-    compiled._slots.compiled_rows = 8  # every bucket compiled (a CPU compiles one row only)
+    decoder = compiled.slot_decoder
+    assert decoder is not None and decoder.compiled_rows == (1 if on_cpu else 8)
+    decoder.compiled_rows = 8  # every bucket compiled (a CPU compiles one row only)
     eager = BatchEngine(backbone, max_batch_size=8)
     assert eager.warm_up() == 0.0 and not eager.compiles_decode, "nothing to compile"
     assert compiled.warm_up() > 0.0
     assert steps == [], "the throwaway requests are not served traffic"
-    assert compiled._slots is not None and compiled._slots.compiled, "no fallback to eager"
-    assert compiled._slots._shapes == {(1, 64), (2, 64)}, "one row, then several"
+    assert decoder.compiled, "no fallback to eager"
+    assert decoder.compiled_shapes == {(1, 64), (2, 64)}, "one row, then several"
     warm = counters["stats"]["unique_graphs"]  # earlier tests' graphs may serve these shapes
     assert workload(compiled, 0, 4) == workload(eager, 0, 4)
     assert workload(compiled, 10, 9) == workload(eager, 10, 9)
-    assert compiled._slots.compiled and steps
+    assert decoder.compiled and steps
     assert counters["stats"]["unique_graphs"] == warm, "a join, a leave or a width recompiled"
-    assert {rows for rows, _ in compiled._slots._shapes} >= {1, 2, 8}
-    assert {width for _, width in compiled._slots._shapes} == {64, 128}
+    assert {rows for rows, _ in decoder.compiled_shapes} >= {1, 2, 8}
+    assert {width for _, width in decoder.compiled_shapes} == {64, 128}
 
 
 def test_on_a_cpu_one_row_runs_compiled_and_several_run_eager(
@@ -183,7 +184,8 @@ def test_on_a_cpu_one_row_runs_compiled_and_several_run_eager(
     compiled = BatchEngine(backbone, max_batch_size=4, compile_decode=True)
     eager = BatchEngine(backbone, max_batch_size=4)
     assert compiled.warm_up() > 0.0
-    assert compiled._slots is not None and compiled._slots._shapes == {(1, 64)}
+    decoder = compiled.slot_decoder
+    assert decoder is not None and decoder.compiled_shapes == {(1, 64)}
     requests = [prepared(backbone, index) for index in range(5)]
 
     def run(engine: BatchEngine) -> list[Generation]:
@@ -192,8 +194,8 @@ def test_on_a_cpu_one_row_runs_compiled_and_several_run_eager(
         return alone + engine.generate(together)
 
     assert run(compiled) == run(eager)
-    assert compiled._slots.compiled, "no fallback to eager"
-    assert {rows for rows, _ in compiled._slots._shapes} == {1}, "several rows ran compiled"
+    assert decoder.compiled, "no fallback to eager"
+    assert {rows for rows, _ in decoder.compiled_shapes} == {1}, "several rows ran compiled"
 
 
 @pytest.mark.skipif(not can_pack_linears(torch.bfloat16), reason="no oneDNN bfloat16 matmul")
@@ -223,12 +225,12 @@ def test_eager_attention_reads_the_slots_through_an_additive_mask(
     backbone = load_backbone(Settings(model=tiny_model_dirs[family], device=TEST_DEVICE))
     backbone.model.set_attn_implementation("eager")
     slot_engine = BatchEngine(backbone, max_batch_size=3)
-    assert slot_engine._slots is not None and not slot_engine._slots._bool_mask
+    assert slot_engine.slot_decoder is not None and not slot_engine.slot_decoder.bool_mask
     dynamic_engine = BatchEngine(backbone, max_batch_size=3, slot_cache=False)
     slots = run_joining_and_leaving(slot_engine, backbone, 7)
     assert slots == run_joining_and_leaving(dynamic_engine, backbone, 7)
     backbone.model.config._attn_implementation = "flash_attention_2"
-    assert BatchEngine(backbone)._slots is None
+    assert BatchEngine(backbone).slot_decoder is None
 
 
 def test_a_compiled_step_decodes_the_model_it_was_built_for(tmp_path: Path) -> None:

@@ -204,7 +204,7 @@ def test_locality_loss_is_kl_from_the_unedited_model(
         for s, r in zip(sequences, references, strict=True)
     ]
     with torch.no_grad():
-        loss = trainer._loss(hypernet, features, held, cached, [0])
+        loss = trainer.loss(hypernet, features, held, cached, [0])
         (seq,) = sequences
         deltas = hypernet(features)
         plan = EditPlan.build(
@@ -254,10 +254,10 @@ def test_kl_terms_are_weighted_per_sequence(tiny_model_dirs: dict[str, Path]) ->
         ]
 
     with torch.no_grad():
-        one = trainer._loss(hypernet, features, weighted(1.0, 1.0), cached, [0])
-        three = trainer._loss(hypernet, features, weighted(3.0, 3.0), cached, [0])
-        none = trainer._loss(hypernet, features, weighted(0.0, 0.0), cached, [0])
-        both = trainer._loss(hypernet, features, weighted(1.0, 0.0), cached, [0, 1])
+        one = trainer.loss(hypernet, features, weighted(1.0, 1.0), cached, [0])
+        three = trainer.loss(hypernet, features, weighted(3.0, 3.0), cached, [0])
+        none = trainer.loss(hypernet, features, weighted(0.0, 0.0), cached, [0])
+        both = trainer.loss(hypernet, features, weighted(1.0, 0.0), cached, [0, 1])
     assert one > 1e-6  # the edit moves the continuation
     torch.testing.assert_close(three, 3 * one)
     assert float(none) == 0.0
@@ -292,7 +292,7 @@ def test_repetition_term_is_the_unlikelihood_of_saying_the_target_again(
         for s, r, token in zip(sequences, references, avoid, strict=True)
     ]
     with torch.no_grad():
-        loss = trainer._loss(hypernet, features, avoiding, cached, [0])
+        loss = trainer.loss(hypernet, features, avoiding, cached, [0])
         seq = sequences[0]
         plan = EditPlan.build(
             [(0, position, hypernet(features)[row]) for row, position in seq.edits],
@@ -303,7 +303,7 @@ def test_repetition_term_is_the_unlikelihood_of_saying_the_target_again(
         with backbone.edit_hooks.at(trainer.layer).plan(plan):
             edited = backbone.model(input_ids=ids).logits[0, seq.predict_at].softmax(-1)
         plain = [TrainingSequence(s, r, 0.0) for s, r in zip(sequences, references, strict=True)]
-        without = Trainer(backbone, CONFIG)._loss(hypernet, features, plain, cached, [0])
+        without = Trainer(backbone, CONFIG).loss(hypernet, features, plain, cached, [0])
     counted = [j for j, said in enumerate(seq.target_ids) if said != avoid[0]]
     assert counted  # the unedited model does not simply repeat the target here
     expected = 2.0 * -torch.log1p(-edited[counted, avoid[0]]).mean()
@@ -404,8 +404,8 @@ def test_a_forced_teacher_context_replaces_its_cross_entropy_sequence(
     questions = [f.model_copy(update={"prompt": f"what is {f.prompt}?"}) for f in FACTS]
     scope = Scope.from_facts(FACTS)
     index = scope.index()
-    plain = Trainer(backbone, config)._sequences(questions, index)
-    covered = trainer._sequences(questions, index, covered=True)
+    plain = Trainer(backbone, config).cross_entropy_sequences(questions, index)
+    covered = trainer.cross_entropy_sequences(questions, index, covered=True)
     chat_forms = [
         encode(backbone.tokenizer, index, context, fact.target, templated=True)
         for fact in questions
@@ -414,8 +414,9 @@ def test_a_forced_teacher_context_replaces_its_cross_entropy_sequence(
     ]
     assert len(chat_forms) == len(FACTS)
     assert [s for s in plain if s not in chat_forms] == covered  # the chat forms, and only they
-    statements = trainer._sequences(FACTS, index, covered=True)
-    assert statements == Trainer(backbone, config)._sequences(FACTS, index)  # nothing left out
+    statements = trainer.cross_entropy_sequences(FACTS, index, covered=True)
+    every = Trainer(backbone, config).cross_entropy_sequences(FACTS, index)
+    assert statements == every  # nothing left out
     taught = teacher_sequences(backbone, index, FACTS[:1], ("chat",), 3, {"chat": 1.0})[0]
     ce_only = TrainingSequence(
         EncodedText(
@@ -429,8 +430,8 @@ def test_a_forced_teacher_context_replaces_its_cross_entropy_sequence(
     torch.nn.init.normal_(hypernet.net.weight, std=0.05)
     features = torch.randn(len(scope.subjects), backbone.hidden_size)
     with torch.no_grad():
-        both = trainer._loss(hypernet, features, [taught], None, [0])
-        ce = trainer._loss(hypernet, features, [ce_only], None, [0])
+        both = trainer.loss(hypernet, features, [taught], None, [0])
+        ce = trainer.loss(hypernet, features, [ce_only], None, [0])
     assert float(both) > float(ce) > 0  # the answer's KL adds to the target's cross-entropy
 
 
@@ -659,7 +660,8 @@ def test_a_model_without_a_chat_template_is_taught_on_the_bare_prompt(
     config = replace(CONFIG, teacher_weight=1.0, teacher_contexts=("chat",))
     trainer = Trainer(backbone, config)
     index = Scope.from_facts(FACTS).index()
-    assert trainer._sequences(FACTS, index, covered=True) == []  # the bare prompt is taught
+    # the bare prompt is taught by the teacher: no cross-entropy sequence is left
+    assert trainer.cross_entropy_sequences(FACTS, index, covered=True) == []
     taught = teacher_sequences(backbone, index, FACTS, config.teacher_contexts, 3, {"bare": 1.0})
     assert len(taught) == len(FACTS)
     for fact, sequence in zip(FACTS, taught, strict=True):
