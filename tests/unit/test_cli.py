@@ -17,18 +17,29 @@ from server.evaluation.evaluate import says_target
 from server.gate.relation_head import RelationHead
 from server.packs import PackStore
 
+REPOSITORY = Path(__file__).resolve().parents[2]
+
 
 def run_lks(
-    *args: str, packs_dir: Path, timeout: float = 60, **lks_env: str
+    *args: str,
+    packs_dir: Path | None,
+    timeout: float = 60,
+    cwd: Path | None = None,
+    **lks_env: str,
 ) -> subprocess.CompletedProcess[str]:
-    """`lks ARGS` in a subprocess; `lks_env` adds LKS_* variables (`api_keys_file="..."`)."""
-    env = {**os.environ, "LKS_PACKS_DIR": str(packs_dir)}
+    """`lks ARGS` in a subprocess, from `cwd` (default: here); `packs_dir` None leaves the
+    store at its default; `lks_env` adds LKS_* variables (`api_keys_file="..."`)."""
+    env = {k: v for k, v in os.environ.items() if k != "LKS_PACKS_DIR"}
+    env["PYTHONPATH"] = str(REPOSITORY)
+    if packs_dir is not None:
+        env["LKS_PACKS_DIR"] = str(packs_dir)
     env.update({f"LKS_{k.upper()}": v for k, v in lks_env.items()})
     return subprocess.run(
         [sys.executable, "-m", "server.cli", *args],
         capture_output=True,
         text=True,
         env=env,
+        cwd=cwd,
         timeout=timeout,
     )
 
@@ -70,15 +81,7 @@ def test_an_empty_store_is_named_where_it_is(tmp_path: Path) -> None:
     says which directory it looked in and which setting chooses another."""
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    env = {k: v for k, v in os.environ.items() if k != "LKS_PACKS_DIR"}
-    listed = subprocess.run(
-        [sys.executable, "-m", "server.cli", "pack", "list"],
-        capture_output=True,
-        text=True,
-        env={**env, "PYTHONPATH": str(Path(__file__).resolve().parents[2])},
-        cwd=elsewhere,
-        timeout=60,
-    )
+    listed = run_lks("pack", "list", packs_dir=None, cwd=elsewhere)
     assert listed.returncode == 0, listed.stderr
     assert str(elsewhere / "packs") in listed.stdout and "LKS_PACKS_DIR" in listed.stdout
 
