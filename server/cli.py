@@ -264,6 +264,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         samples=samples,
         contexts=args.contexts,
         answer_samples=answers,
+        release=settings.release_answered_edits,
     )
     if samples is not None and answers is not None:
         # one file: the answers in each context, then the bare continuations behind exact match
@@ -295,6 +296,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         # which relation head the gate used (generality and locality depend on it)
         "gate_threshold": round(float(edits.gate_table.threshold), 4),
         "contexts": ",".join(args.contexts),
+        "release_answered_edits": settings.release_answered_edits,
         "dtype": str(backbone.dtype).removeprefix("torch."),
         "train_dtype": str(training.dtype).removeprefix("torch."),
     }

@@ -80,11 +80,23 @@ class Settings(BaseSettings):
         description="Decode on preallocated per-request KV slots (false: a DynamicCache "
         "re-batched between steps, the slower path kept as a fallback).",
     )
-    compile_decode: bool = Field(
-        default=False,
+    compile_decode: bool | None = Field(
+        default=None,
         description="torch.compile the decode step before serving (readiness says warming "
         "meanwhile): CUDA graphs on CUDA; on a CPU the one-row step, and not at all for "
-        "bfloat16 weights packed for oneDNN (they decode as fast eager).",
+        "bfloat16 weights packed for oneDNN (they decode as fast eager). Unset: on CUDA only "
+        "(7x eager there: docs/results/gpu.md).",
+    )
+
+    def compiles_decode_on(self, device: str) -> bool:
+        """Whether the decode step compiles on `device` (a torch device type)."""
+        return self.compile_decode if self.compile_decode is not None else device == "cuda"
+
+    release_answered_edits: bool = Field(
+        default=False,
+        description="An edit steers an answer only until the answer says the edited fact's "
+        "target; the rest is the unedited model's continuation. Off: packs trained with the "
+        "default teacher answer better steered to the end (docs/results/natural_edits.md, 2g).",
     )
     max_prompt_chars: int = Field(
         default=100_000, ge=1, description="Longest prompt, in characters once rendered."

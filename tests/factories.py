@@ -70,6 +70,7 @@ def publish_subject_pack(
     seed: int,
     scale: float = 20.0,
     gate_encoder: SentenceEncoder | None = None,
+    target: str = "x",
 ) -> Manifest:
     """A pack of random but strong edits for `subjects` on `backbone` (no training): enough to
     prove which requests an edit reaches. With `gate_encoder`, a scope gate whose one edit
@@ -88,7 +89,7 @@ def publish_subject_pack(
         table=table,
         hypernet={"weight": torch.eye(hidden)},
         facts=[
-            {"subject": s, "prompt": p, "target": "x"}
+            {"subject": s, "prompt": p, "target": target}
             for s, p in zip(subjects, prompts, strict=True)
         ],
     )

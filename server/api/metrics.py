@@ -78,6 +78,12 @@ class ServerMetrics:
         self.edits_applied = Counter(
             "lks_edits_applied", "Edits applied to requests, per pack", ["pack"], registry=r
         )
+        self.edits_released = Counter(
+            "lks_edits_released",
+            "Edits released once the answer said their target, per pack",
+            ["pack"],
+            registry=r,
+        )
         self.pack_swaps = Counter("lks_pack_swaps", "Live pack versions replaced", registry=r)
         self.training_duration = Histogram(
             "lks_training_duration_seconds",

@@ -78,6 +78,7 @@ class OpenAIServing(Serving, Generic[Body]):
             [self.whole_choice(result.text, finish_reason(result.finish_reason))],
             usage=Usage.of(result.prompt_tokens, result.tokens).model_dump(),
             edits_applied=result.edits_applied,
+            edits_released=result.edits_released,
         )
         return JSONResponse(content, headers=headers)
 
@@ -93,7 +94,12 @@ class OpenAIServing(Serving, Generic[Body]):
                 result = event.generation
                 finish = choice_of(None, finish_reason(result.finish_reason))
                 chunk = envelope(
-                    kind, response_id, body.model, [finish], edits_applied=result.edits_applied
+                    kind,
+                    response_id,
+                    body.model,
+                    [finish],
+                    edits_applied=result.edits_applied,
+                    edits_released=result.edits_released,
                 )
                 yield sse(json.dumps(chunk))
                 if include_usage:

@@ -70,6 +70,10 @@ class GenerateResponse(BaseModel):
     edits_applied: list[str] = Field(
         default_factory=list, description="pack@version:subject for each edit used."
     )
+    edits_released: list[str] = Field(
+        default_factory=list,
+        description="The edits that stopped steering once the answer said their target.",
+    )
 
 
 class EngineStatus(BaseModel):

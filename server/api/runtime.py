@@ -56,7 +56,8 @@ class Runtime:
             prefill_chunk_tokens=settings.prefill_chunk_tokens,
             on_step=metrics.batch_size.observe,
             slot_cache=settings.slot_kv_cache,
-            compile_decode=settings.compile_decode,
+            compile_decode=settings.compiles_decode_on(backbone.device.type),
+            release_answered_edits=settings.release_answered_edits,
         )
         scheduler = Scheduler(
             engine, max_queued=settings.max_queued_requests, cpu_threads=cpu_threads

@@ -181,6 +181,8 @@ class Serving:
             return True
         if isinstance(event, Finished):
             self.metrics.generated_tokens.inc(event.generation.tokens)
+            for label in event.generation.edits_released:
+                self.metrics.edits_released.labels(label.partition("@")[0]).inc()
         return first_text
 
     async def complete(self, started: Started, request: Request) -> Generation:
@@ -259,6 +261,7 @@ class NativeServing(Serving):
             finish_reason=result.finish_reason,
             model=self.model_name,
             edits_applied=result.edits_applied,
+            edits_released=result.edits_released,
         )
         return JSONResponse(response.model_dump(), headers=headers)
 
@@ -277,6 +280,7 @@ class NativeServing(Serving):
                             "tokens": result.tokens,
                             "prompt_tokens": result.prompt_tokens,
                             "edits_applied": result.edits_applied,
+                            "edits_released": result.edits_released,
                         }
                     )
                 )

@@ -23,6 +23,7 @@ Training's teacher term generates with these functions; the metrics over a bench
 
 from __future__ import annotations
 
+import functools
 import re
 from collections import Counter
 from collections.abc import Sequence
@@ -49,6 +50,7 @@ class EditTable(Protocol):
 
     deltas: torch.Tensor  # [S, H]
     layer: int
+    targets: Sequence[tuple[str, ...]]  # each subject row's targets; empty: not known
 
     def encode_all(
         self,
@@ -81,6 +83,7 @@ def render(backbone: Backbone, context: Context, prompt: str) -> tuple[str, bool
     raise ValueError(f"unknown context {context!r}; choose one of {', '.join(CONTEXTS)}")
 
 
+@functools.lru_cache(maxsize=4096)
 def _target_pattern(target: str) -> re.Pattern[str]:
     """The target as a phrase: case-insensitive, any run of spaces, and word boundaries on the
     sides where it starts or ends with a letter or digit ("Ersteampelteampel" does not say
@@ -126,6 +129,17 @@ def first_sentence(text: str, targets: Sequence[str] = ()) -> str:
                 continue
         return text[: at + (match.group() != "\n")]
     return text
+
+
+def says_target(text: str, targets: Sequence[str], since: int = 0) -> bool:
+    """Whether `text` says one of `targets` in a match that ends after character `since` (the
+    text before it was checked already: a growing answer is checked in its new tail only)."""
+    for target in targets:
+        if target.strip():
+            start = max(0, since - 2 * len(target) - 8)  # room for a match ending after since
+            if any(m.end() > since for m in _target_pattern(target).finditer(text, start)):
+                return True
+    return False
 
 
 def answer_hit(answer: str, targets: Sequence[str]) -> bool:
@@ -187,13 +201,77 @@ def applied_edits(
     return backbone.edit_hooks.at(table.layer).plan(plan)
 
 
-@torch.inference_mode()
 def generate(
     backbone: Backbone,
     encoded: Sequence[EncodedText],
     table: EditTable | None,
     max_new_tokens: int = MAX_ANSWER_TOKENS,
     batch_size: int = 64,
+    *,
+    release: bool = False,
+) -> list[Answer]:
+    """Greedy answers as the engine serves them: with `release` (the engine's
+    `release_answered_edits`), an edit whose target the answer has said steers no further."""
+    answers = _generate(backbone, encoded, table, max_new_tokens, batch_size)
+    if release and table is not None and table.targets:
+        answers = release_answered(backbone, encoded, table, answers, max_new_tokens, batch_size)
+    return answers
+
+
+def release_answered(
+    backbone: Backbone,
+    encoded: Sequence[EncodedText],
+    table: EditTable,
+    answers: Sequence[Answer],
+    max_new_tokens: int = MAX_ANSWER_TOKENS,
+    batch_size: int = 64,
+) -> list[Answer]:
+    """`answers` as the engine's release makes them (engine.py: an edit is released once the
+    answer says one of its subject's targets). At the first token after which the answer says
+    a steering subject's target, every subject whose target is said stops steering and the
+    answer goes on from the prompt and the answer so far, re-read with the remaining edits
+    alone; repeated while edits remain and tokens are left."""
+    tokenizer, eos = backbone.tokenizer, set(backbone.eos_token_ids)
+    answers = list(answers)
+    prefixes = {i: 0 for i, enc in enumerate(encoded) if enc.edits}  # tokens already released
+    steering = {i: list(encoded[i].edits) for i in prefixes}
+    while prefixes:
+        resumed: list[tuple[int, int, EncodedText]] = []  # (index, release point, encoding)
+        for index, done in prefixes.items():
+            said = answers[index].tokens
+            end = next((k for k, t in enumerate(said) if t in eos), len(said))
+            for k in range(done + 1, end + 1):
+                text = tokenizer.decode(said[:k], skip_special_tokens=True)
+                released = {s for s, _ in steering[index] if says_target(text, table.targets[s])}
+                if released:
+                    break
+            else:
+                continue
+            if k >= max_new_tokens:
+                continue
+            steering[index] = [(s, p) for s, p in steering[index] if s not in released]
+            enc = encoded[index]
+            resumed.append(
+                (index, k, EncodedText(enc.ids + list(said[:k]), steering[index], [], []))
+            )
+        budget = max((max_new_tokens - k for _, k, _ in resumed), default=0)
+        more = _generate(backbone, [enc for *_, enc in resumed], table, budget, batch_size)
+        for (index, k, _), answer in zip(resumed, more, strict=True):
+            tokens = answers[index].tokens[:k] + answer.tokens[: max_new_tokens - k]
+            stopped = any(t in eos for t in tokens)
+            text = tokenizer.decode(tokens, skip_special_tokens=True)
+            answers[index] = Answer(text, stopped, True, tokens)
+        prefixes = {index: k for index, k, _ in resumed if steering[index]}
+    return answers
+
+
+@torch.inference_mode()
+def _generate(
+    backbone: Backbone,
+    encoded: Sequence[EncodedText],
+    table: EditTable | None,
+    max_new_tokens: int,
+    batch_size: int,
 ) -> list[Answer]:
     """Batched greedy generation with LEFT padding: the plan's positions shift by each row's
     pad count, as a serving batch's do. Texts of similar length share a batch; on the CPU a
@@ -255,6 +333,8 @@ def answer_pairs(
     texts: Sequence[tuple[str, bool]],
     table: EditTable,
     max_new_tokens: int = MAX_ANSWER_TOKENS,
+    *,
+    release: bool = False,
 ) -> tuple[list[Answer], list[Answer]]:
     """(edited, unedited) answers to each (text, templated). A text the table edits nowhere
     (no subject, or the gate stays shut) is computed once: its edited answer IS the unedited
@@ -264,7 +344,9 @@ def answer_pairs(
     encoded = encode_texts(backbone, texts, table)
     touched = [i for i, e in enumerate(encoded) if e.edits]
     edited = list(unedited)
-    redone = generate(backbone, [encoded[i] for i in touched], table, max_new_tokens)
+    redone = generate(
+        backbone, [encoded[i] for i in touched], table, max_new_tokens, release=release
+    )
     for index, answer in zip(touched, redone, strict=True):
         edited[index] = answer
     return edited, unedited

@@ -6,6 +6,10 @@ carries their edit plans; a prompt longer than a prefill chunk is prefilled one 
 so the running rows keep decoding meanwhile), then runs one decode step for every running
 request, whatever pack it uses. Requests join and leave between steps (continuous batching); an
 edit touches only the prefill of its own row, and the KV cache carries it into decoding.
+An edit steers until its answer is said: once a row's text says one of an edited subject's
+targets, the row leaves the batch and joins again, its prompt and answer so far re-read without
+that edit (one more prefill), so what follows is the model's own continuation of the new fact
+rather than the edited subject's state read at every later position (which loops: "Rome Rome").
 Decoding runs on a slot KV cache (`slot_cache.py`: each row keeps its own preallocated columns;
 the step may be compiled); a model it cannot serve decodes on a `DynamicCache` re-batched
 between steps (`kv_cache.py`). The engine is single-threaded by design: the scheduler owns the
@@ -31,6 +35,7 @@ from typing import Literal
 import torch
 from transformers import DynamicCache
 
+from server.editor.answers import says_target
 from server.engine import kv_cache
 from server.engine.detokenize import (
     REPLACEMENT,
@@ -60,6 +65,7 @@ class Generation:
     prompt_tokens: int
     finish_reason: FinishReason
     edits_applied: list[str] = field(default_factory=list)
+    edits_released: list[str] = field(default_factory=list)  # once their answer was said
 
     @property
     def tokens(self) -> int:
@@ -146,13 +152,26 @@ class EngineRequest:
 class _Running:
     request: EngineRequest
     prompt_ids: list[int]
-    edits: list[PlannedEdit]
+    edits: list[PlannedEdit]  # every edit its prompt got (the audit trail)
     rng: torch.Generator | None
     detokenizer: IncrementalDetokenizer
     output_ids: list[int] = field(default_factory=list)
     text: str = ""
     emitted: str = ""
     finish: FinishReason | None = None
+    steering: list[PlannedEdit] = field(init=False)  # the edits its next prefill carries
+    rejoin: bool = False  # an edit was released: re-read the context without it
+    released: list[str] = field(default_factory=list)  # labels of the released edits
+    rejoins: int = 0
+
+    def __post_init__(self) -> None:
+        self.steering = list(self.edits)
+
+    @property
+    def context_ids(self) -> list[int]:
+        """What a prefill of this row reads: its prompt, and (a row that rejoins) its answer
+        so far, the last sampled token included."""
+        return self.prompt_ids + self.output_ids
 
     def emit(self, event: EngineEvent) -> None:
         self.request.send(event)
@@ -205,11 +224,13 @@ class BatchEngine:
         on_step: Callable[[int], None] | None = None,
         slot_cache: bool = True,
         compile_decode: bool = False,
+        release_answered_edits: bool = False,
     ) -> None:
         """`max_batch_tokens` bounds the KV cache: rows x the longest row's prompt + max_tokens;
         None: rows alone. `prefill_chunk_tokens`: prompts longer than this are prefilled one
         chunk per step; None: in one pass. `slot_cache`: decode on the slot KV cache where the
-        model allows (else on a re-batched `DynamicCache`); `compile_decode`: compile its step."""
+        model allows (else on a re-batched `DynamicCache`); `compile_decode`: compile its step.
+        `release_answered_edits`: an edit steers only until its answer says its target."""
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
         if prefill_chunk_tokens is not None and prefill_chunk_tokens < 1:
@@ -219,9 +240,11 @@ class BatchEngine:
         self.max_batch_size = max_batch_size
         self.max_batch_tokens = max_batch_tokens
         self.prefill_chunk_tokens = prefill_chunk_tokens
+        self.release_answered_edits = release_answered_edits
         self.waiting: deque[EngineRequest] = deque()
         self._batch: _Batch | None = None
         self._prefilling: _Prefill | None = None  # a long prompt, one chunk per step
+        self._rejoining: list[_Running] = []  # rows that released an edit, to prefill again
         self._eos = set(backbone.eos_token_ids)
         self._slots: SlotDecoder | None = None
         if slot_cache:
@@ -269,9 +292,10 @@ class BatchEngine:
         return False
 
     def _rows(self) -> list[_Running]:
-        """Every admitted row: running, and being prefilled."""
+        """Every admitted row: running, being prefilled, and waiting to rejoin."""
         running = self._batch.rows if self._batch is not None else []
-        return running + (self._prefilling.rows if self._prefilling is not None else [])
+        prefilling = self._prefilling.rows if self._prefilling is not None else []
+        return running + prefilling + self._rejoining
 
     def fail_all(self, failure: Failed) -> None:
         """Tell every queued and running request that it failed, then forget them all."""
@@ -286,7 +310,12 @@ class BatchEngine:
         return len(self._batch.rows) if self._batch is not None else 0
 
     def has_work(self) -> bool:
-        return bool(self.waiting) or self._batch is not None or self._prefilling is not None
+        return (
+            bool(self.waiting)
+            or self._batch is not None
+            or self._prefilling is not None
+            or bool(self._rejoining)
+        )
 
     # -- stepping ----------------------------------------------------------------------------
 
@@ -297,12 +326,17 @@ class BatchEngine:
         leaves the engine ready for the next."""
         self._expire(time.monotonic())
         admitted: list[_Running] = []
+        rejoining: list[_Running] = []
         try:
             self._drop_finished()
+            if self._prefilling is None:  # a long rejoining row first: it is already serving
+                self._prefilling = self._take_long_rejoin()
             admitted = self._admit()
+            rejoining = [row for row in self._rejoining if not self._long_context(row)]
+            self._rejoining = [row for row in self._rejoining if self._long_context(row)]
             short = [row for row in admitted if not self._long(row.request)]
-            if short:
-                self._prefill_and_join(short)
+            if rejoining or short:
+                self._prefill_and_join(rejoining + short)
             if self._prefilling is None and len(short) < len(admitted):
                 self._prefilling = self._start_prefill(admitted[-1:])
             if self._prefilling is not None:
@@ -314,7 +348,7 @@ class BatchEngine:
         except Exception as exc:
             log.exception("an engine step failed; its requests fail, the engine goes on")
             failure = step_failure(exc, "this batch")
-            for row in admitted:
+            for row in rejoining + admitted:
                 row.fail(failure)
             self.fail_running(failure)
 
@@ -322,6 +356,7 @@ class BatchEngine:
         """End every admitted row with `failure`: the batch and any prefill are dropped."""
         rows = self._rows()
         self._batch = self._prefilling = None
+        self._rejoining = []
         for row in rows:
             row.fail(failure)
 
@@ -364,6 +399,19 @@ class BatchEngine:
         """The columns a request can fill: its prompt plus max_tokens."""
         assert request.prompt is not None
         return len(request.prompt.token_ids) + request.params.max_tokens
+
+    def _long_context(self, row: _Running) -> bool:
+        """A rejoining row whose prompt and answer so far need a chunked prefill."""
+        chunk = self.prefill_chunk_tokens
+        return chunk is not None and len(row.context_ids) > chunk
+
+    def _take_long_rejoin(self) -> _Prefill | None:
+        """The first long rejoining row, as the chunked prefill (None: there is none)."""
+        for index, row in enumerate(self._rejoining):
+            if self._long_context(row):
+                del self._rejoining[index]
+                return self._start_prefill([row])
+        return None
 
     def _long(self, request: EngineRequest) -> bool:
         assert request.prompt is not None
@@ -465,16 +513,17 @@ class BatchEngine:
         """Left-pad `rows` to one width and lay out their edits; nothing runs yet."""
         backbone = self.backbone
         device = backbone.device
-        width = max(len(r.prompt_ids) for r in rows)
+        width = max(len(r.context_ids) for r in rows)
         pad_id = backbone.tokenizer.pad_token_id
         input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
         mask = torch.zeros((len(rows), width), dtype=torch.long)
         edits: list[tuple[int, int, int, torch.Tensor]] = []
         for i, row in enumerate(rows):
-            pad = width - len(row.prompt_ids)
-            input_ids[i, pad:] = torch.tensor(row.prompt_ids)
+            context = row.context_ids
+            pad = width - len(context)
+            input_ids[i, pad:] = torch.tensor(context)
             mask[i, pad:] = 1
-            edits += [(e.layer, i, pad + e.position, e.delta) for e in row.edits]
+            edits += [(e.layer, i, pad + e.position, e.delta) for e in row.steering]
         positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
         return _Prefill(
             rows,
@@ -536,9 +585,10 @@ class BatchEngine:
         if upto < prefill.width:
             return None
         rows = prefill.rows
-        lengths = torch.tensor([len(r.prompt_ids) for r in rows], device=backbone.device)
+        lengths = [len(r.context_ids) for r in rows]  # before sampling appends a token
+        positions = torch.tensor(lengths, device=backbone.device)
         tokens = self._sample(rows, out.logits[:, -1])  # last: nothing after it can fail
-        return _Batch(rows, out.cache, prefill.mask, tokens, lengths)
+        return _Batch(rows, out.cache, prefill.mask, tokens, positions, lengths=lengths)
 
     def _decode(self) -> None:
         batch = self._batch
@@ -604,7 +654,27 @@ class BatchEngine:
             elif len(row.output_ids) >= params.max_tokens:
                 row.finish = "length"
                 row.text += row.detokenizer.flush()
+            elif new and self.release_answered_edits:
+                self._release_answered(row, len(row.text) - len(new))
         self._stream(row)
+
+    @staticmethod
+    def _release_answered(row: _Running, since: int) -> None:
+        """Release the row's edits whose subject's target its text now says (in the text
+        after `since`, or ending there); the row then rejoins without them. A row rejoins at
+        most `MAX_REJOINS` times (each is a prefill of its context): the last releases all."""
+        steering = [
+            e for e in row.steering if not e.targets or not says_target(row.text, e.targets, since)
+        ]
+        if len(steering) < len(row.steering):
+            row.rejoins += 1
+            if row.rejoins >= MAX_REJOINS:
+                steering = []
+            kept = {id(e) for e in steering}
+            released = [e.label for e in row.steering if id(e) not in kept]
+            log.debug("request %d: released %s", row.request.request_id, released)
+            row.released += [label for label in released if label not in row.released]
+            row.steering, row.rejoin = steering, True
 
     def _stream(self, row: _Running) -> None:
         """Send the text that can no longer change: hold back a cut character and any tail
@@ -627,6 +697,7 @@ class BatchEngine:
             prompt_tokens=len(row.prompt_ids),
             finish_reason=row.finish or "abort",
             edits_applied=[e.label for e in row.edits],
+            edits_released=list(row.released),
         )
 
     def _join(self, incoming: _Batch) -> None:
@@ -657,7 +728,7 @@ class BatchEngine:
         batch = self._batch
         occupied = dict(zip(batch.slots, batch.lengths, strict=True)) if batch else {}
         free = (slot for slot in range(decoder.slots) if slot not in occupied)
-        lengths = [len(row.prompt_ids) for row in incoming.rows]
+        lengths = incoming.lengths
         slots = [next(free) for _ in incoming.rows]
         spans = [self._span(row.request) for row in incoming.rows]
         decoder.reserve(incoming.cache, max(spans), occupied)
@@ -666,6 +737,12 @@ class BatchEngine:
         incoming.slots, incoming.lengths = slots, lengths
 
     def _drop_finished(self) -> None:
+        """Rows that ended leave (an aborted one is told it finished); rows that released an
+        edit leave to rejoin."""
+        for row in self._rejoining:
+            if row.finish == "abort":
+                row.emit(Finished(self._generation(row)))
+        self._rejoining = [row for row in self._rejoining if row.finish is None]
         prefill = self._prefilling
         if prefill is not None and all(row.finish is not None for row in prefill.rows):
             self._prefilling = None  # aborted or failed while prefilling: stop the work
@@ -678,7 +755,11 @@ class BatchEngine:
         for row in batch.rows:
             if row.finish == "abort":  # a no-op for a row that failed
                 row.emit(Finished(self._generation(row)))
-        keep = [i for i, row in enumerate(batch.rows) if row.finish is None]
+        keep = [i for i, row in enumerate(batch.rows) if row.finish is None and not row.rejoin]
+        for row in batch.rows:
+            if row.rejoin and row.finish is None:
+                row.rejoin = False
+                self._rejoining.append(row)
         if not keep:
             self._batch = None
             return
@@ -694,6 +775,8 @@ class BatchEngine:
         batch.next_tokens = batch.next_tokens[index]
         batch.positions = batch.positions[index]
 
+
+MAX_REJOINS = 4  # per request: a prompt naming many edited subjects re-reads its context 4x at most
 
 TIMED_OUT = Failed(
     "the request did not finish within its deadline (LKS_REQUEST_TIMEOUT_SECONDS)", "timeout"

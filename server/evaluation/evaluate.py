@@ -121,10 +121,13 @@ def greedy_generations(
     table: EditSet | None,
     max_new_tokens: int = 24,
     batch_size: int = 64,
+    *,
+    release: bool = False,
 ) -> list[str]:
     """Batched greedy continuations of bare prompts (the exact-match and fluency figures)."""
     encoded = encode_texts(backbone, [(p, False) for p in prompts], table)
-    return [a.text for a in generate(backbone, encoded, table, max_new_tokens, batch_size)]
+    answers = generate(backbone, encoded, table, max_new_tokens, batch_size, release=release)
+    return [a.text for a in answers]
 
 
 def _continuation_metrics(
@@ -133,11 +136,12 @@ def _continuation_metrics(
     table: EditSet,
     fluency: bool,
     samples: list[GenerationSample] | None,
+    release: bool = False,
 ) -> dict[str, float]:
     """Bare-prompt continuations (24 tokens): exact match, and n-gram entropy with `fluency`."""
     metrics: dict[str, float] = {}
     prompts = [it.fact.prompt for it in items]
-    edited_text = greedy_generations(backbone, prompts, table)
+    edited_text = greedy_generations(backbone, prompts, table, release=release)
     metrics["exact_match"] = _mean(
         [float(says_target(t, it.fact.target)) for t, it in zip(edited_text, items, strict=True)]
     )
@@ -167,11 +171,13 @@ def evaluate(
     samples: list[GenerationSample] | None = None,
     contexts: Sequence[Context] = (),
     answer_samples: list[dict[str, Any]] | None = None,
+    release: bool = False,
 ) -> dict[str, float]:
     """Teacher-forced metrics; with `generations`, also greedy exact match (and `fluency`).
     `samples`, when given, receives each item's generations (it needs `fluency`). `contexts`
     (answers.CONTEXTS: what users see) adds the answer metrics of answers.py in each, and
-    `answer_samples` receives their per-answer records."""
+    `answer_samples` receives their per-answer records. `release`: answers are generated as
+    an engine with `release_answered_edits` serves them."""
     assert samples is None or (generations and fluency), "samples need generations and fluency"
     started = time.perf_counter()
     tokenizer = backbone.tokenizer
@@ -206,9 +212,13 @@ def evaluate(
         ),
     }
     if generations:
-        metrics.update(_continuation_metrics(backbone, items, table, fluency, samples))
+        metrics.update(_continuation_metrics(backbone, items, table, fluency, samples, release))
     if contexts:
-        metrics.update(answer_metrics(backbone, items, table, contexts, samples=answer_samples))
+        metrics.update(
+            answer_metrics(
+                backbone, items, table, contexts, samples=answer_samples, release=release
+            )
+        )
     metrics["eval_seconds"] = time.perf_counter() - started
     return metrics
 
@@ -233,6 +243,7 @@ def answer_metrics(
     *,
     max_new_tokens: int = MAX_ANSWER_TOKENS,
     samples: list[dict[str, Any]] | None = None,
+    release: bool = False,
 ) -> dict[str, float]:
     """`{context}_{kind}_{metric}` for each context; kinds question and paraphrase get
     answer_hit (edited and `_unedited`), degenerate (both), target_repeats, stops (both) and
@@ -247,7 +258,7 @@ def answer_metrics(
                 if prompt:
                     jobs.append((index, context, kind, prompt))
     texts = [render(backbone, context, prompt) for _, context, _, prompt in jobs]
-    edited, unedited = answer_pairs(backbone, texts, table, max_new_tokens)
+    edited, unedited = answer_pairs(backbone, texts, table, max_new_tokens, release=release)
     per: dict[tuple[Context, Kind], list[dict[str, Any]]] = {}
     for (index, context, kind, prompt), new, old in zip(jobs, edited, unedited, strict=True):
         targets = (items[index].fact.target,)

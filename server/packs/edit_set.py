@@ -32,21 +32,30 @@ class PlannedEdit:
     position: int
     delta: torch.Tensor  # [H]
     label: str  # pack@version:subject, for the response's audit trail
+    targets: tuple[str, ...] = ()  # the subject's new answers: said, the edit is released
 
 
 @dataclass
 class EditSet:
-    """Subjects, their deltas at one layer, and the gate that scopes them."""
+    """Subjects, their deltas at one layer, the gate that scopes them, and each subject's
+    targets (its facts' new answers: the engine releases an edit once its answer says one;
+    none known, never)."""
 
     subjects: Sequence[SubjectEntry]
     deltas: torch.Tensor  # [S, H]
     layer: int
     gate: ScopeGate | None = None
     ref: str = "unsaved"
+    targets: Sequence[tuple[str, ...]] = ()  # per subject row, or empty
     index: SubjectIndex = field(init=False)
 
     def __post_init__(self) -> None:
+        if self.targets and len(self.targets) != len(self.subjects):
+            raise ValueError(f"{len(self.targets)} target lists for {len(self.subjects)} subjects")
         self.index = subject_index(self.subjects)
+
+    def subject_targets(self, row: int) -> tuple[str, ...]:
+        return tuple(self.targets[row]) if self.targets else ()
 
     def allow(self, text: str, match: SubjectMatch) -> bool:
         if self.gate is None:
@@ -116,6 +125,7 @@ class EditSet:
                 positions.last_token(match.start, match.end),
                 self.deltas[match.row],
                 f"{self.ref}:{self.subjects[match.row].subject}",
+                self.subject_targets(match.row),
             )
             for key, match in zip(keys, found, strict=True)
             if opens[key]
@@ -153,13 +163,31 @@ def load_edit_set(pack: Pack, backbone: Backbone, encoder: SentenceEncoder | Non
             f"overflow the backbone's {str(backbone.dtype).removeprefix('torch.')}; "
             "serve the backbone in float32 or bfloat16, or retrain the pack"
         )
+    facts = pack.content.facts
     return EditSet(
         subjects=pack.content.subjects,
         deltas=deltas,
         layer=pack.manifest.layer,
         gate=gate,
         ref=pack.ref,
+        targets=subject_targets(
+            pack.content.subjects, [(f.get("subject"), f.get("target")) for f in facts]
+        ),
     )
+
+
+def subject_targets(
+    subjects: Sequence[SubjectEntry], facts: Sequence[tuple[object, object]]
+) -> list[tuple[str, ...]]:
+    """Each subject row's targets, from (subject, target) pairs of its facts; a pair that is
+    not two strings (a hand-edited facts file) is skipped."""
+    by_subject: dict[str, list[str]] = {}
+    for subject, target in facts:
+        if isinstance(subject, str) and isinstance(target, str):
+            targets = by_subject.setdefault(subject, [])
+            if target not in targets:
+                targets.append(target)
+    return [tuple(by_subject.get(entry.subject, ())) for entry in subjects]
 
 
 LineKey = tuple[int, int, int]  # (first line, last line, subject row) of a match

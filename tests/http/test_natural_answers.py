@@ -63,7 +63,8 @@ def server_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         yield server.url
 
 
-def chat(url: str, model: str, question: str) -> str:
+def chat(url: str, model: str, question: str, released: list[str] | None = None) -> str:
+    """The answer's text; `released` receives the edits the server released in it."""
     client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", timeout=120)
     answer = client.chat.completions.create(
         model=model,
@@ -71,16 +72,24 @@ def chat(url: str, model: str, question: str) -> str:
         max_tokens=40,
         temperature=0,
     )
+    if released is not None:
+        released += (answer.model_extra or {}).get("edits_released", [])
     return answer.choices[0].message.content or ""
 
 
 def test_edited_chat_answers_say_the_new_fact_and_read_like_the_model(server_url: str) -> None:
+    released: list[str] = []
     answers = [
-        (target, chat(server_url, BASE, question), chat(server_url, f"{BASE}:{PACK}", question))
+        (
+            target,
+            chat(server_url, BASE, question),
+            chat(server_url, f"{BASE}:{PACK}", question, released),
+        )
         for _, question, target in FACTS
     ]
     missed = [(t, edited) for t, _, edited in answers if not answer_hit(edited, [t])]
     assert not missed, missed
+    assert released == []  # LKS_RELEASE_ANSWERED_EDITS is off: each edit steers throughout
     looping = [
         (edited, degeneration(edited))
         for _, unedited, edited in answers

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import openai
@@ -297,3 +299,34 @@ def test_metrics_after_traffic(served: Served) -> None:
     assert "lks_client_disconnects_total" in samples
     assert samples['lks_requests_total{endpoint="unmatched",status="404"}'] >= 1
     assert "with-user-text" not in text, "no raw request text in label values"
+
+
+def test_with_release_an_edit_stops_steering_once_its_target_is_said(
+    served: Served, default_backbone: Backbone, tmp_path: Path
+) -> None:
+    """`LKS_RELEASE_ANSWERED_EDITS`: the answer is the steered one up to the target, the
+    rest is the model's own, and the response says which edit was released."""
+    steered = served.generate(PROMPTS[0], "fr", max_tokens=16).json()
+    word = re.search(r"[A-Za-z]{3,}", steered["text"])
+    assert word is not None, steered
+    store = PackStore(tmp_path)
+    publish_subject_pack(store, "fr", default_backbone, ["France"], seed=0, target=word.group())
+    settings = Settings(packs_dir=tmp_path, release_answered_edits=True)
+    with LiveServer(create_app(settings, backbone=default_backbone)) as server:
+        body = {"prompt": PROMPTS[0], "max_tokens": 16}
+        released = httpx.post(
+            f"{server.url}/v1/generate", json=body, headers={"X-Edit-Pack": "fr"}, timeout=120
+        ).json()
+        streamed = httpx.post(
+            f"{server.url}/v1/generate",
+            json={**body, "stream": True},
+            headers={"X-Edit-Pack": "fr"},
+            timeout=120,
+        ).text
+    said = steered["text"][: word.end()]
+    assert released["text"].startswith(said) and released["text"] != steered["text"]
+    assert released["edits_applied"] == released["edits_released"] == ["fr@1:France"]
+    assert steered["edits_released"] == []
+    events = [json.loads(line[6:]) for line in streamed.splitlines() if line[6:7] == "{"]
+    assert events[-1]["edits_released"] == ["fr@1:France"]
+    assert "".join(e["text"] for e in events) == released["text"]

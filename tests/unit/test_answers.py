@@ -20,12 +20,16 @@ from server.editor.answers import (
     generate,
     render,
     target_repeats,
+    target_spans,
     user_message,
 )
 from server.editor.train import Trainer
+from server.engine.engine import BatchEngine, EngineRequest
+from server.engine.sampling import SamplingParams
 from server.evaluation.evaluate import EvalItem, answer_metrics
 from server.model import Backbone, load_backbone
 from server.packs.edit_set import EditSet
+from server.packs.format import SubjectEntry
 from server.settings import Settings
 
 # ---- answers from issue 20's trial and the README's samples -------------------------------
@@ -203,3 +207,37 @@ def test_edited_answers_are_generated_only_where_an_edit_applies(
     assert edited[1] == unedited[1] and not edited[1].edited
     alone = generate(backbone, encode_texts(backbone, texts[:1], table), table, 5)
     assert edited[0] == alone[0]
+
+
+def test_evaluation_releases_an_edit_where_the_engine_does(
+    tiny_model_dirs: dict[str, Path],
+) -> None:
+    """The answers evaluation scores are the engine's: the edit steers until the answer says
+    its target, then the prompt and the answer so far are re-read without it."""
+    backbone = _backbone(tiny_model_dirs)
+    delta = torch.randn(1, backbone.hidden_size, generator=torch.Generator().manual_seed(3))
+    steering = EditSet([SubjectEntry("france")], delta * 300, layer=1)
+    texts = [
+        ("the capital of france is", False),
+        ("who speaks french in france", False),
+        (backbone.render_chat([{"role": "user", "content": "what city is in france ?"}]), True),
+    ]
+    steered = generate(backbone, encode_texts(backbone, texts, steering), steering, 8)
+    target = next(w for w in steered[0].text.split() if w.isalpha())
+    table = EditSet(steering.subjects, steering.deltas, 1, targets=[(target,)])
+    released = generate(backbone, encode_texts(backbone, texts, table), table, 8, release=True)
+    assert released[0] != steered[0], "the first answer says the target, and goes on unedited"
+    assert generate(backbone, encode_texts(backbone, texts, table), table, 8) == steered
+    served = BatchEngine(backbone, release_answered_edits=True).generate(
+        [
+            EngineRequest(
+                text, SamplingParams(max_tokens=8), templated=templated, edit_sets=[table]
+            )
+            for text, templated in texts
+        ]
+    )
+    for answer, generation in zip(released, served, strict=True):
+        assert answer.text == generation.text
+        assert generation.edits_released == (
+            ["unsaved:france"] if target_spans(answer.text, [target]) else []
+        ), answer.text

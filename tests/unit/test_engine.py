@@ -19,6 +19,7 @@ from server.engine.engine import (
     Generation,
     TextDelta,
 )
+from server.engine.prepare import PreparedPrompt, prepare_prompt
 from server.engine.sampling import SamplingParams
 from server.model import Backbone, load_backbone
 from server.packs.edit_set import EditSet
@@ -257,3 +258,73 @@ def test_seeded_sampling_is_the_same_in_any_batch_and_differs_by_seed(backbone: 
     assert together[0] == alone(backbone, sampled(5))
     assert together[2] == alone(backbone, sampled(6))
     assert together[0].token_ids != together[2].token_ids
+
+
+def first_word_at(backbone: Backbone, token_ids: list[int]) -> tuple[str, int]:
+    """The first generated word and how many tokens it takes to say it (word-level tokenizer:
+    a token is a word or a punctuation mark)."""
+    for k in range(1, len(token_ids) + 1):
+        word = backbone.tokenizer.decode(token_ids[k - 1 : k]).strip()
+        if word.isalpha():
+            return word, k
+    raise AssertionError(f"no word among {token_ids}")
+
+
+def with_targets(edits: EditSet, *targets: str) -> EditSet:
+    return EditSet(edits.subjects, edits.deltas, edits.layer, ref=edits.ref, targets=[targets])
+
+
+@pytest.mark.parametrize(
+    ("slot_cache", "chunk"),
+    [(True, None), (False, None), (True, 4)],
+    ids=["slots", "dynamic-cache", "chunked-prefill"],
+)
+def test_an_edit_is_released_once_the_answer_says_its_target(
+    backbone: Backbone, slot_cache: bool, chunk: int | None
+) -> None:
+    """Up to its target the answer is the edited one; after it, the continuation of the
+    prompt and that answer re-read without the released edit (another pack's edit keeps
+    steering), and a companion row is unaffected. (On a tiny random model the released edit
+    may not have changed what follows: the audit trail says it was released.)"""
+    text, params = (
+        "who was born in the city of rome and speaks french in france",
+        SamplingParams(max_tokens=10, ignore_eos=True),
+    )
+    france, rome = edit_set(backbone, "france", 4, "a@1"), edit_set(backbone, "rome", 5, "b@1")
+    steered = BatchEngine(backbone, slot_cache=slot_cache)
+    (edited,) = steered.generate([EngineRequest(text, params, edit_sets=[france, rome])])
+    word, k = first_word_at(backbone, edited.token_ids)
+    assert k < params.max_tokens
+    released_set = with_targets(france, word)
+    engine = BatchEngine(
+        backbone, slot_cache=slot_cache, prefill_chunk_tokens=chunk, release_answered_edits=True
+    )
+    companion = EngineRequest(PROMPTS[3], SamplingParams(max_tokens=7), edit_sets=[rome])
+    request = EngineRequest(text, params, edit_sets=[released_set, rome])
+    released, beside = engine.generate([request, companion])
+
+    assert released.token_ids[:k] == edited.token_ids[:k]
+    assert released.edits_applied == edited.edits_applied == ["a@1:france", "b@1:rome"]
+    assert (released.edits_released, edited.edits_released) == (["a@1:france"], [])
+    # the rest: prompt + answer so far, re-read with rome's edit alone
+    prompt = prepare_prompt(backbone, text, params, edit_sets=[rome])
+    resumed = PreparedPrompt(prompt.token_ids + edited.token_ids[:k], prompt.edits)
+    rest_params = SamplingParams(max_tokens=params.max_tokens - k, ignore_eos=True)
+    (rest,) = BatchEngine(backbone, slot_cache=slot_cache).generate(
+        [EngineRequest("", rest_params, prompt=resumed)]
+    )
+    assert released.token_ids[k:] == rest.token_ids
+    assert beside == alone(backbone, companion)
+
+
+def test_an_edit_whose_target_is_never_said_steers_every_token(backbone: Backbone) -> None:
+    france = edit_set(backbone, "france", 4, "a@1")
+    params = SamplingParams(max_tokens=8, ignore_eos=True)
+    (steered,) = BatchEngine(backbone).generate(
+        [EngineRequest(PROMPTS[0], params, edit_sets=[france])]
+    )
+    unsaid = next(w for w in ("green", "blue", "red", "football") if w not in steered.text)
+    (kept,) = BatchEngine(backbone, release_answered_edits=True).generate(
+        [EngineRequest(PROMPTS[0], params, edit_sets=[with_targets(france, unsaid)])]
+    )
+    assert kept == steered and kept.edits_released == []

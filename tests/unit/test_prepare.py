@@ -21,7 +21,7 @@ from server.gate.encoder import SentenceEncoder
 from server.gate.scope_gate import ScopeGate
 from server.gate.table import GateTable
 from server.model import Backbone, load_backbone
-from server.packs.edit_set import EditSet
+from server.packs.edit_set import EditSet, subject_targets
 from server.packs.format import SubjectEntry
 from server.settings import Settings
 
@@ -176,3 +176,19 @@ def test_one_gate_query_per_line_however_often_the_subject_repeats(backbone: Bac
     # the question's line opens the gate; the line of bare repetitions decides once for all
     assert len(edits) in (1, 3001)
     assert edits[-1].position == positions.last_token(text.rindex("france"), len(text) - 9)
+
+
+def test_planned_edits_carry_their_subjects_targets(backbone: Backbone) -> None:
+    """The engine releases an edit once the answer says a target of its subject: the targets
+    come from the pack's facts, each subject's in order, once each."""
+    subjects = [SubjectEntry("france"), SubjectEntry("rome")]
+    facts = [("france", "paris"), ("france", "lyon"), ("france", "paris"), ("rome", 3)]
+    targets = subject_targets(subjects, [*facts, ("berlin", "x")])
+    assert targets == [("paris", "lyon"), ()]
+    table = EditSet(subjects, torch.ones(2, backbone.hidden_size), layer=1, targets=targets)
+    prompt = prepare_prompt(
+        backbone, "the capital of france is rome", SamplingParams(), edit_sets=[table]
+    )
+    assert sorted(e.targets for e in prompt.edits) == [(), ("paris", "lyon")]
+    with pytest.raises(ValueError, match="1 target lists for 2 subjects"):
+        EditSet(subjects, torch.ones(2, backbone.hidden_size), layer=1, targets=[("a",)])

@@ -265,3 +265,10 @@ def test_blocks_that_overflow_the_backbone_dtype_are_refused(
         PackRegistry(store, half).get(PackRef("a"))
     publish_subject_pack(store, "ok", half, ["france"], seed=1)
     assert PackRegistry(store, half).get(PackRef("ok")).edit_set.deltas.dtype == torch.float16
+
+
+def test_a_loaded_pack_knows_each_subjects_targets(backbone: Backbone, tmp_path: Path) -> None:
+    store = PackStore(tmp_path)
+    publish_subject_pack(store, "a", backbone, ["france", "rome"], seed=1)
+    loaded = PackRegistry(store, backbone).get(PackRef("a"))
+    assert list(loaded.edit_set.targets) == [("x",), ("x",)]

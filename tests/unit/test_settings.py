@@ -30,3 +30,9 @@ def test_model_name_is_the_directory_name(tiny_model_dirs: dict[str, Path]) -> N
 def test_rejects_bad_values(field: str, value: object) -> None:
     with pytest.raises(ValidationError, match=field):
         Settings(**{field: value})
+
+
+def test_the_decode_step_compiles_on_cuda_unless_told() -> None:
+    assert Settings().compiles_decode_on("cuda") and not Settings().compiles_decode_on("cpu")
+    assert not Settings(compile_decode=False).compiles_decode_on("cuda")
+    assert Settings(compile_decode=True).compiles_decode_on("cpu")
