@@ -93,10 +93,10 @@ class Settings(BaseSettings):
         return self.compile_decode if self.compile_decode is not None else device == "cuda"
 
     release_answered_edits: bool = Field(
-        default=False,
-        description="An edit steers an answer only until the answer says the edited fact's "
-        "target; the rest is the unedited model's continuation. Off: packs trained with the "
-        "default teacher answer better steered to the end (docs/results/natural_edits.md, 2g).",
+        default=True,
+        description="In a completion (not a chat), the edit of a statement fact steers only "
+        "until the answer says its target; the rest is the model's own continuation "
+        "(docs/results/natural_edits.md, 2h). Off: every edit steers every token.",
     )
     max_prompt_chars: int = Field(
         default=100_000, ge=1, description="Longest prompt, in characters once rendered."

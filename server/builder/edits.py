@@ -17,7 +17,7 @@ from server.gate.rule import RULE, gate_rows
 from server.gate.scope_gate import ScopeGate
 from server.gate.table import GateTable
 from server.model.backbone import Backbone
-from server.packs.edit_set import EditSet, subject_targets
+from server.packs.edit_set import EditSet, release_targets
 from server.packs.format import BLOCKS_KEY, BackboneInfo, PackContent
 
 
@@ -154,6 +154,8 @@ def _with_gate(
         deltas=result.deltas.to(backbone.dtype),
         layer=result.layer,
         gate=ScopeGate(gate_table, encoder),
-        targets=subject_targets(result.scope.subjects, [(f.subject, f.target) for f in facts]),
+        targets=release_targets(
+            result.scope.subjects, [(f.subject, f.prompt, f.target) for f in facts]
+        ),
     )
     return Edits(result, gate_table, edit_set)

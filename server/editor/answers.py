@@ -34,6 +34,7 @@ from typing import Literal, Protocol
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from server.editor.facts import is_question
 from server.editor.scope import EncodedText, length_batches
 from server.model.backbone import Backbone
 from server.model.hook import EditPlan
@@ -69,7 +70,7 @@ class EditTable(Protocol):
 def user_message(prompt: str) -> str:
     """What a user would type for a benchmark prompt: a question as it is, a cloze statement as
     an instruction to complete it."""
-    return prompt if prompt.rstrip().endswith("?") else CLOZE_INSTRUCTION + prompt
+    return prompt if is_question(prompt) else CLOZE_INSTRUCTION + prompt
 
 
 def render(backbone: Backbone, context: Context, prompt: str) -> tuple[str, bool]:
@@ -210,8 +211,9 @@ def generate(
     *,
     release: bool = False,
 ) -> list[Answer]:
-    """Greedy answers as the engine serves them: with `release` (the engine's
-    `release_answered_edits`), an edit whose target the answer has said steers no further."""
+    """Greedy answers; `encoded` are completions (not templated chats). With `release` (the
+    engine's `release_answered_edits`), as the engine serves them: an edit with release
+    targets steers until the answer says one."""
     answers = _generate(backbone, encoded, table, max_new_tokens, batch_size)
     if release and table is not None and table.targets:
         answers = release_answered(backbone, encoded, table, answers, max_new_tokens, batch_size)
@@ -338,15 +340,25 @@ def answer_pairs(
 ) -> tuple[list[Answer], list[Answer]]:
     """(edited, unedited) answers to each (text, templated). A text the table edits nowhere
     (no subject, or the gate stays shut) is computed once: its edited answer IS the unedited
-    one, as in serving, where such a request runs with no edit at all."""
+    one, as in serving, where such a request runs with no edit at all. With `release`, edits
+    are released in completions as the engine releases them (not in a templated chat)."""
     plain = encode_texts(backbone, texts, None)
     unedited = generate(backbone, plain, None, max_new_tokens)
     encoded = encode_texts(backbone, texts, table)
     touched = [i for i, e in enumerate(encoded) if e.edits]
     edited = list(unedited)
-    redone = generate(
-        backbone, [encoded[i] for i in touched], table, max_new_tokens, release=release
-    )
+    redone = generate(backbone, [encoded[i] for i in touched], table, max_new_tokens)
     for index, answer in zip(touched, redone, strict=True):
         edited[index] = answer
+    completions = [i for i in touched if not texts[i][1]]
+    if release and table.targets and completions:
+        released = release_answered(
+            backbone,
+            [encoded[i] for i in completions],
+            table,
+            [edited[i] for i in completions],
+            max_new_tokens,
+        )
+        for index, answer in zip(completions, released, strict=True):
+            edited[index] = answer
     return edited, unedited

@@ -50,15 +50,15 @@ class TrainConfig:
     # context ("Fact: <prompt> <target>."), answers the question in its own words; the edited
     # model, asked the bare question, should answer as it does (its sentence, its end of turn).
     teacher_weight: float = 1.0
-    # the same KL over the bare context's answer (its end of turn stays cross-entropy), where
-    # teacher_contexts has "bare". Lower: at the chat's weight it cost generality (zsRE dev
-    # 0.970 against 0.991 at 0.3; docs/results/natural_edits.md, 2d).
+    # the same KL over the bare context's answer (a question's end of turn stays cross-entropy;
+    # a statement is taught none: sequences.taught_answer), where teacher_contexts has "bare".
+    # Lower: at the chat's weight it cost generality (zsRE dev 0.970 against 0.991 at 0.3;
+    # docs/results/natural_edits.md, 2d).
     bare_teacher_weight: float = 0.3
     teacher_tokens: int = 24  # the teacher's answer is cut here (its end of turn included)
     # where: "chat" (the chat template), "bare" (the prompt as it is); "free": in chat the
-    # teacher answers freely (the target where it puts it) instead of after the target. "bare"
-    # costs generality; without it, bare answers loop unless served with the edit released
-    # once its answer is said, which makes answers worse (natural_edits.md, 2g)
+    # teacher answers freely (the target where it puts it) instead of after the target. Without
+    # "bare", bare questions loop (released, their answers read worse: natural_edits.md, 2g)
     teacher_contexts: tuple[str, ...] = ("chat", "bare")
 
     def teacher_weight_in(self, context: str) -> float:

@@ -180,3 +180,9 @@ def parse_facts_jsonl(text: str, *, later_wins: bool = False) -> ParsedFacts:
     result = collect_facts(records, later_wins=later_wins)
     result.errors = sorted(bad_json + result.errors, key=lambda p: p.line)
     return result
+
+
+def is_question(text: str) -> bool:
+    """A question ("Who wrote Hamlet?"), not a statement to complete ("Hamlet was written by"):
+    the instruct model ends its answer to a bare question and goes on after a statement."""
+    return text.rstrip().endswith("?")

@@ -30,7 +30,7 @@ from server.editor.answers import (
 )
 from server.editor.config import TrainConfig
 from server.editor.detect import SubjectIndex
-from server.editor.facts import Fact
+from server.editor.facts import Fact, is_question
 from server.editor.scope import EncodedText, encode, join_target, length_batches, pad_batch
 from server.model.backbone import Backbone
 
@@ -169,14 +169,21 @@ def one_sentence(
 
 
 def taught_answer(
-    tokenizer: PreTrainedTokenizerBase, context: str, target: str, answer: Answer
+    tokenizer: PreTrainedTokenizerBase,
+    context: str,
+    target: str,
+    answer: Answer,
+    *,
+    question: bool = True,
 ) -> tuple[list[int], bool]:
     """(answer tokens to distil, whether an end of turn follows them) for a teacher's answer
     after the forced target. An answer that says the target again or repeats itself is cut
-    after its first sentence and ends there; so is every bare answer, since the instruct model
-    ends a bare question at once and its told answer goes on to restate the fact ("German.
-    The native language of X is German. ..."). An answer whose first sentence cannot be cut
-    clean teaches the target only."""
+    after its first sentence and ends there; so is every bare answer, since its told answer
+    goes on to restate the fact ("German. The native language of X is German. ..."). A bare
+    `question` ends there, as the instruct model ends a bare question at once; a bare statement
+    does not (the model goes on after a statement, and teaching it to stop cost generality:
+    natural_edits.md 2g; served, its edit is released once its answer is said). An answer
+    whose first sentence cannot be cut clean teaches the target only."""
     said = list(answer.tokens)
     whole = target + answer.text
     flawed = target_repeats(whole, [target]) or degenerate(whole)
@@ -185,7 +192,7 @@ def taught_answer(
     cut = one_sentence(tokenizer, target, said)
     if cut is None:
         return ([], False) if flawed else (said, False)
-    return said[:cut], True
+    return said[:cut], context != "bare" or question
 
 
 @torch.inference_mode()
@@ -222,7 +229,7 @@ def teacher_sequences(
         for c in contexts
     }
     taught = [
-        taught_answer(tokenizer, job[1], job[0].target, answer)
+        taught_answer(tokenizer, job[1], job[0].target, answer, question=is_question(job[0].prompt))
         if job[-1]
         else (list(answer.tokens), False)
         for job, answer in zip(jobs, answers, strict=True)

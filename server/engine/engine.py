@@ -6,10 +6,11 @@ carries their edit plans; a prompt longer than a prefill chunk is prefilled one 
 so the running rows keep decoding meanwhile), then runs one decode step for every running
 request, whatever pack it uses. Requests join and leave between steps (continuous batching); an
 edit touches only the prefill of its own row, and the KV cache carries it into decoding.
-An edit steers until its answer is said: once a row's text says one of an edited subject's
-targets, the row leaves the batch and joins again, its prompt and answer so far re-read without
-that edit (one more prefill), so what follows is the model's own continuation of the new fact
-rather than the edited subject's state read at every later position (which loops: "Rome Rome").
+In a completion, an edit of a statement fact steers until its answer is said: once a row's text
+says one of the edit's release targets (`edit_set.release_targets`), the row leaves the batch and
+joins again, its prompt and answer so far re-read without that edit (one more prefill), so what
+follows is the model's own continuation rather than the edited subject's state read at every
+later position (which loops: "Rome Rome"). Training teaches every other answer its end.
 Decoding runs on a slot KV cache (`slot_cache.py`: each row keeps its own preallocated columns;
 the step may be compiled); a model it cannot serve decodes on a `DynamicCache` re-batched
 between steps (`kv_cache.py`). The engine is single-threaded by design: the scheduler owns the
@@ -224,13 +225,14 @@ class BatchEngine:
         on_step: Callable[[int], None] | None = None,
         slot_cache: bool = True,
         compile_decode: bool = False,
-        release_answered_edits: bool = False,
+        release_answered_edits: bool = True,
     ) -> None:
         """`max_batch_tokens` bounds the KV cache: rows x the longest row's prompt + max_tokens;
         None: rows alone. `prefill_chunk_tokens`: prompts longer than this are prefilled one
         chunk per step; None: in one pass. `slot_cache`: decode on the slot KV cache where the
         model allows (else on a re-batched `DynamicCache`); `compile_decode`: compile its step.
-        `release_answered_edits`: an edit steers only until its answer says its target."""
+        `release_answered_edits`: in a completion (not a chat), an edit whose pack gave it
+        release targets steers only until the answer says one."""
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
         if prefill_chunk_tokens is not None and prefill_chunk_tokens < 1:
@@ -654,7 +656,7 @@ class BatchEngine:
             elif len(row.output_ids) >= params.max_tokens:
                 row.finish = "length"
                 row.text += row.detokenizer.flush()
-            elif new and self.release_answered_edits:
+            elif new and self.release_answered_edits and not row.request.templated:
                 self._release_answered(row, len(row.text) - len(new))
         self._stream(row)
 

@@ -14,6 +14,8 @@ from collections.abc import Sequence
 
 import torch
 
+from server.editor.facts import is_question
+
 RULE = "csls-relation-head-v2"
 PLACEHOLDER = "X"
 TOP_K = 5
@@ -56,10 +58,6 @@ def mask_subject(text: str, names: Sequence[str]) -> str:
 def masked_prompts(prompts: Sequence[str], subject_names: Sequence[Sequence[str]]) -> list[str]:
     """What the gate embeds for each fact: its prompt with the subject's names masked."""
     return [mask_subject(p, names) for p, names in zip(prompts, subject_names, strict=True)]
-
-
-def is_question(text: str) -> bool:
-    return text.rstrip().endswith("?")
 
 
 def answer_statement(masked_prompt: str, target: str) -> str | None:

@@ -17,6 +17,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from server.editor.detect import SubjectIndex, SubjectMatch, TokenPositions
+from server.editor.facts import is_question
 from server.editor.scope import EncodedText, encode, subject_index
 from server.gate.encoder import SentenceEncoder
 from server.gate.scope_gate import ScopeGate
@@ -32,14 +33,13 @@ class PlannedEdit:
     position: int
     delta: torch.Tensor  # [H]
     label: str  # pack@version:subject, for the response's audit trail
-    targets: tuple[str, ...] = ()  # the subject's new answers: said, the edit is released
+    targets: tuple[str, ...] = ()  # said in a completion, the edit is released (release_targets)
 
 
 @dataclass
 class EditSet:
     """Subjects, their deltas at one layer, the gate that scopes them, and each subject's
-    targets (its facts' new answers: the engine releases an edit once its answer says one;
-    none known, never)."""
+    release targets (`release_targets`: a completion that says one releases the edit)."""
 
     subjects: Sequence[SubjectEntry]
     deltas: torch.Tensor  # [S, H]
@@ -170,20 +170,26 @@ def load_edit_set(pack: Pack, backbone: Backbone, encoder: SentenceEncoder | Non
         layer=pack.manifest.layer,
         gate=gate,
         ref=pack.ref,
-        targets=subject_targets(
-            pack.content.subjects, [(f.get("subject"), f.get("target")) for f in facts]
+        targets=release_targets(
+            pack.content.subjects,
+            [(f.get("subject"), f.get("prompt"), f.get("target")) for f in facts],
         ),
     )
 
 
-def subject_targets(
-    subjects: Sequence[SubjectEntry], facts: Sequence[tuple[object, object]]
+def release_targets(
+    subjects: Sequence[SubjectEntry], facts: Sequence[tuple[object, object, object]]
 ) -> list[tuple[str, ...]]:
-    """Each subject row's targets, from (subject, target) pairs of its facts; a pair that is
-    not two strings (a hand-edited facts file) is skipped."""
+    """Each subject row's release targets, from (subject, prompt, target) of its facts: the
+    targets of its statements ("Hamlet was written by"). Training teaches no end after a
+    statement's answer in a bare completion (the model goes on there), so served, such an edit
+    is released once a completion says its target; a question's edit is taught to end. A fact
+    whose fields are not strings (a hand-edited facts file) is skipped."""
     by_subject: dict[str, list[str]] = {}
-    for subject, target in facts:
-        if isinstance(subject, str) and isinstance(target, str):
+    for subject, prompt, target in facts:
+        if not (isinstance(subject, str) and isinstance(prompt, str) and isinstance(target, str)):
+            continue
+        if not is_question(prompt):
             targets = by_subject.setdefault(subject, [])
             if target not in targets:
                 targets.append(target)

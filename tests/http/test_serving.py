@@ -304,14 +304,15 @@ def test_metrics_after_traffic(served: Served) -> None:
 def test_with_release_an_edit_stops_steering_once_its_target_is_said(
     served: Served, default_backbone: Backbone, tmp_path: Path
 ) -> None:
-    """`LKS_RELEASE_ANSWERED_EDITS`: the answer is the steered one up to the target, the
-    rest is the model's own, and the response says which edit was released."""
+    """`LKS_RELEASE_ANSWERED_EDITS` (on): in a completion, the edit of a statement fact steers
+    up to its target, the rest is the model's own, and the response says which edit was
+    released. (The module's packs' target, "x", is never said: they steer throughout.)"""
     steered = served.generate(PROMPTS[0], "fr", max_tokens=16).json()
     word = re.search(r"[A-Za-z]{3,}", steered["text"])
     assert word is not None, steered
     store = PackStore(tmp_path)
     publish_subject_pack(store, "fr", default_backbone, ["France"], seed=0, target=word.group())
-    settings = Settings(packs_dir=tmp_path, release_answered_edits=True)
+    settings = Settings(packs_dir=tmp_path)
     with LiveServer(create_app(settings, backbone=default_backbone)) as server:
         body = {"prompt": PROMPTS[0], "max_tokens": 16}
         released = httpx.post(

@@ -212,8 +212,9 @@ def test_edited_answers_are_generated_only_where_an_edit_applies(
 def test_evaluation_releases_an_edit_where_the_engine_does(
     tiny_model_dirs: dict[str, Path],
 ) -> None:
-    """The answers evaluation scores are the engine's: the edit steers until the answer says
-    its target, then the prompt and the answer so far are re-read without it."""
+    """The answers evaluation scores are the engine's: in a completion the edit steers until
+    the answer says its target, then the prompt and the answer so far are re-read without it;
+    a chat is not released."""
     backbone = _backbone(tiny_model_dirs)
     delta = torch.randn(1, backbone.hidden_size, generator=torch.Generator().manual_seed(3))
     steering = EditSet([SubjectEntry("france")], delta * 300, layer=1)
@@ -225,10 +226,11 @@ def test_evaluation_releases_an_edit_where_the_engine_does(
     steered = generate(backbone, encode_texts(backbone, texts, steering), steering, 8)
     target = next(w for w in steered[0].text.split() if w.isalpha())
     table = EditSet(steering.subjects, steering.deltas, 1, targets=[(target,)])
-    released = generate(backbone, encode_texts(backbone, texts, table), table, 8, release=True)
+    released, _ = answer_pairs(backbone, texts, table, 8, release=True)
     assert released[0] != steered[0], "the first answer says the target, and goes on unedited"
+    assert released[2] == steered[2], "a chat is not released"
     assert generate(backbone, encode_texts(backbone, texts, table), table, 8) == steered
-    served = BatchEngine(backbone, release_answered_edits=True).generate(
+    served = BatchEngine(backbone).generate(
         [
             EngineRequest(
                 text, SamplingParams(max_tokens=8), templated=templated, edit_sets=[table]
@@ -236,8 +238,7 @@ def test_evaluation_releases_an_edit_where_the_engine_does(
             for text, templated in texts
         ]
     )
-    for answer, generation in zip(released, served, strict=True):
+    for (_, templated), answer, generation in zip(texts, released, served, strict=True):
         assert answer.text == generation.text
-        assert generation.edits_released == (
-            ["unsaved:france"] if target_spans(answer.text, [target]) else []
-        ), answer.text
+        says = not templated and bool(target_spans(answer.text, [target]))
+        assert generation.edits_released == (["unsaved:france"] if says else []), answer.text

@@ -291,14 +291,12 @@ def test_an_edit_is_released_once_the_answer_says_its_target(
         SamplingParams(max_tokens=10, ignore_eos=True),
     )
     france, rome = edit_set(backbone, "france", 4, "a@1"), edit_set(backbone, "rome", 5, "b@1")
-    steered = BatchEngine(backbone, slot_cache=slot_cache)
+    steered = BatchEngine(backbone, slot_cache=slot_cache, release_answered_edits=False)
     (edited,) = steered.generate([EngineRequest(text, params, edit_sets=[france, rome])])
     word, k = first_word_at(backbone, edited.token_ids)
     assert k < params.max_tokens
     released_set = with_targets(france, word)
-    engine = BatchEngine(
-        backbone, slot_cache=slot_cache, prefill_chunk_tokens=chunk, release_answered_edits=True
-    )
+    engine = BatchEngine(backbone, slot_cache=slot_cache, prefill_chunk_tokens=chunk)
     companion = EngineRequest(PROMPTS[3], SamplingParams(max_tokens=7), edit_sets=[rome])
     request = EngineRequest(text, params, edit_sets=[released_set, rome])
     released, beside = engine.generate([request, companion])
@@ -320,11 +318,25 @@ def test_an_edit_is_released_once_the_answer_says_its_target(
 def test_an_edit_whose_target_is_never_said_steers_every_token(backbone: Backbone) -> None:
     france = edit_set(backbone, "france", 4, "a@1")
     params = SamplingParams(max_tokens=8, ignore_eos=True)
-    (steered,) = BatchEngine(backbone).generate(
+    (steered,) = BatchEngine(backbone, release_answered_edits=False).generate(
         [EngineRequest(PROMPTS[0], params, edit_sets=[france])]
     )
     unsaid = next(w for w in ("green", "blue", "red", "football") if w not in steered.text)
-    (kept,) = BatchEngine(backbone, release_answered_edits=True).generate(
+    (kept,) = BatchEngine(backbone).generate(
         [EngineRequest(PROMPTS[0], params, edit_sets=[with_targets(france, unsaid)])]
     )
     assert kept == steered and kept.edits_released == []
+
+
+def test_a_chat_is_never_released(backbone: Backbone) -> None:
+    """Training teaches a chat answer its end: the edit steers it to the end, even after the
+    answer says the target."""
+    france = edit_set(backbone, "france", 4, "a@1")
+    chat = backbone.render_chat([{"role": "user", "content": PROMPTS[0]}])
+    params = SamplingParams(max_tokens=8, ignore_eos=True)
+    request = EngineRequest(chat, params, templated=True, edit_sets=[france])
+    (steered,) = BatchEngine(backbone, release_answered_edits=False).generate([request])
+    word, _ = first_word_at(backbone, steered.token_ids)
+    targeted = EngineRequest(chat, params, templated=True, edit_sets=[with_targets(france, word)])
+    (served,) = BatchEngine(backbone).generate([targeted])
+    assert served == steered and served.edits_released == []

@@ -21,7 +21,7 @@ from server.gate.encoder import SentenceEncoder
 from server.gate.scope_gate import ScopeGate
 from server.gate.table import GateTable
 from server.model import Backbone, load_backbone
-from server.packs.edit_set import EditSet, subject_targets
+from server.packs.edit_set import EditSet, release_targets
 from server.packs.format import SubjectEntry
 from server.settings import Settings
 
@@ -178,12 +178,19 @@ def test_one_gate_query_per_line_however_often_the_subject_repeats(backbone: Bac
     assert edits[-1].position == positions.last_token(text.rindex("france"), len(text) - 9)
 
 
-def test_planned_edits_carry_their_subjects_targets(backbone: Backbone) -> None:
-    """The engine releases an edit once the answer says a target of its subject: the targets
-    come from the pack's facts, each subject's in order, once each."""
+def test_planned_edits_carry_their_subjects_release_targets(backbone: Backbone) -> None:
+    """The engine releases an edit once a completion says a release target of its subject:
+    the targets of the pack's statement facts (a question's edit is taught to end), each
+    subject's in order, once each."""
     subjects = [SubjectEntry("france"), SubjectEntry("rome")]
-    facts = [("france", "paris"), ("france", "lyon"), ("france", "paris"), ("rome", 3)]
-    targets = subject_targets(subjects, [*facts, ("berlin", "x")])
+    facts = [
+        ("france", "the capital of france is", "paris"),
+        ("france", "the largest city of france is", "lyon"),
+        ("france", "france's capital is", "paris"),
+        ("france", "what is the capital of france ?", "nice"),
+        ("rome", "rome is in", 3),
+    ]
+    targets = release_targets(subjects, [*facts, ("berlin", "berlin is in", "x")])
     assert targets == [("paris", "lyon"), ()]
     table = EditSet(subjects, torch.ones(2, backbone.hidden_size), layer=1, targets=targets)
     prompt = prepare_prompt(

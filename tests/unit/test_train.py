@@ -14,7 +14,7 @@ from transformers import PreTrainedTokenizerBase
 from server.editor.activation_cache import ActivationCache
 from server.editor.answers import Answer
 from server.editor.config import TrainConfig
-from server.editor.facts import Fact, LocalityPrompt, fact_key
+from server.editor.facts import Fact, LocalityPrompt, fact_key, is_question
 from server.editor.hypernet import Hypernetwork
 from server.editor.precompute import feature_states, shared_prefix_groups, split_sequences
 from server.editor.scope import EncodedText, Scope, encode, join_target
@@ -344,7 +344,10 @@ def test_teacher_sequences_hold_the_student_to_the_told_models_answer(
         teacher = TEACHER_FACT.format(prompt=fact.prompt, target=fact.target)
         teacher += join_target(fact.prompt, fact.target)
         (answer,) = generate(backbone, encode_texts(backbone, [(teacher, False)], None), None, 4)
-        said, ended = taught_answer(backbone.tokenizer, "bare", fact.target, answer)
+        question = is_question(fact.prompt)
+        said, ended = taught_answer(
+            backbone.tokenizer, "bare", fact.target, answer, question=question
+        )
         end = [backbone.eos_token_ids[0]] if ended else []
         assert seq.ids == student.ids + (said if ended else said[:-1])
         assert seq.edits == student.edits
@@ -374,8 +377,8 @@ def _answer(tokenizer: PreTrainedTokenizerBase, text: str, *, ended: bool) -> An
 def test_a_teacher_answer_that_restates_the_fact_ends_after_its_first_sentence() -> None:
     """What the student learns after the target: a clean chat answer as the teacher gave it; an
     answer that says the target again, and any bare answer that goes on after its first
-    sentence, cut there with an end of turn; an answer whose first sentence already repeats
-    the target, nothing."""
+    sentence, cut there with an end of turn (a bare statement's without one: the model goes on
+    after a statement); an answer whose first sentence already repeats the target, nothing."""
     tokenizer = build_tokenizer(chat_template=False)
     period = tokenizer.convert_tokens_to_ids(".")
     restated = _answer(tokenizer, ". the capital of france is paris", ended=False)
@@ -387,6 +390,9 @@ def test_a_teacher_answer_that_restates_the_fact_ends_after_its_first_sentence()
     goes_on = _answer(tokenizer, ". who was born in berlin ?", ended=True)
     assert taught_answer(tokenizer, "chat", "paris", goes_on) == (list(goes_on.tokens), False)
     assert taught_answer(tokenizer, "bare", "paris", goes_on) == ([period], True)
+    statement = taught_answer(tokenizer, "bare", "paris", goes_on, question=False)
+    assert statement == ([period], False)
+    assert taught_answer(tokenizer, "chat", "paris", restated, question=False) == ([period], True)
     repeated_at_once = _answer(tokenizer, ", the city paris .", ended=True)
     assert taught_answer(tokenizer, "chat", "paris", repeated_at_once) == ([], False)
 
