@@ -80,7 +80,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
         else args.prompt
     )
     request = EngineRequest(text, params, templated=args.chat, edit_sets=edit_sets)
-    (result,) = BatchEngine(backbone, max_batch_size=1).generate([request])
+    engine = BatchEngine(
+        backbone, max_batch_size=1, release_answered_edits=settings.release_answered_edits
+    )
+    (result,) = engine.generate([request])
     print(result.text)
     if result.edits_applied:
         log.info("edits applied: %s", ", ".join(result.edits_applied))

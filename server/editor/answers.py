@@ -42,6 +42,9 @@ from server.model.hook import EditPlan
 Context = Literal["bare", "qa", "chat"]
 CONTEXTS: tuple[Context, ...] = ("bare", "qa", "chat")
 MAX_ANSWER_TOKENS = 40  # what issue 20's trial through /v1/chat/completions used
+# a request's edits are released in at most this many prefills (each re-reads its context):
+# the last releases every edit still steering
+MAX_RELEASES = 4
 CLOZE_INSTRUCTION = "Complete the sentence: "
 
 
@@ -132,7 +135,7 @@ def first_sentence(text: str, targets: Sequence[str] = ()) -> str:
     return text
 
 
-def says_target(text: str, targets: Sequence[str], since: int = 0) -> bool:
+def target_said(text: str, targets: Sequence[str], since: int = 0) -> bool:
     """Whether `text` says one of `targets` in a match that ends after character `since` (the
     text before it was checked already: a growing answer is checked in its new tail only)."""
     for target in targets:
@@ -211,11 +214,11 @@ def generate(
     *,
     release: bool = False,
 ) -> list[Answer]:
-    """Greedy answers; `encoded` are completions (not templated chats). With `release` (the
-    engine's `release_answered_edits`), as the engine serves them: an edit with release
-    targets steers until the answer says one."""
+    """Greedy answers. With `release` (the engine's `release_answered_edits`; `encoded` must
+    then be completions, as the engine releases no chat), as the engine serves them: an edit
+    with release targets steers until the answer says one."""
     answers = _generate(backbone, encoded, table, max_new_tokens, batch_size)
-    if release and table is not None and table.targets:
+    if release and table is not None:
         answers = release_answered(backbone, encoded, table, answers, max_new_tokens, batch_size)
     return answers
 
@@ -232,11 +235,17 @@ def release_answered(
     answer says one of its subject's targets). At the first token after which the answer says
     a steering subject's target, every subject whose target is said stops steering and the
     answer goes on from the prompt and the answer so far, re-read with the remaining edits
-    alone; repeated while edits remain and tokens are left."""
+    alone; repeated while edits with release targets remain and tokens are left, at most
+    `MAX_RELEASES` times (the last releases every edit)."""
     tokenizer, eos = backbone.tokenizer, set(backbone.eos_token_ids)
     answers = list(answers)
-    prefixes = {i: 0 for i, enc in enumerate(encoded) if enc.edits}  # tokens already released
+    targets = table.targets
+    # tokens already released, for the answers an edit with release targets steers
+    prefixes = {
+        i: 0 for i, enc in enumerate(encoded) if targets and any(targets[s] for s, _ in enc.edits)
+    }
     steering = {i: list(encoded[i].edits) for i in prefixes}
+    releases = dict.fromkeys(prefixes, 0)
     while prefixes:
         resumed: list[tuple[int, int, EncodedText]] = []  # (index, release point, encoding)
         for index, done in prefixes.items():
@@ -244,13 +253,16 @@ def release_answered(
             end = next((k for k, t in enumerate(said) if t in eos), len(said))
             for k in range(done + 1, end + 1):
                 text = tokenizer.decode(said[:k], skip_special_tokens=True)
-                released = {s for s, _ in steering[index] if says_target(text, table.targets[s])}
+                released = {s for s, _ in steering[index] if target_said(text, targets[s])}
                 if released:
                     break
             else:
                 continue
             if k >= max_new_tokens:
                 continue
+            releases[index] += 1
+            if releases[index] >= MAX_RELEASES:
+                released = {s for s, _ in steering[index]}
             steering[index] = [(s, p) for s, p in steering[index] if s not in released]
             enc = encoded[index]
             resumed.append(
@@ -263,7 +275,9 @@ def release_answered(
             stopped = any(t in eos for t in tokens)
             text = tokenizer.decode(tokens, skip_special_tokens=True)
             answers[index] = Answer(text, stopped, True, tokens)
-        prefixes = {index: k for index, k, _ in resumed if steering[index]}
+        prefixes = {
+            index: k for index, k, _ in resumed if any(targets[s] for s, _ in steering[index])
+        }
     return answers
 
 
@@ -351,7 +365,7 @@ def answer_pairs(
     for index, answer in zip(touched, redone, strict=True):
         edited[index] = answer
     completions = [i for i in touched if not texts[i][1]]
-    if release and table.targets and completions:
+    if release and completions:
         released = release_answered(
             backbone,
             [encoded[i] for i in completions],

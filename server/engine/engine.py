@@ -36,7 +36,7 @@ from typing import Literal
 import torch
 from transformers import DynamicCache
 
-from server.editor.answers import says_target
+from server.editor.answers import MAX_RELEASES, target_said
 from server.engine import kv_cache
 from server.engine.detokenize import (
     REPLACEMENT,
@@ -664,13 +664,13 @@ class BatchEngine:
     def _release_answered(row: _Running, since: int) -> None:
         """Release the row's edits whose subject's target its text now says (in the text
         after `since`, or ending there); the row then rejoins without them. A row rejoins at
-        most `MAX_REJOINS` times (each is a prefill of its context): the last releases all."""
+        most `MAX_RELEASES` times (each is a prefill of its context): the last releases all."""
         steering = [
-            e for e in row.steering if not e.targets or not says_target(row.text, e.targets, since)
+            e for e in row.steering if not e.targets or not target_said(row.text, e.targets, since)
         ]
         if len(steering) < len(row.steering):
             row.rejoins += 1
-            if row.rejoins >= MAX_REJOINS:
+            if row.rejoins >= MAX_RELEASES:
                 steering = []
             kept = {id(e) for e in steering}
             released = [e.label for e in row.steering if id(e) not in kept]
@@ -777,8 +777,6 @@ class BatchEngine:
         batch.next_tokens = batch.next_tokens[index]
         batch.positions = batch.positions[index]
 
-
-MAX_REJOINS = 4  # per request: a prompt naming many edited subjects re-reads its context 4x at most
 
 TIMED_OUT = Failed(
     "the request did not finish within its deadline (LKS_REQUEST_TIMEOUT_SECONDS)", "timeout"

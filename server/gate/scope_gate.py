@@ -14,10 +14,10 @@ from collections.abc import Sequence
 
 import torch
 
+from server.editor.facts import is_question
 from server.gate.encoder import SentenceEncoder
 from server.gate.rule import (
     csls_scores,
-    is_question,
     mask_subject,
     sentence_around,
     top_k_mean,

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
+from server.editor.facts import is_question
 from server.gate.encoder import SentenceEncoder
 from server.gate.relation_head import RelationHead
 from server.gate.rule import (
@@ -17,7 +18,6 @@ from server.gate.rule import (
     STATEMENT_PROBES,
     gate_rows,
     hubness,
-    is_question,
 )
 
 
