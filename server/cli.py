@@ -151,6 +151,7 @@ def _train_config(args: argparse.Namespace) -> TrainConfig:
         "bare_teacher_weight",
         "teacher_contexts",
         "teacher_tokens",
+        "rephrase",
     )
     overrides = {k: getattr(args, k) for k in names}
     return TrainConfig(**{k: v for k, v in overrides.items() if v is not None})
@@ -295,6 +296,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         "bare_teacher_weight": config.bare_teacher_weight,
         "teacher_contexts": ",".join(config.teacher_contexts),
         "teacher_tokens": config.teacher_tokens,
+        "rephrase": config.rephrase,
         "epochs": config.epochs,
         # which relation head the gate used (generality and locality depend on it)
         "gate_threshold": round(float(edits.gate_table.threshold), 4),
@@ -570,6 +572,13 @@ def build_parser() -> argparse.ArgumentParser:
             metavar="LIST",
             help="where the teacher answers: comma-separated of chat (after the target), "
             "free (chat, its own sentence), bare",
+        )
+        command.add_argument(
+            "--rephrase",
+            action=argparse.BooleanOptionalAction,
+            default=None,
+            help='also train each prompt with its relation moved ("the Y of S" <-> "S\'s Y") '
+            "and a statement asked as a question (default on)",
         )
 
     train = commands.add_parser("train", help="train a new version of a pack from facts (JSONL)")

@@ -37,6 +37,7 @@ TINY_TRAIN = TrainConfig(
     lr=5e-2,
     prefixes=(),
     chat_variant=False,
+    rephrase=False,
     stop_loss=0.0,
     repetition_weight=0.0,
     teacher_weight=0.0,

@@ -30,6 +30,7 @@ class TrainConfig:
     seed: int = 0
     chat_variant: bool = True
     prefixes: tuple[str, ...] = DEFAULT_PREFIXES
+    rephrase: bool = True  # also train the prompt's rephrasings (rephrase.py)
     delta_l2: float = 0.0  # penalty on the blocks' mean square: keeps them just large enough
     stop_loss: float = 0.02  # stop once an epoch's mean loss falls under this
     patience: int = 3  # ... or after this many epochs without improvement

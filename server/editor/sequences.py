@@ -31,6 +31,7 @@ from server.editor.answers import (
 from server.editor.config import TrainConfig
 from server.editor.detect import SubjectIndex
 from server.editor.facts import Fact, is_question
+from server.editor.rephrase import rephrasings
 from server.editor.scope import EncodedText, encode, join_target, length_batches, pad_batch
 from server.model.backbone import Backbone
 
@@ -59,12 +60,14 @@ class TrainingSequence:
 def training_contexts(
     backbone: Backbone, fact: Fact, config: TrainConfig
 ) -> list[tuple[str, bool]]:
-    """(context, templated) pairs for one fact: the prompt, its prefixed forms, the chat form and
-    the user's paraphrases."""
+    """(context, templated) pairs for one fact: the prompt, its prefixed forms, the chat form,
+    the prompt's rephrasings (rephrase.py; bare, the target only) and the user's paraphrases."""
     contexts = [(fact.prompt, False)]
     contexts += [(p.format(prompt=fact.prompt), False) for p in config.prefixes]
     if config.chat_variant and backbone.has_chat_template:
         contexts.append((backbone.render_chat([{"role": "user", "content": fact.prompt}]), True))
+    if config.rephrase:
+        contexts += [(p, False) for p in rephrasings(fact.subject, fact.prompt)]
     contexts += [(p, False) for p in fact.paraphrases]
     return contexts
 

@@ -97,6 +97,29 @@ def test_training_teaches_the_targets(family: str, tiny_model_dirs: dict[str, Pa
     assert [p == s.target_ids for p, s in zip(edited, sequences, strict=True)] == [True, True]
 
 
+def test_training_reads_each_prompts_rephrasings(tiny_model_dirs: dict[str, Path]) -> None:
+    """The moved and asked forms of a prompt (rephrase.py) are cross-entropy contexts with the
+    target, the subject found in each; `rephrase=False` trains the prompt's own forms only."""
+    backbone = _backbone(tiny_model_dirs, "llama")
+    fact = FACTS[0]  # "the mother tongue of danielle darrieux"
+    on, off = replace(CONFIG, rephrase=True), replace(CONFIG, rephrase=False)
+    rephrased = [
+        context
+        for context in training_contexts(backbone, fact, on)
+        if context not in training_contexts(backbone, fact, off)
+    ]
+    assert rephrased == [
+        ("danielle darrieux's mother tongue", False),
+        ("the mother tongue of danielle darrieux what?", False),
+    ]
+    index = Scope.from_facts(FACTS).index()
+    with_them = Trainer(backbone, on).cross_entropy_sequences([fact], index)
+    without = Trainer(backbone, off).cross_entropy_sequences([fact], index)
+    expected = [encode(backbone.tokenizer, index, c, fact.target) for c, _ in rephrased]
+    assert all(e.edits for e in expected)  # the subject is found in each form
+    assert with_them == without + expected
+
+
 def test_training_is_seeded_and_reports_progress(
     tiny_model_dirs: dict[str, Path], caplog: pytest.LogCaptureFixture
 ) -> None:
