@@ -5,9 +5,9 @@ What makes the reference slow, kept here on purpose: every step runs the feature
 batch's subjects through the backbone (the reference never caches them), and every loss term is
 its own full forward pass through all layers (the edit prompt's, then each paraphrase form's).
 What is kept equal to our trainer, so that only the loop differs: the facts, the training
-contexts (our `training_contexts`: the prompt, its prefixed forms, the chat form), the residual
-zero-initialised hypernetwork, AdamW with our learning rate and linear schedule, and the loss
-(cross-entropy on the target tokens as they follow each context).
+contexts (our `training_contexts`: the prompt, its prefixed forms, the chat form, its
+rephrasings), the residual zero-initialised hypernetwork, AdamW with our learning rate and
+linear schedule, and the loss (cross-entropy on the target tokens as they follow each context).
 """
 
 from __future__ import annotations

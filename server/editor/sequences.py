@@ -69,7 +69,7 @@ def training_contexts(
     if config.rephrase:
         contexts += [(p, False) for p in rephrasings(fact.subject, fact.prompt)]
     contexts += [(p, False) for p in fact.paraphrases]
-    return contexts
+    return list(dict.fromkeys(contexts))  # a rephrasing a user also gave is trained once
 
 
 def locality_sequences(

@@ -328,6 +328,21 @@ def test_answer_contexts_parse_from_a_list_or_none() -> None:
     assert parser.parse_args(["eval", "--dataset", "zsre", "--contexts", "none"]).contexts == ()
 
 
+@pytest.mark.parametrize("command", ["eval", "train"])
+def test_rephrasing_is_on_unless_turned_off(command: str) -> None:
+    from server.cli import _train_config, build_parser
+
+    parser = build_parser()
+    base = (
+        ["eval", "--dataset", "zsre"]
+        if command == "eval"
+        else ["train", "--facts", "f", "--pack", "p"]
+    )
+    assert _train_config(parser.parse_args(base)).rephrase is True
+    assert _train_config(parser.parse_args([*base, "--no-rephrase"])).rephrase is False
+    assert _train_config(parser.parse_args([*base, "--rephrase"])).rephrase is True
+
+
 def test_a_wrong_flag_prints_the_usage_of_its_command(packs_dir: Path) -> None:
     result = run_lks("generate", "--prompt", "hi", "--bogus", packs_dir=packs_dir, timeout=20)
     assert result.returncode == 2

@@ -17,6 +17,9 @@ from server.editor.rephrase import asked, rephrasings
         ("Jon Kolb", "What was Jon Kolb's team?", "What was the team of Jon Kolb?"),
         ("James", "What is the job of James?", "What is James' job?"),
         ("Ann", "Who is the wife of the son of Ann?", "Who is the wife of Ann's son?"),
+        ("Josef Mai", "What was the date of Josef Mai's death?",
+         "What was the date of the death of Josef Mai?"),  # "of Josef Mai's" is not "of S"
+        ("C++", "Who is the creator of C++?", "Who is C++'s creator?"),  # escaped, not a pattern
     ],
 )  # fmt: skip
 def test_a_question_is_put_the_other_way_round(subject: str, prompt: str, moved: str) -> None:
@@ -46,10 +49,25 @@ def test_a_statement_is_moved_and_asked(subject: str, prompt: str, moved: str) -
         ("Paris", "What is the capital of France?"),  # the subject is not the owner
         ("Anna", "Who is the sister of Annabel?"),  # a longer name is not the subject
         ("Lyon", "Lyon's is a restaurant, isn't it?"),  # no noun after the possessive
+        ("Lyon", "Who is the mayor of Lyon-Villeurbanne?"),  # a longer name
+        ("Ann", "Who is Marie-Ann's son?"),  # the subject inside a longer name
     ],
 )
 def test_questions_without_either_form_have_none(subject: str, prompt: str) -> None:
     assert rephrasings(subject, prompt) == []
+
+
+@pytest.mark.parametrize(
+    "prompt",
+    [
+        "Henry IV of England's life ended in",  # the noun phrase goes on with a verb
+        "Paul Broca's domain of activity is",  # ... with "of"
+        "Paul Broca's father works as a",
+    ],
+)
+def test_a_possessed_phrase_that_goes_on_is_not_moved(prompt: str) -> None:
+    subject = prompt.split("'s")[0]
+    assert rephrasings(subject, prompt) == [f"{prompt} what?"]
 
 
 def test_a_cloze_is_asked_and_a_sentence_is_not() -> None:
@@ -57,4 +75,7 @@ def test_a_cloze_is_asked_and_a_sentence_is_not() -> None:
     assert asked("IBM 4690 OS is created by ") == "IBM 4690 OS is created by whom?"
     assert asked("Kounotori 2 started on 2 August.") is None
     assert asked("Who made IBM 4690 OS?") is None
+    assert asked("Who is the mother of Ann") is None  # a question without its "?"
+    assert asked("Is Ann a painter? She is") is None
+    assert asked("The capital of X,") is None
     assert rephrasings("Paris", "Paris is located in") == ["Paris is located in what?"]

@@ -118,6 +118,8 @@ def test_training_reads_each_prompts_rephrasings(tiny_model_dirs: dict[str, Path
     expected = [encode(backbone.tokenizer, index, c, fact.target) for c, _ in rephrased]
     assert all(e.edits for e in expected)  # the subject is found in each form
     assert with_them == without + expected
+    given = fact.model_copy(update={"paraphrases": ["danielle darrieux's mother tongue"]})
+    assert training_contexts(backbone, given, on) == training_contexts(backbone, fact, on)
 
 
 def test_training_is_seeded_and_reports_progress(
