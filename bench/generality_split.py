@@ -1,7 +1,8 @@
 """Where generality is lost: the gate (a paraphrase it does not open) or the edit (opened, the
 target's tokens wrong). Trains a pack on N items as `lks eval` does, scores each paraphrase
 teacher-forced with the gate and with it forced open (every detected subject edited), and writes
-the per-item rows (predicted tokens, the unedited model's) to OUT:
+the per-item rows (predicted tokens, the unedited model's) to OUT (the gate research's script
+of this name, at ad07891, did the same on the package layout of its day):
 
     PYTHONPATH=. .venv/bin/python bench/generality_split.py --dataset zsre --split dev \
         --n 100 --offset 6000 --out split.json [--config '{"rephrase": false}']
@@ -18,14 +19,10 @@ from pathlib import Path
 from server.builder.edits import train_edits
 from server.editor.config import TrainConfig
 from server.evaluation.datasets import dataset_path, load_items, training_facts
-from server.evaluation.evaluate import top1_predictions
+from server.evaluation.evaluate import token_accuracy, top1_predictions
 from server.gate.encoder import SentenceEncoder
 from server.model import load_backbone, load_training_backbone
 from server.settings import Settings
-
-
-def accuracy(predicted: list[int], expected: list[int]) -> float:
-    return sum(p == e for p, e in zip(predicted, expected, strict=True)) / len(expected)
 
 
 def main() -> None:
@@ -44,6 +41,7 @@ def main() -> None:
     items = load_items(
         dataset_path(settings.data_dir, args.dataset), args.split, args.n, args.offset
     )
+    paraphrased = [it for it in items if it.generality]  # as `lks eval`, items with a paraphrase
     backbone = load_backbone(settings)
     started = time.perf_counter()
     edits = train_edits(
@@ -54,17 +52,17 @@ def main() -> None:
     )
     seconds = time.perf_counter() - started
     tokenizer, gated = backbone.tokenizer, edits.edit_set
-    pairs = [(it.generality or it.fact.prompt, it.fact.target) for it in items]
+    pairs = [(it.generality, it.fact.target) for it in paraphrased]
     rows: list[dict] = [
         {"prompt": it.fact.prompt, "paraphrase": it.generality, "target": it.fact.target}
-        for it in items
+        for it in paraphrased
     ]
     for name, table in (("gated", gated), ("forced", dataclasses.replace(gated, gate=None))):
         encoded = table.encode_all(tokenizer, pairs)
         for row, text, predicted in zip(
             rows, encoded, top1_predictions(backbone, encoded, table), strict=True
         ):
-            row[name] = accuracy(predicted, text.target_ids)
+            row[name] = token_accuracy(predicted, text.target_ids)
             row[f"{name}_edited"] = bool(text.edits)
             row[f"{name}_predicted"] = tokenizer.decode(predicted)
     unedited = top1_predictions(backbone, gated.encode_all(tokenizer, pairs), None)

@@ -35,7 +35,7 @@ def asked(prompt: str) -> str | None:
     Users ask about a statement fact: an edit taught only the cloze answers it, and the
     question's end of turn wins where the edit is weaker."""
     text = prompt.rstrip()
-    if not text or text[-1] in ".?!:;," or "?" in text or _QUESTION_START.match(text):
+    if not text or text[-1] in ".!:;," or "?" in text or _QUESTION_START.match(text):
         return None
     return f"{text} {'whom' if text.endswith(' by') else 'what'}?"
 

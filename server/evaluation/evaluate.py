@@ -94,7 +94,8 @@ def top1_predictions(
     return results
 
 
-def _accuracy(predicted: Sequence[int], expected: Sequence[int]) -> float:
+def token_accuracy(predicted: Sequence[int], expected: Sequence[int]) -> float:
+    """The share of positions whose top-1 token is the expected one (teacher-forced)."""
     return _mean([float(p == e) for p, e in zip(predicted, expected, strict=True)])
 
 
@@ -201,14 +202,16 @@ def evaluate(
     base_loc = top1_predictions(backbone, loc, None)
     metrics = {
         "reliability": _mean(
-            [_accuracy(p, s.target_ids) for p, s in zip(edited_rel, rel, strict=True)]
+            [token_accuracy(p, s.target_ids) for p, s in zip(edited_rel, rel, strict=True)]
         ),
         "generality": _mean(
-            [_accuracy(p, s.target_ids) for p, s in zip(edited_gen, gen, strict=True)]
+            [token_accuracy(p, s.target_ids) for p, s in zip(edited_gen, gen, strict=True)]
         ),
-        "locality": _mean([_accuracy(e, b) for e, b in zip(edited_loc, base_loc, strict=True)]),
+        "locality": _mean(
+            [token_accuracy(e, b) for e, b in zip(edited_loc, base_loc, strict=True)]
+        ),
         "baseline_reliability": _mean(
-            [_accuracy(p, s.target_ids) for p, s in zip(base_rel, rel, strict=True)]
+            [token_accuracy(p, s.target_ids) for p, s in zip(base_rel, rel, strict=True)]
         ),
     }
     if generations:
