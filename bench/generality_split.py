@@ -16,9 +16,10 @@ import json
 import time
 from pathlib import Path
 
+from bench.harness import add_slice_arguments, slice_items
 from server.builder.edits import train_edits
 from server.editor.config import TrainConfig
-from server.evaluation.datasets import dataset_path, load_items, training_facts
+from server.evaluation.datasets import training_facts
 from server.evaluation.evaluate import token_accuracy, top1_predictions
 from server.gate.encoder import SentenceEncoder
 from server.model import load_backbone, load_training_backbone
@@ -27,10 +28,7 @@ from server.settings import Settings
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dataset", default="zsre")
-    parser.add_argument("--split", default="dev", choices=("dev", "test"))
-    parser.add_argument("--n", type=int, default=100)
-    parser.add_argument("--offset", type=int, default=0)
+    add_slice_arguments(parser)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--config", default="{}", help="TrainConfig overrides, JSON")
     args = parser.parse_args()
@@ -38,9 +36,7 @@ def main() -> None:
         k: tuple(v) if isinstance(v, list) else v for k, v in json.loads(args.config).items()
     }
     settings = Settings()
-    items = load_items(
-        dataset_path(settings.data_dir, args.dataset), args.split, args.n, args.offset
-    )
+    items = slice_items(args, settings)
     paraphrased = [it for it in items if it.generality]  # as `lks eval`, items with a paraphrase
     backbone = load_backbone(settings)
     started = time.perf_counter()

@@ -1,8 +1,9 @@
-"""What the benchmarks share: a real `lks serve` process on loopback, and the plain Hugging Face
-`generate` baseline they are measured against."""
+"""What the benchmarks share: a real `lks serve` process on loopback, the plain Hugging Face
+`generate` baseline they are measured against, and the dataset slice a quality bench reads."""
 
 from __future__ import annotations
 
+import argparse
 import os
 import subprocess
 import sys
@@ -12,6 +13,25 @@ from pathlib import Path
 import httpx
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from server.evaluation.datasets import dataset_path, load_items
+from server.evaluation.evaluate import EvalItem
+from server.settings import Settings
+
+
+def add_slice_arguments(parser: argparse.ArgumentParser) -> None:
+    """--dataset, --split, --n, --offset: the items a quality bench reads (`slice_items`)."""
+    parser.add_argument("--dataset", default="zsre")
+    parser.add_argument("--split", default="dev", choices=("dev", "test"))
+    parser.add_argument("--n", type=int, default=100)
+    parser.add_argument("--offset", type=int, default=0)
+
+
+def slice_items(args: argparse.Namespace, settings: Settings | None = None) -> list[EvalItem]:
+    settings = settings or Settings()
+    return load_items(
+        dataset_path(settings.data_dir, args.dataset), args.split, args.n, args.offset
+    )
 
 
 def start_server(packs_dir: Path, port: int) -> subprocess.Popen[bytes]:

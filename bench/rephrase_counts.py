@@ -15,9 +15,8 @@ import subprocess
 from collections import Counter
 from collections.abc import Callable
 
+from bench.harness import add_slice_arguments, slice_items
 from server.editor.rephrase import rephrasings
-from server.evaluation.datasets import dataset_path, load_items
-from server.settings import Settings
 
 Rephrase = Callable[[str, str], list[str]]
 
@@ -37,15 +36,10 @@ def rules_at(revision: str) -> Rephrase:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dataset", default="zsre")
-    parser.add_argument("--split", default="dev", choices=("dev", "test"))
-    parser.add_argument("--n", type=int, default=100)
-    parser.add_argument("--offset", type=int, default=0)
+    add_slice_arguments(parser)
     parser.add_argument("--against", metavar="REV", help="a git revision to compare rules with")
     args = parser.parse_args()
-    items = load_items(
-        dataset_path(Settings().data_dir, args.dataset), args.split, args.n, args.offset
-    )
+    items = slice_items(args)
     made = [rephrasings(it.fact.subject, it.fact.prompt) for it in items]
     per_item = Counter(len(forms) for forms in made)
     report = {
