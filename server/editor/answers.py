@@ -26,9 +26,9 @@ from __future__ import annotations
 import functools
 import re
 from collections import Counter
-from collections.abc import Sequence
-from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
 import torch
@@ -192,6 +192,9 @@ class Answer:
     stopped: bool  # an end-of-turn / end-of-sequence token came within the budget
     edited: bool = False  # an edit was applied to the prompt (the gate opened)
     tokens: tuple[int, ...] = ()  # what was generated, up to and with the end of turn
+    # with `final_states`: [len(tokens), hidden], the base model's final states that predicted
+    # each of `tokens` (the prompt's last position, then each generated token but the last)
+    states: torch.Tensor | None = field(default=None, compare=False, repr=False)
 
 
 def applied_edits(
@@ -213,11 +216,14 @@ def generate(
     batch_size: int = 64,
     *,
     release: bool = False,
+    final_states: bool = False,
 ) -> list[Answer]:
     """Greedy answers. With `release` (the engine's `release_answered_edits`; `encoded` must
     then be completions, as the engine releases no chat), as the engine serves them: an edit
-    with release targets steers until the answer says one."""
-    answers = _generate(backbone, encoded, table, max_new_tokens, batch_size)
+    with release targets steers until the answer says one. With `final_states`, each answer
+    keeps the final states that predicted its tokens (`Answer.states`): what a distillation
+    target needs, without a second forward pass over prompt and answer."""
+    answers = _generate(backbone, encoded, table, max_new_tokens, batch_size, final_states)
     if release and table is not None:
         answers = release_answered(backbone, encoded, table, answers, max_new_tokens, batch_size)
     return answers
@@ -288,10 +294,12 @@ def _generate(
     table: EditTable | None,
     max_new_tokens: int,
     batch_size: int,
+    final_states: bool = False,
 ) -> list[Answer]:
     """Batched greedy generation with LEFT padding: the plan's positions shift by each row's
     pad count, as a serving batch's do. Texts of similar length share a batch; on the CPU a
-    decode step of 64 rows costs little more than one of 16 (the weights are read once)."""
+    decode step of 64 rows costs little more than one of 16 (the weights are read once).
+    `final_states`: a hook on the base model keeps each step's last final state."""
     tokenizer = backbone.tokenizer
     pad_id, eos = int(tokenizer.pad_token_id), set(backbone.eos_token_ids)
     answers: list[Answer | None] = [None] * len(encoded)
@@ -307,7 +315,11 @@ def _generate(
             mask[row, pad:] = 1
             if table is not None:
                 edits += [(row, pad + pos, s) for s, pos in enc.edits]
-        with applied_edits(backbone, table, edits):
+        steps: list[torch.Tensor] = []
+        with (
+            applied_edits(backbone, table, edits),
+            _final_states_kept(backbone, steps, final_states),
+        ):
             out = backbone.model.generate(
                 input_ids=ids.to(backbone.device),
                 attention_mask=mask.to(backbone.device),
@@ -319,13 +331,33 @@ def _generate(
             )
         new = out[:, width:].tolist()
         texts = tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
+        states = torch.cat(steps, dim=1) if steps else None  # [rows, steps, hidden]
         for row, index in enumerate(batch):
             edited = table is not None and bool(encoded[index].edits)
             said = new[row]
             end = next((i for i, t in enumerate(said) if t in eos), None)
             tokens = tuple(said if end is None else said[: end + 1])
-            answers[index] = Answer(texts[row], end is not None, edited, tokens)
+            kept = None if states is None else states[row, : len(tokens)].clone()
+            answers[index] = Answer(texts[row], end is not None, edited, tokens, kept)
     return answers  # type: ignore[return-value]
+
+
+@contextmanager
+def _final_states_kept(backbone: Backbone, steps: list[torch.Tensor], keep: bool) -> Iterator[None]:
+    """While generating, append to `steps` the base model's final state at the last position
+    of each forward pass ([rows, 1, hidden]): the state that predicted the next token."""
+    if not keep:
+        yield
+        return
+
+    def kept(_module: torch.nn.Module, _args: object, output: object) -> None:
+        steps.append(output.last_hidden_state[:, -1:].detach())  # type: ignore[attr-defined]
+
+    handle = backbone.model.base_model.register_forward_hook(kept)
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 def encode_texts(

@@ -206,7 +206,7 @@ def teacher_sequences(
     contexts: Sequence[str],
     max_tokens: int,
     weights: Mapping[str, float],
-    batch_size: int = 32,
+    batch_size: int = 64,
 ) -> list[TrainingSequence]:
     """For each fact and teacher context, the student's text extended by the teacher's greedy
     answer (up to `max_tokens`, its end of turn included), held by KL to the teacher's final
@@ -224,7 +224,7 @@ def teacher_sequences(
         for fact, _, text, templated, _, _, forced in jobs
     ]
     teachers = encode_texts(backbone, [(t, tm) for *_, t, tm, _ in jobs], None)
-    answers = generate(backbone, teachers, None, max_tokens, batch_size=64)
+    answers = generate(backbone, teachers, None, max_tokens, batch_size, final_states=True)
     ends = {
         c: end_token(
             backbone, [a.tokens for job, a in zip(jobs, answers, strict=True) if job[1] == c]
@@ -243,25 +243,20 @@ def teacher_sequences(
         if student.edits
         and (job[-1] or (answer.tokens and answer_hit(answer.text, [job[0].target])))
     ]
-    sequences: list[TrainingSequence | None] = [None] * len(keep)
-    base, pad_id = backbone.model.base_model, int(tokenizer.pad_token_id)
-    full = [teachers[i].ids + taught[i][0] for i in keep]
-    for batch in length_batches([len(f) for f in full], batch_size):
-        chunk = [EncodedText(full[j], [], [], []) for j in batch]
-        ids, mask = pad_batch(chunk, pad_id, backbone.device)
-        final = base(input_ids=ids, attention_mask=mask).last_hidden_state
-        for row, j in enumerate(batch):
-            item = keep[j]
-            (said, ended), start = taught[item], len(teachers[item].ids) - 1
-            student = students[item]
-            first = len(student.ids) - 1
-            # the end of turn is cross-entropy, listed before the KL positions (the loss reads
-            # a sequence's last `kl_positions` predictions as KL, whatever their order)
-            end = [ends[jobs[item][1]]] if ended else []
-            if not said and not end:  # a forced context with no answer: its target only
-                sequences[j] = TrainingSequence(student)
-                continue
-            sequences[j] = TrainingSequence(
+    sequences: list[TrainingSequence] = []
+    for item in keep:
+        (said, ended), answer = taught[item], answers[item]
+        student = students[item]
+        first = len(student.ids) - 1
+        # the end of turn is cross-entropy, listed before the KL positions (the loss reads a
+        # sequence's last `kl_positions` predictions as KL, whatever their order)
+        end = [ends[jobs[item][1]]] if ended else []
+        if not said and not end:  # a forced context with no answer: its target only
+            sequences.append(TrainingSequence(student))
+            continue
+        assert answer.states is not None  # generated with final_states
+        sequences.append(
+            TrainingSequence(
                 EncodedText(
                     ids=student.ids + (said if ended else said[:-1]),
                     edits=student.edits,
@@ -270,9 +265,10 @@ def teacher_sequences(
                     + [first + len(said)] * len(end)
                     + list(range(first, first + len(said))),
                 ),
-                final[row, start : start + len(said)].float() if said else None,
+                answer.states[: len(said)].float() if said else None,
                 weights[jobs[item][1]],
             )
+        )
     eos = set(backbone.eos_token_ids)
     log.info(
         "teacher: %d of %d answers kept (%d end their turn, %d cut after their first sentence)",
@@ -281,7 +277,7 @@ def teacher_sequences(
         sum(1 for i in keep if taught[i][1] or (taught[i][0] and taught[i][0][-1] in eos)),
         sum(1 for i in keep if taught[i][1]),
     )
-    return sequences  # type: ignore[return-value]
+    return sequences
 
 
 def repeated_tokens(

@@ -163,6 +163,31 @@ def test_an_answer_stops_when_it_ends_within_the_budget(tiny_model_dirs: dict[st
     assert degenerate(running[0].text)
 
 
+def test_final_states_are_those_a_second_forward_pass_gives(
+    tiny_model_dirs: dict[str, Path],
+) -> None:
+    """The teacher's KL targets come from generation's own final states: each answer's must be
+    the states that a forward pass over prompt + answer gives at the positions that predict
+    the answer's tokens, whatever the row's left padding, up to an early end of turn."""
+    backbone = load_backbone(
+        Settings(model=tiny_model_dirs["llama"], device=TEST_DEVICE, dtype="float32")
+    )
+    texts = [("the capital of france is", False), ("paris", False), ("user : who is it", True)]
+    encoded = encode_texts(backbone, texts, None)
+    answers = generate(backbone, encoded, None, max_new_tokens=6, final_states=True)
+    base = backbone.model.base_model
+    for text, answer in zip(encoded, answers, strict=True):
+        assert answer.states is not None and answer.tokens
+        assert answer.states.shape == (len(answer.tokens), backbone.hidden_size)
+        ids = torch.tensor([text.ids + list(answer.tokens)], device=backbone.device)
+        with torch.inference_mode():
+            final = base(input_ids=ids).last_hidden_state[0]
+        start = len(text.ids) - 1
+        expected = final[start : start + len(answer.tokens)]
+        torch.testing.assert_close(answer.states, expected, rtol=1e-4, atol=1e-4)
+    assert generate(backbone, encoded, None, max_new_tokens=2)[0].states is None
+
+
 def test_answers_in_every_context_edited_and_unedited(tiny_model_dirs: dict[str, Path]) -> None:
     backbone = _backbone(tiny_model_dirs)
     result = Trainer(backbone, TINY_TRAIN).train(TINY_FACTS)
