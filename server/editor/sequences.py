@@ -32,7 +32,7 @@ from server.editor.config import TrainConfig
 from server.editor.detect import SubjectIndex
 from server.editor.facts import Fact, is_question
 from server.editor.rephrase import rephrasings
-from server.editor.scope import EncodedText, encode, join_target, length_batches, pad_batch
+from server.editor.scope import EncodedText, encode, join_target
 from server.model.backbone import Backbone
 
 log = logging.getLogger(__name__)
@@ -303,38 +303,21 @@ def continued_sequences(
     """Texts that name an edited subject, each extended by up to `positions` tokens of the
     unedited model's greedy continuation (stopping at end-of-sequence), with the unedited final
     states [P, H] at the positions that predict them."""
-    tokenizer = backbone.tokenizer
-    encoded = [e for e in (encode(tokenizer, index, t) for t in texts) if e.edits]
+    encoded = [e for e in (encode(backbone.tokenizer, index, t) for t in texts) if e.edits]
     if not encoded or positions < 1:
         return [], []
-    pad_id, eos = int(tokenizer.pad_token_id), set(backbone.eos_token_ids)
-    head, base = backbone.model.get_output_embeddings(), backbone.model.base_model
-    sequences: list[EncodedText | None] = [None] * len(encoded)
-    references: list[torch.Tensor | None] = [None] * len(encoded)
-    for batch in length_batches([len(e.ids) for e in encoded], batch_size):
-        grown = [list(encoded[i].ids) for i in batch]
-        states: list[list[torch.Tensor]] = [[] for _ in batch]
-        done = [False] * len(batch)
-        for _ in range(positions):
-            chunk = [EncodedText(ids, [], [], []) for ids in grown]
-            ids, mask = pad_batch(chunk, pad_id, backbone.device)
-            final = base(input_ids=ids, attention_mask=mask).last_hidden_state
-            last = final[torch.arange(len(batch)), torch.tensor([len(g) - 1 for g in grown])]
-            tokens = head(last).argmax(-1).tolist()
-            for row, token in enumerate(tokens):
-                if not done[row]:
-                    states[row].append(last[row].float())
-                    grown[row].append(token)
-                    done[row] = token in eos
-        for row, item in enumerate(batch):
-            prompt = encoded[item]
-            continuation = grown[row][len(prompt.ids) :]
-            first = len(prompt.ids) - 1
-            sequences[item] = EncodedText(
+    answers = generate(backbone, encoded, None, positions, batch_size, final_states=True)
+    sequences, references = [], []
+    for prompt, answer in zip(encoded, answers, strict=True):
+        continuation, first = list(answer.tokens), len(prompt.ids) - 1
+        assert answer.states is not None  # generated with final_states
+        sequences.append(
+            EncodedText(
                 ids=prompt.ids + continuation[:-1],
                 edits=prompt.edits,
                 target_ids=continuation,
                 predict_at=list(range(first, first + len(continuation))),
             )
-            references[item] = torch.stack(states[row])
-    return sequences, references  # type: ignore[return-value]
+        )
+        references.append(answer.states.float())
+    return sequences, references
