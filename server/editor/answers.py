@@ -222,7 +222,10 @@ def generate(
     then be completions, as the engine releases no chat), as the engine serves them: an edit
     with release targets steers until the answer says one. With `final_states`, each answer
     keeps the final states that predicted its tokens (`Answer.states`): what a distillation
-    target needs, without a second forward pass over prompt and answer."""
+    target needs, without a second forward pass over prompt and answer (not with `release`:
+    a released answer's later tokens come from other passes)."""
+    if release and final_states:
+        raise ValueError("final_states are kept for answers generated in one pass, not released")
     answers = _generate(backbone, encoded, table, max_new_tokens, batch_size, final_states)
     if release and table is not None:
         answers = release_answered(backbone, encoded, table, answers, max_new_tokens, batch_size)
@@ -331,7 +334,7 @@ def _generate(
             )
         new = out[:, width:].tolist()
         texts = tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
-        states = torch.cat(steps, dim=1) if steps else None  # [rows, steps, hidden]
+        states = _step_states(steps, out.shape[1] - width) if final_states else None
         for row, index in enumerate(batch):
             edited = table is not None and bool(encoded[index].edits)
             said = new[row]
@@ -351,13 +354,25 @@ def _final_states_kept(backbone: Backbone, steps: list[torch.Tensor], keep: bool
         return
 
     def kept(_module: torch.nn.Module, _args: object, output: object) -> None:
-        steps.append(output.last_hidden_state[:, -1:].detach())  # type: ignore[attr-defined]
+        steps.append(output.last_hidden_state[:, -1:].detach().clone())  # type: ignore[attr-defined]
 
     handle = backbone.model.base_model.register_forward_hook(kept)
     try:
         yield
     finally:
         handle.remove()
+
+
+def _step_states(steps: list[torch.Tensor], new_tokens: int) -> torch.Tensor:
+    """[rows, new_tokens, hidden]: one kept state per generated token. Generation that ran the
+    model another number of times (a chunked prefill, a compiled loop that skips hooks) would
+    shift every state against its token: refused rather than trained on."""
+    if len(steps) not in (new_tokens, new_tokens + 1):  # one trailing pass is harmless
+        raise RuntimeError(
+            f"generation ran the model {len(steps)} times for {new_tokens} new tokens: "
+            "its final states cannot be matched to the tokens"
+        )
+    return torch.cat(steps[:new_tokens], dim=1)
 
 
 def encode_texts(

@@ -164,17 +164,24 @@ def test_an_answer_stops_when_it_ends_within_the_budget(tiny_model_dirs: dict[st
 
 
 def test_final_states_are_those_a_second_forward_pass_gives(
-    tiny_model_dirs: dict[str, Path],
+    tiny_model_dirs: dict[str, Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The teacher's KL targets come from generation's own final states: each answer's must be
     the states that a forward pass over prompt + answer gives at the positions that predict
-    the answer's tokens, whatever the row's left padding, up to an early end of turn."""
+    the answer's tokens, whatever the row's left padding, in a batch where one row ends its
+    answer early and the others go on."""
     backbone = load_backbone(
         Settings(model=tiny_model_dirs["llama"], device=TEST_DEVICE, dtype="float32")
     )
     texts = [("the capital of france is", False), ("paris", False), ("user : who is it", True)]
     encoded = encode_texts(backbone, texts, None)
+    free = generate(backbone, encoded, None, max_new_tokens=6)
+    ender = free[0].tokens[1]  # the first row's second token now ends an answer
+    config = backbone.model.generation_config
+    monkeypatch.setattr(config, "eos_token_id", [*backbone.eos_token_ids, ender])
     answers = generate(backbone, encoded, None, max_new_tokens=6, final_states=True)
+    assert answers[0].stopped and len(answers[0].tokens) <= 2
+    assert max(len(a.tokens) for a in answers) == 6  # another row went on
     base = backbone.model.base_model
     for text, answer in zip(encoded, answers, strict=True):
         assert answer.states is not None and answer.tokens
@@ -186,6 +193,8 @@ def test_final_states_are_those_a_second_forward_pass_gives(
         expected = final[start : start + len(answer.tokens)]
         torch.testing.assert_close(answer.states, expected, rtol=1e-4, atol=1e-4)
     assert generate(backbone, encoded, None, max_new_tokens=2)[0].states is None
+    with pytest.raises(ValueError, match="released"):
+        generate(backbone, encoded, None, 2, release=True, final_states=True)
 
 
 def test_answers_in_every_context_edited_and_unedited(tiny_model_dirs: dict[str, Path]) -> None:
