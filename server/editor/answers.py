@@ -365,14 +365,14 @@ def _final_states_kept(backbone: Backbone, steps: list[torch.Tensor], keep: bool
 
 def _step_states(steps: list[torch.Tensor], new_tokens: int) -> torch.Tensor:
     """[rows, new_tokens, hidden]: one kept state per generated token. Generation that ran the
-    model another number of times (a chunked prefill, a compiled loop that skips hooks) would
-    shift every state against its token: refused rather than trained on."""
-    if len(steps) not in (new_tokens, new_tokens + 1):  # one trailing pass is harmless
+    model another number of times (a chunked prefill, a compiled loop that skips hooks, an
+    extra pass) would shift every state against its token: refused rather than trained on."""
+    if len(steps) != new_tokens:
         raise RuntimeError(
             f"generation ran the model {len(steps)} times for {new_tokens} new tokens: "
             "its final states cannot be matched to the tokens"
         )
-    return torch.cat(steps[:new_tokens], dim=1)
+    return torch.cat(steps, dim=1)
 
 
 def encode_texts(
