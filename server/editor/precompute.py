@@ -1,9 +1,8 @@
 """The one-off unedited passes training makes before its first step: the hypernetwork's input
-(the layer-L feature state of each subject), the layer-L states of every training sequence
+(the layer-L feature state of each subject) and the layer-L states of every training sequence
 up to its first edit, kept in the activation cache (a prefix many sequences share, such as the
-chat template's system header, runs once), and the unedited log-probabilities each KL term
-holds its positions to. Training does not change them, so each step only writes the deltas
-into the cached states and runs layers L+1.. (train.py).
+chat template's system header, runs once). Training does not change them, so each step only
+writes the deltas into the cached states and runs layers L+1.. (train.py).
 """
 
 from __future__ import annotations
@@ -123,46 +122,3 @@ def split_sequences(
                     reported - started,
                 )
     return cache
-
-
-@torch.inference_mode()
-def reference_log_probs(
-    head: torch.nn.Module,
-    references: Sequence[torch.Tensor | None],
-    *,
-    memory_budget_bytes: int,
-    positions_per_pass: int = 1024,
-) -> list[torch.Tensor | None]:
-    """Each KL reference's unedited log-probabilities over the vocabulary ([P, V] float32 for
-    its [P, H] final states), in sequence order while they fit `memory_budget_bytes`; None for
-    the rest, whose steps compute them again. Without them every step runs the output head
-    over its references again: one of the three vocabulary-wide products a step makes (the
-    edited logits, their gradient, the reference). A position costs V float32s (192 KiB on
-    the default model), so a budget of a few GiB holds a few thousand facts' teacher answers."""
-    weight = head.weight
-    position_bytes = weight.shape[0] * torch.float32.itemsize
-    held: list[tuple[int, torch.Tensor]] = []
-    budget = memory_budget_bytes
-    for index, states in enumerate(references):
-        if states is None:
-            continue
-        if states.shape[0] * position_bytes > budget:
-            break  # the rest recompute theirs
-        budget -= states.shape[0] * position_bytes
-        held.append((index, states))
-    kept: list[torch.Tensor | None] = [None] * len(references)
-    start = 0
-    while start < len(held):  # one product over about `positions_per_pass` positions
-        end, count = start, 0
-        while end < len(held) and (end == start or count < positions_per_pass):
-            count += held[end][1].shape[0]
-            end += 1
-        chunk = held[start:end]
-        states = torch.cat([s for _, s in chunk]).to(weight.device, weight.dtype)
-        log_probs = head(states).float().log_softmax(-1)
-        for (index, _), part in zip(
-            chunk, log_probs.split([s.shape[0] for _, s in chunk]), strict=True
-        ):
-            kept[index] = part
-        start = end
-    return kept

@@ -25,12 +25,7 @@ from server.editor.config import TEACHER_CONTEXTS, TrainConfig
 from server.editor.detect import SubjectIndex
 from server.editor.facts import Fact, FactKey, fact_key
 from server.editor.hypernet import Hypernetwork
-from server.editor.precompute import (
-    DEFAULT_CACHE_BUDGET_BYTES,
-    feature_states,
-    reference_log_probs,
-    split_sequences,
-)
+from server.editor.precompute import DEFAULT_CACHE_BUDGET_BYTES, feature_states, split_sequences
 from server.editor.scope import EncodedText, Scope, encode, pad_batch
 from server.editor.sequences import (
     TrainingSequence,
@@ -289,17 +284,10 @@ class Trainer:
             if self.skip_prefixes
             else None
         )
-        in_memory = cached.nbytes if cached is not None and not cached.on_disk else 0
-        references = reference_log_probs(
-            backbone.model.get_output_embeddings(),
-            [s.reference for s in sequences],
-            memory_budget_bytes=max(0, self.cache_budget_bytes - in_memory),
-        )
         log.info(
             "training %d subjects from %d of %d facts on %d sequences (%d locality, %d after "
             "the target) at layer %d "
-            "(precompute %.1f s, activation cache %.2f GiB%s, reference log-probabilities "
-            "%.2f GiB for %d of %d KL sequences)",
+            "(precompute %.1f s, activation cache %.2f GiB%s)",
             len(scope.subjects),
             len(trained),
             len(facts),
@@ -310,9 +298,6 @@ class Trainer:
             time.perf_counter() - started,
             cached.nbytes / 2**30 if cached is not None else 0.0,
             " on disk" if cached is not None and cached.on_disk else "",
-            sum(r.nbytes for r in references if r is not None) / 2**30,
-            sum(1 for r in references if r is not None),
-            sum(1 for s in sequences if s.reference is not None),
         )
         hypernet = Hypernetwork(backbone.hidden_size, config.hypernet).to(backbone.device)
         if warm_start is not None:
@@ -330,7 +315,7 @@ class Trainer:
         for epoch in range(1, epochs + 1):
             losses = []
             for batch in epoch_batches(widths, config.batch_size, rng):
-                loss = self.loss(hypernet, features, sequences, cached, batch, references)
+                loss = self.loss(hypernet, features, sequences, cached, batch)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
@@ -389,25 +374,21 @@ class Trainer:
         sequences: Sequence[TrainingSequence],
         cached: ActivationCache | None,
         batch: Sequence[int],
-        references: Sequence[torch.Tensor | None] | None = None,
     ) -> torch.Tensor:
         """Cross-entropy on the edits' targets plus KL(unedited || edited) on the sequences with
         a reference, each weighted by its `kl_weight`, averaged over their positions; plus the
         unlikelihood -log(1 - p) of each sequence's `avoid` token at its KL positions (those
-        where the unedited model does not predict it), weighted by repetition_weight.
-        `references`: the unedited log-probabilities of each sequence's KL positions where
-        precomputed (`reference_log_probs`); the others come from its reference states."""
+        where the unedited model does not predict it), weighted by repetition_weight."""
         backbone = self.backbone
         chunk = [sequences[i] for i in batch]
         rows, positions, subject_rows = [], [], []
         predict_rows, predict_at, targets = [], [], []
         is_edit: list[bool] = []
         kept: list[torch.Tensor] = []  # unedited final states of the KL positions
-        kept_log_probs: list[torch.Tensor | None] = []  # ... or their log-probabilities
         kept_weights: list[float] = []  # one per KL position
         avoid_at: list[int] = []  # KL positions where `avoid_token` is penalised
         avoid_token: list[int] = []
-        for row, (index, sequence) in enumerate(zip(batch, chunk, strict=True)):
+        for row, sequence in enumerate(chunk):
             seq = sequence.text
             for subject_row, position in seq.edits:
                 rows.append(row)
@@ -421,7 +402,6 @@ class Trainer:
             is_edit += [True] * (len(seq.predict_at) - held) + [False] * held
             if reference is not None:
                 kept.append(reference)
-                kept_log_probs.append(references[index] if references is not None else None)
                 token = sequence.avoid
                 if token is not None:
                     offset = len(kept_weights)
@@ -467,7 +447,7 @@ class Trainer:
             loss = F.cross_entropy(logits[edit], torch.tensor(targets, device=device)[edit])
         if kept:
             with torch.no_grad():
-                unedited = _unedited_log_probs(head, kept, kept_log_probs, selected.dtype)
+                unedited = head(torch.cat(kept).to(selected.dtype)).float().log_softmax(-1)
             edited = logits[~edit].log_softmax(-1)
             kl = F.kl_div(edited, unedited, log_target=True, reduction="none").sum(-1)  # [P]
             weights = torch.tensor(kept_weights, device=device, dtype=kl.dtype)
@@ -483,21 +463,3 @@ class Trainer:
         if self.config.delta_l2 > 0:
             loss = loss + self.config.delta_l2 * plan.deltas.pow(2).mean()
         return loss
-
-
-def _unedited_log_probs(
-    head: torch.nn.Module,
-    states: Sequence[torch.Tensor],
-    known: Sequence[torch.Tensor | None],
-    dtype: torch.dtype,
-) -> torch.Tensor:
-    """[P, V]: the references' log-probabilities, in order; those not `known` from the head
-    over their final `states`, in one product."""
-    parts = list(known)
-    missing = [i for i, part in enumerate(parts) if part is None]
-    if missing:
-        computed = head(torch.cat([states[i] for i in missing]).to(dtype)).float().log_softmax(-1)
-        sizes = [states[i].shape[0] for i in missing]
-        for i, part in zip(missing, computed.split(sizes), strict=True):
-            parts[i] = part
-    return torch.cat(parts)  # type: ignore[arg-type]
