@@ -440,14 +440,21 @@ class Trainer:
                 final = base(input_ids=ids, attention_mask=mask).last_hidden_state
             selected = final[rows_t, torch.tensor(predict_at, device=device)]
         head = backbone.model.get_output_embeddings()
-        logits = head(selected).float()
+        # the unedited references go through the head in the same product as the edited
+        # states: a few rows cost as much as many there, the vocabulary's weights being read
+        # either way
+        references = torch.cat(kept).to(selected.dtype) if kept else selected[:0].detach()
+        logits, unedited_logits = (
+            head(torch.cat([selected, references]))
+            .float()
+            .split([selected.shape[0], references.shape[0]])
+        )
         edit = torch.tensor(is_edit, device=device)
         loss = logits.new_zeros(())
         if any(is_edit):  # a python test: no device sync
             loss = F.cross_entropy(logits[edit], torch.tensor(targets, device=device)[edit])
         if kept:
-            with torch.no_grad():
-                unedited = head(torch.cat(kept).to(selected.dtype)).float().log_softmax(-1)
+            unedited = unedited_logits.detach().log_softmax(-1)
             edited = logits[~edit].log_softmax(-1)
             kl = F.kl_div(edited, unedited, log_target=True, reduction="none").sum(-1)  # [P]
             weights = torch.tensor(kept_weights, device=device, dtype=kl.dtype)
