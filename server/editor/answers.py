@@ -318,7 +318,7 @@ def _generate(
             mask[row, pad:] = 1
             if table is not None:
                 edits += [(row, pad + pos, s) for s, pos in enc.edits]
-        steps: list[torch.Tensor] = []
+        steps: list[tuple[int, torch.Tensor]] = []
         with (
             applied_edits(backbone, table, edits),
             _final_states_kept(backbone, steps, final_states),
@@ -334,7 +334,7 @@ def _generate(
             )
         new = out[:, width:].tolist()
         texts = tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
-        states = _step_states(steps, out.shape[1] - width) if final_states else None
+        states = _step_states(steps, width, out.shape[1] - width) if final_states else None
         for row, index in enumerate(batch):
             edited = table is not None and bool(encoded[index].edits)
             said = new[row]
@@ -346,15 +346,19 @@ def _generate(
 
 
 @contextmanager
-def _final_states_kept(backbone: Backbone, steps: list[torch.Tensor], keep: bool) -> Iterator[None]:
-    """While generating, append to `steps` the base model's final state at the last position
-    of each forward pass ([rows, 1, hidden]): the state that predicted the next token."""
+def _final_states_kept(
+    backbone: Backbone, steps: list[tuple[int, torch.Tensor]], keep: bool
+) -> Iterator[None]:
+    """While generating, append to `steps` each forward pass's length and the base model's
+    final state at its last position ([rows, 1, hidden]): the state that predicted the next
+    token."""
     if not keep:
         yield
         return
 
     def kept(_module: torch.nn.Module, _args: object, output: object) -> None:
-        steps.append(output.last_hidden_state[:, -1:].detach().clone())  # type: ignore[attr-defined]
+        states = output.last_hidden_state  # type: ignore[attr-defined]
+        steps.append((states.shape[1], states[:, -1:].detach().clone()))
 
     handle = backbone.model.base_model.register_forward_hook(kept)
     try:
@@ -363,16 +367,22 @@ def _final_states_kept(backbone: Backbone, steps: list[torch.Tensor], keep: bool
         handle.remove()
 
 
-def _step_states(steps: list[torch.Tensor], new_tokens: int) -> torch.Tensor:
-    """[rows, new_tokens, hidden]: one kept state per generated token. Generation that ran the
-    model another number of times (a chunked prefill, a compiled loop that skips hooks, an
-    extra pass) would shift every state against its token: refused rather than trained on."""
-    if len(steps) != new_tokens:
+def _step_states(
+    steps: list[tuple[int, torch.Tensor]], prompt_width: int, new_tokens: int
+) -> torch.Tensor:
+    """[rows, new_tokens, hidden]: one kept state per generated token. The first pass must
+    read the whole prompt and each later one a single token: a chunked prefill, a compiled
+    loop that skips hooks or a speculative pass would shift every state against its token,
+    and is refused rather than trained on. Passes after the last token (a deferred stop
+    check's) predicted nothing that was kept."""
+    lengths = [length for length, _ in steps]
+    if len(steps) < new_tokens or (steps and lengths[0] != prompt_width) or set(lengths[1:]) - {1}:
         raise RuntimeError(
-            f"generation ran the model {len(steps)} times for {new_tokens} new tokens: "
-            "its final states cannot be matched to the tokens"
+            f"generation ran the model over {lengths[:4]}{'...' if len(lengths) > 4 else ''} "
+            f"tokens ({len(steps)} passes) for a {prompt_width}-token prompt and {new_tokens} "
+            "new tokens: its final states cannot be matched to the tokens"
         )
-    return torch.cat(steps, dim=1)
+    return torch.cat([state for _, state in steps[:new_tokens]], dim=1)
 
 
 def encode_texts(

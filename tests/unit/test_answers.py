@@ -197,6 +197,25 @@ def test_final_states_are_those_a_second_forward_pass_gives(
         generate(backbone, encoded, None, 2, release=True, final_states=True)
 
 
+def test_final_states_of_a_chunked_prefill_are_refused(
+    tiny_model_dirs: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A prefill run in chunks ends each chunk with a state that predicted no generated token:
+    its states would shift against the answer's, so they are refused, not trained on."""
+    backbone = load_backbone(
+        Settings(model=tiny_model_dirs["llama"], device=TEST_DEVICE, dtype="float32")
+    )
+    encoded = encode_texts(backbone, [("the capital of france is", False)], None)
+    assert (
+        generate(backbone, encoded, None, max_new_tokens=3, final_states=True)[0].states is not None
+    )
+    monkeypatch.setattr(backbone.model.generation_config, "prefill_chunk_size", 2, raising=False)
+    chunked = generate(backbone, encoded, None, max_new_tokens=3)  # generation itself works
+    assert chunked[0].tokens
+    with pytest.raises(RuntimeError, match="cannot be matched"):
+        generate(backbone, encoded, None, max_new_tokens=3, final_states=True)
+
+
 def test_answers_in_every_context_edited_and_unedited(tiny_model_dirs: dict[str, Path]) -> None:
     backbone = _backbone(tiny_model_dirs)
     result = Trainer(backbone, TINY_TRAIN).train(TINY_FACTS)

@@ -213,7 +213,7 @@ def test_locality_loss_is_kl_from_the_unedited_model(
     family: str, tiny_model_dirs: dict[str, Path]
 ) -> None:
     """A batch of locality sequences costs KL(unedited || edited) at the continuation positions,
-    as the full model with the edit hook computes it."""
+    as the full model with the edit hook computes it, and has its gradient."""
     backbone = _backbone(tiny_model_dirs, family, dtype="float32")
     trainer = Trainer(backbone, CONFIG)
     facts = [FACTS[0], FACTS[1].model_copy(update={"locality": [LOCALITY]})]
@@ -228,22 +228,26 @@ def test_locality_loss_is_kl_from_the_unedited_model(
         TrainingSequence(s, r, CONFIG.locality_weight)
         for s, r in zip(sequences, references, strict=True)
     ]
+    loss = trainer.loss(hypernet, features, held, cached, [0])
+    (gradient,) = torch.autograd.grad(loss, hypernet.net.weight)
+    (seq,) = sequences
+    deltas = hypernet(features)
+    plan = EditPlan.build(
+        [(0, position, deltas[row]) for row, position in seq.edits],
+        hidden_size=backbone.hidden_size,
+        device=backbone.device,
+    )
+    ids = torch.tensor([seq.ids], device=backbone.device)
     with torch.no_grad():
-        loss = trainer.loss(hypernet, features, held, cached, [0])
-        (seq,) = sequences
-        deltas = hypernet(features)
-        plan = EditPlan.build(
-            [(0, position, deltas[row]) for row, position in seq.edits],
-            hidden_size=backbone.hidden_size,
-            device=backbone.device,
-        )
-        ids = torch.tensor([seq.ids], device=backbone.device)
         unedited = backbone.model(input_ids=ids).logits[0, seq.predict_at].log_softmax(-1)
-        with backbone.edit_hooks.at(trainer.layer).plan(plan):
-            edited = backbone.model(input_ids=ids).logits[0, seq.predict_at].log_softmax(-1)
+    with backbone.edit_hooks.at(trainer.layer).plan(plan):
+        edited = backbone.model(input_ids=ids).logits[0, seq.predict_at].log_softmax(-1)
     expected = F.kl_div(edited, unedited, log_target=True, reduction="batchmean")
     assert expected > 1e-3  # the edit does move this prompt's answer
     torch.testing.assert_close(loss, expected, atol=1e-5, rtol=1e-4)
+    # and its gradient: the reference is a constant the edit is pulled towards
+    (expected_gradient,) = torch.autograd.grad(expected, hypernet.net.weight)
+    torch.testing.assert_close(gradient, expected_gradient, atol=1e-6, rtol=1e-3)
 
 
 def test_after_target_sequences_continue_the_new_answer(tiny_model_dirs: dict[str, Path]) -> None:
