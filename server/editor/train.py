@@ -441,8 +441,8 @@ class Trainer:
             selected = final[rows_t, torch.tensor(predict_at, device=device)]
         head = backbone.model.get_output_embeddings()
         # the unedited references go through the head in the same product as the edited
-        # states: a few rows cost as much as many there, the vocabulary's weights being read
-        # either way
+        # states: the vocabulary's weights, most of a product's cost at these row counts,
+        # are read once for both
         references = torch.cat(kept).to(selected.dtype) if kept else selected[:0].detach()
         logits, unedited_logits = (
             head(torch.cat([selected, references]))
