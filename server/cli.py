@@ -298,6 +298,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         "teacher_tokens": config.teacher_tokens,
         "rephrase": config.rephrase,
         "epochs": config.epochs,
+        "lr": config.lr,
         # which relation head the gate used (generality and locality depend on it)
         "gate_threshold": round(float(edits.gate_table.threshold), 4),
         "contexts": ",".join(args.contexts),
