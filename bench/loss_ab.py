@@ -4,8 +4,7 @@ change saves). The other version is `Trainer.loss` as it stood at BASE (a commit
 
     PYTHONPATH=. .venv/bin/python bench/loss_ab.py --base f8ee48a --epochs 8
 
-Prints each version's median step (its loss, backward and optimiser step) and the epochs'
-mean step times.
+Prints each version's median and mean step (its loss, backward and optimiser step).
 """
 
 from __future__ import annotations
@@ -34,13 +33,14 @@ def base_loss(commit: str) -> Callable[..., torch.Tensor]:
     source = subprocess.run(
         ["git", "show", f"{commit}:server/editor/train.py"], check=True, capture_output=True
     ).stdout
-    path = Path(tempfile.mkdtemp()) / "base_train.py"
-    path.write_bytes(source)
-    spec = importlib.util.spec_from_file_location("base_train", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["base_train"] = module
-    spec.loader.exec_module(module)
+    with tempfile.TemporaryDirectory() as directory:  # needed only while it is imported
+        path = Path(directory) / "base_train.py"
+        path.write_bytes(source)
+        spec = importlib.util.spec_from_file_location("base_train", path)
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["base_train"] = module
+        spec.loader.exec_module(module)
     return module.Trainer.loss  # type: ignore[no-any-return]
 
 

@@ -443,18 +443,15 @@ class Trainer:
         # the unedited references go through the head in the same product as the edited
         # states: the vocabulary's weights, most of a product's cost at these row counts,
         # are read once for both
-        references = torch.cat(kept).to(selected.dtype) if kept else selected[:0].detach()
-        logits, unedited_logits = (
-            head(torch.cat([selected, references]))
-            .float()
-            .split([selected.shape[0], references.shape[0]])
-        )
+        rows = torch.cat([selected, torch.cat(kept).to(selected.dtype)]) if kept else selected
+        every = head(rows).float()
+        logits = every[: selected.shape[0]]
         edit = torch.tensor(is_edit, device=device)
         loss = logits.new_zeros(())
         if any(is_edit):  # a python test: no device sync
             loss = F.cross_entropy(logits[edit], torch.tensor(targets, device=device)[edit])
         if kept:
-            unedited = unedited_logits.detach().log_softmax(-1)
+            unedited = every[selected.shape[0] :].detach().log_softmax(-1)
             edited = logits[~edit].log_softmax(-1)
             kl = F.kl_div(edited, unedited, log_target=True, reduction="none").sum(-1)  # [P]
             weights = torch.tensor(kept_weights, device=device, dtype=kl.dtype)
