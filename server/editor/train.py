@@ -133,6 +133,45 @@ def epoch_batches(
     return batches
 
 
+class _SharedHeadProduct(torch.autograd.Function):
+    """`cat([edited, references]) @ weight.T (+ bias)` in one product, whose backward is the
+    edited rows' gradient only: the references are constants, and a product's gradient over
+    their rows would cost as much as the rows it is for."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx,
+        edited: torch.Tensor,
+        references: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+    ) -> torch.Tensor:
+        ctx.save_for_backward(weight)
+        ctx.edited_rows = edited.shape[0]  # type: ignore[attr-defined]
+        return F.linear(torch.cat([edited, references]), weight, bias)
+
+    @staticmethod
+    def backward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor
+    ) -> tuple[torch.Tensor, None, None, None]:
+        (weight,) = ctx.saved_tensors  # type: ignore[attr-defined]
+        return grad[: ctx.edited_rows] @ weight, None, None, None  # type: ignore[attr-defined]
+
+
+def head_logits(
+    head: torch.nn.Module, edited: torch.Tensor, references: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(edited logits, reference logits), float32. The unedited references go through the
+    output head in the same product as the edited states: the vocabulary's weights, most of a
+    product's cost at these row counts, are read once for both, and the backward skips the
+    references' rows. A head that is not a frozen linear layer runs as it is."""
+    if isinstance(head, torch.nn.Linear) and not any(p.requires_grad for p in head.parameters()):
+        every = _SharedHeadProduct.apply(edited, references, head.weight, head.bias).float()
+    else:
+        every = head(torch.cat([edited, references])).float()
+    return every[: edited.shape[0]], every[edited.shape[0] :].detach()
+
+
 class Trainer:
     def __init__(
         self,
@@ -440,18 +479,14 @@ class Trainer:
                 final = base(input_ids=ids, attention_mask=mask).last_hidden_state
             selected = final[rows_t, torch.tensor(predict_at, device=device)]
         head = backbone.model.get_output_embeddings()
-        # the unedited references go through the head in the same product as the edited
-        # states: the vocabulary's weights, most of a product's cost at these row counts,
-        # are read once for both
-        rows = torch.cat([selected, torch.cat(kept).to(selected.dtype)]) if kept else selected
-        every = head(rows).float()
-        logits = every[: selected.shape[0]]
+        references = torch.cat(kept).to(selected.dtype) if kept else selected[:0]
+        logits, reference_logits = head_logits(head, selected, references)
         edit = torch.tensor(is_edit, device=device)
         loss = logits.new_zeros(())
         if any(is_edit):  # a python test: no device sync
             loss = F.cross_entropy(logits[edit], torch.tensor(targets, device=device)[edit])
         if kept:
-            unedited = every[selected.shape[0] :].detach().log_softmax(-1)
+            unedited = reference_logits.log_softmax(-1)
             edited = logits[~edit].log_softmax(-1)
             kl = F.kl_div(edited, unedited, log_target=True, reduction="none").sum(-1)  # [P]
             weights = torch.tensor(kept_weights, device=device, dtype=kl.dtype)

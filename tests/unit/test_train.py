@@ -16,8 +16,8 @@ from server.editor.answers import Answer
 from server.editor.config import TrainConfig
 from server.editor.facts import Fact, LocalityPrompt, fact_key, is_question
 from server.editor.hypernet import Hypernetwork
-from server.editor.precompute import feature_states, shared_prefix_groups, split_sequences
-from server.editor.scope import EncodedText, Scope, encode, join_target
+from server.editor.precompute import feature_states, split_sequences
+from server.editor.scope import EncodedText, Scope, encode, join_target, shared_prefix_groups
 from server.editor.sequences import (
     TrainingSequence,
     after_target_sequences,
@@ -28,7 +28,7 @@ from server.editor.sequences import (
     training_contexts,
 )
 from server.editor.split import LayerSplit, SplitSequence
-from server.editor.train import Trainer, epoch_batches, growth_selection
+from server.editor.train import Trainer, epoch_batches, growth_selection, head_logits
 from server.evaluation.evaluate import top1_predictions
 from server.model import Backbone, load_backbone, load_training_backbone
 from server.model.cpu_layout import has_packed_linears
@@ -248,6 +248,29 @@ def test_locality_loss_is_kl_from_the_unedited_model(
     # and its gradient: the reference is a constant the edit is pulled towards
     (expected_gradient,) = torch.autograd.grad(expected, hypernet.net.weight)
     torch.testing.assert_close(gradient, expected_gradient, atol=1e-6, rtol=1e-3)
+
+
+@pytest.mark.parametrize("frozen", [True, False])
+def test_the_head_product_of_edited_states_and_references_is_the_heads(frozen: bool) -> None:
+    """One product for both: each part's logits are the head's, the edited rows get the head's
+    gradient and the references none (a frozen head skips their rows in the backward; a head
+    that trains runs as it is)."""
+    torch.manual_seed(0)
+    head = torch.nn.Linear(6, 11)
+    head.requires_grad_(not frozen)
+    edited = torch.randn(3, 6, requires_grad=True)
+    references = torch.randn(4, 6)
+    logits, reference_logits = head_logits(head, edited, references)
+    torch.testing.assert_close(logits, head(edited))
+    torch.testing.assert_close(reference_logits, head(references))
+    assert not reference_logits.requires_grad
+    upstream = torch.randn_like(logits)
+    (gradient,) = torch.autograd.grad(logits, edited, upstream)
+    (expected,) = torch.autograd.grad(head(edited), edited, upstream)
+    torch.testing.assert_close(gradient, expected)
+    no_references = head_logits(head, edited, references[:0])
+    torch.testing.assert_close(no_references[0], head(edited))
+    assert no_references[1].shape == (0, 11)
 
 
 def test_after_target_sequences_continue_the_new_answer(tiny_model_dirs: dict[str, Path]) -> None:
