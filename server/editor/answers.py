@@ -32,10 +32,10 @@ from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
 import torch
-from transformers import PreTrainedTokenizerBase
+from transformers import Cache, PreTrainedTokenizerBase
 
 from server.editor.facts import is_question
-from server.editor.scope import EncodedText, length_batches
+from server.editor.scope import EncodedText, common_prefix, length_batches, shared_prefix_groups
 from server.model.backbone import Backbone
 from server.model.hook import EditPlan
 
@@ -46,6 +46,9 @@ MAX_ANSWER_TOKENS = 40  # what issue 20's trial through /v1/chat/completions use
 # the last releases every edit still steering
 MAX_RELEASES = 4
 CLOZE_INSTRUCTION = "Complete the sentence: "
+# a batch's common first tokens (such as the chat template's system header) are read once when
+# there are at least this many of them: below it, a pass of its own costs more than it saves
+MIN_SHARED_PREFIX = 8
 
 
 class EditTable(Protocol):
@@ -301,23 +304,41 @@ def _generate(
 ) -> list[Answer]:
     """Batched greedy generation with LEFT padding: the plan's positions shift by each row's
     pad count, as a serving batch's do. Texts of similar length share a batch; on the CPU a
-    decode step of 64 rows costs little more than one of 16 (the weights are read once).
-    `final_states`: a hook on the base model keeps each step's last final state."""
+    decode step of 64 rows costs little more than one of 16 (the weights are read once). A
+    batch with no edit reads its rows' common first tokens once (the padding goes after
+    them; position ids follow the attention mask). `final_states`: a hook on the base model
+    keeps each step's last final state."""
     tokenizer = backbone.tokenizer
     pad_id, eos = int(tokenizer.pad_token_id), set(backbone.eos_token_ids)
     answers: list[Answer | None] = [None] * len(encoded)
-    for batch in length_batches([len(e.ids) for e in encoded], batch_size):
+    # texts that start alike (a fact set's chat prompts) batch together, so that they share
+    groups = shared_prefix_groups(
+        encoded, [len(e.ids) - 1 for e in encoded], key_tokens=MIN_SHARED_PREFIX
+    )
+    batches = [
+        [members[j] for j in local]
+        for _, members in groups
+        for local in length_batches([len(encoded[i].ids) for i in members], batch_size)
+    ]
+    for batch in batches:
         width = max(len(encoded[i].ids) for i in batch)
+        edited_rows = table is not None and any(encoded[i].edits for i in batch)
+        # the rows' common first tokens run once, before the padding: [prefix, pads, rest]
+        shared = 0 if edited_rows else common_prefix([encoded[i].ids for i in batch])
+        shared = shared if shared >= MIN_SHARED_PREFIX and len(batch) > 1 else 0
         ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
         mask = torch.zeros_like(ids)
         edits = []
         for row, index in enumerate(batch):
             enc = encoded[index]
             pad = width - len(enc.ids)
-            ids[row, pad:] = torch.tensor(enc.ids)
-            mask[row, pad:] = 1
+            ids[row, :shared] = torch.tensor(enc.ids[:shared], dtype=torch.long)
+            ids[row, shared + pad :] = torch.tensor(enc.ids[shared:])
+            mask[row, :shared] = 1
+            mask[row, shared + pad :] = 1
             if table is not None:
                 edits += [(row, pad + pos, s) for s, pos in enc.edits]
+        cache = _prefix_cache(backbone, ids[0, :shared], len(batch)) if shared else None
         steps: list[tuple[int, torch.Tensor]] = []
         with (
             applied_edits(backbone, table, edits),
@@ -326,6 +347,7 @@ def _generate(
             out = backbone.model.generate(
                 input_ids=ids.to(backbone.device),
                 attention_mask=mask.to(backbone.device),
+                cache=cache,
                 max_new_tokens=max_new_tokens,
                 do_sample=False,
                 top_k=None,
@@ -334,7 +356,8 @@ def _generate(
             )
         new = out[:, width:].tolist()
         texts = tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
-        states = _step_states(steps, width, out.shape[1] - width) if final_states else None
+        read = width - shared  # what the first pass reads
+        states = _step_states(steps, read, out.shape[1] - width) if final_states else None
         for row, index in enumerate(batch):
             edited = table is not None and bool(encoded[index].edits)
             said = new[row]
@@ -343,6 +366,14 @@ def _generate(
             kept = None if states is None else states[row, : len(tokens)].clone()
             answers[index] = Answer(texts[row], end is not None, edited, tokens, kept)
     return answers  # type: ignore[return-value]
+
+
+def _prefix_cache(backbone: Backbone, prefix: torch.Tensor, rows: int) -> Cache:
+    """The key-value cache of `prefix` (one pass, no output head), repeated for `rows` rows."""
+    model = backbone.model.base_model
+    cache = model(input_ids=prefix[None].to(backbone.device), use_cache=True).cache
+    cache.batch_repeat_interleave(rows)
+    return cache
 
 
 @contextmanager

@@ -15,7 +15,13 @@ from pathlib import Path
 import torch
 
 from server.editor.activation_cache import ActivationCache
-from server.editor.scope import EncodedText, Scope, length_batches, pad_batch
+from server.editor.scope import (
+    EncodedText,
+    Scope,
+    length_batches,
+    pad_batch,
+    shared_prefix_groups,
+)
 from server.editor.split import LayerSplit, PrefixSkippingSplit
 from server.model.backbone import Backbone
 
@@ -46,38 +52,6 @@ def feature_states(
         for row, index in enumerate(batch):
             features[index] = hidden[row, len(texts[index].ids) - 1].float()
     return torch.stack(features)  # type: ignore[arg-type]
-
-
-def shared_prefix_groups(
-    sequences: Sequence[EncodedText],
-    cuts: Sequence[int],
-    *,
-    key_tokens: int = 8,
-    min_group: int = 16,
-) -> list[tuple[int, list[int]]]:
-    """(prefix length, sequence indices) groups whose members all start with the same tokens
-    before their first edit, such as every chat-template form of a fact set (about 30 tokens of
-    system header on the default model). A group's prefix runs once; length 0 means no sharing."""
-    buckets: dict[tuple[int, ...], list[int]] = {}
-    for index, seq in enumerate(sequences):
-        if cuts[index] >= key_tokens:
-            buckets.setdefault(tuple(seq.ids[:key_tokens]), []).append(index)
-    groups: list[tuple[int, list[int]]] = []
-    grouped: set[int] = set()
-    for members in buckets.values():
-        if len(members) < min_group:
-            continue
-        first = sequences[members[0]].ids
-        length = min(cuts[i] for i in members)
-        for i in members:
-            ids = sequences[i].ids
-            while length > 0 and ids[:length] != first[:length]:
-                length -= 1
-        if length >= key_tokens:
-            groups.append((length, members))
-            grouped.update(members)
-    rest = [i for i in range(len(sequences)) if i not in grouped]
-    return ([(0, rest)] if rest else []) + groups
 
 
 @torch.inference_mode()

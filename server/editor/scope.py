@@ -119,6 +119,45 @@ def encode(
     return EncodedText(ids, edits, target_ids, predict_at)
 
 
+def common_prefix(rows: Sequence[Sequence[int]]) -> int:
+    """How many first tokens every row shares, leaving each row at least one of its own (the
+    pass after the shared one must read a token)."""
+    length = min(len(row) for row in rows) - 1
+    first = rows[0]
+    for row in rows[1:]:
+        length = next((k for k in range(length) if row[k] != first[k]), length)
+    return max(length, 0)
+
+
+def shared_prefix_groups(
+    sequences: Sequence[EncodedText],
+    cuts: Sequence[int],
+    *,
+    key_tokens: int = 8,
+    min_group: int = 16,
+) -> list[tuple[int, list[int]]]:
+    """(prefix length, sequence indices) groups whose members all start with the same tokens
+    before their first edit, such as every chat-template form of a fact set (about 30 tokens of
+    system header on the default model). A group's prefix runs once; length 0 means no sharing."""
+    buckets: dict[tuple[int, ...], list[int]] = {}
+    for index, seq in enumerate(sequences):
+        if cuts[index] >= key_tokens:
+            buckets.setdefault(tuple(seq.ids[:key_tokens]), []).append(index)
+    groups: list[tuple[int, list[int]]] = []
+    grouped: set[int] = set()
+    for members in buckets.values():
+        if len(members) < min_group:
+            continue
+        length = min(
+            min(cuts[i] for i in members), common_prefix([sequences[i].ids for i in members])
+        )
+        if length >= key_tokens:
+            groups.append((length, members))
+            grouped.update(members)
+    rest = [i for i in range(len(sequences)) if i not in grouped]
+    return ([(0, rest)] if rest else []) + groups
+
+
 def length_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
     """Index batches of similar lengths: padding a 15-token prompt to a 50-token chat form
     would triple the work of a pass."""

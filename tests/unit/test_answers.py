@@ -10,6 +10,7 @@ import torch
 from factories import TEST_DEVICE, TINY_FACTS, TINY_TRAIN
 
 from server.editor.answers import (
+    MIN_SHARED_PREFIX,
     Answer,
     answer_hit,
     answer_pairs,
@@ -23,6 +24,7 @@ from server.editor.answers import (
     target_spans,
     user_message,
 )
+from server.editor.scope import common_prefix
 from server.editor.train import Trainer
 from server.engine.engine import BatchEngine, EngineRequest
 from server.engine.sampling import SamplingParams
@@ -195,6 +197,66 @@ def test_final_states_are_those_a_second_forward_pass_gives(
     assert generate(backbone, encoded, None, max_new_tokens=2)[0].states is None
     with pytest.raises(ValueError, match="released"):
         generate(backbone, encoded, None, 2, release=True, final_states=True)
+
+
+def test_a_batch_reads_its_common_first_tokens_once_and_answers_as_each_text_alone(
+    tiny_model_dirs: dict[str, Path],
+) -> None:
+    """Texts that start alike (as chat prompts share the system header) read that prefix in one
+    pass of its own, then the padded rest: the answers and their final states are each text's
+    alone."""
+    backbone = load_backbone(
+        Settings(model=tiny_model_dirs["llama"], device=TEST_DEVICE, dtype="float32")
+    )
+    header = "the capital of france is the capital of france is"
+    texts = [(f"{header} paris", False), (f"{header} user : who is it", False)]
+    encoded = encode_texts(backbone, texts, None)
+    shared = common_prefix([e.ids for e in encoded])
+    assert shared >= MIN_SHARED_PREFIX
+    passes: list[int] = []
+    handle = backbone.model.base_model.register_forward_hook(
+        lambda _m, _a, out: passes.append(out.last_hidden_state.shape[1])
+    )
+    try:
+        together = generate(backbone, encoded, None, max_new_tokens=5, final_states=True)
+    finally:
+        handle.remove()
+    width = max(len(e.ids) for e in encoded)
+    assert passes[:2] == [shared, width - shared]  # the prefix, then the rest of the prompts
+    for text, answer in zip(encoded, together, strict=True):
+        (alone,) = generate(backbone, [text], None, max_new_tokens=5, final_states=True)
+        assert answer.tokens == alone.tokens and answer.text == alone.text
+        assert answer.states is not None and alone.states is not None
+        torch.testing.assert_close(answer.states, alone.states, rtol=1e-4, atol=1e-4)
+
+
+def test_texts_that_start_alike_batch_together(tiny_model_dirs: dict[str, Path]) -> None:
+    """Sorted by length alone, these headed texts would share batches with others and read
+    their header in every one; grouped first, their header is read once a batch."""
+    backbone = _backbone(tiny_model_dirs)
+    header = "the capital of france is the capital of france is"
+    tails = ["paris", "paris paris", "user : who", "user : who is it"]
+    headed = [(f"{header} {tails[i % 4]}", False) for i in range(16)]
+    # as long, but each starting with one of four words: no prefix worth a pass of its own
+    others = [(f"{tails[i % 4]} {' '.join(['paris'] * (10 + i % 6))}", False) for i in range(16)]
+    shapes: list[tuple[int, int]] = []
+    handle = backbone.model.base_model.register_forward_hook(
+        lambda _m, _a, out: shapes.append(tuple(out.last_hidden_state.shape[:2]))
+    )
+    try:
+        generate(backbone, encode_texts(backbone, headed + others, None), None, 1, batch_size=16)
+    finally:
+        handle.remove()
+    shared = len(backbone.tokenizer(header)["input_ids"])
+    assert (1, shared) in shapes  # the header's own pass
+    assert sum(rows for rows, _ in shapes) == 1 + 32  # one header pass, two full batches
+
+
+def test_the_common_prefix_leaves_each_row_a_token_of_its_own() -> None:
+    assert common_prefix([[1, 2, 3, 4], [1, 2, 3, 5]]) == 3
+    assert common_prefix([[1, 2, 3], [1, 2, 3, 4]]) == 2
+    assert common_prefix([[7, 2], [1, 2]]) == 0
+    assert common_prefix([[1, 2, 3]]) == 2
 
 
 def test_final_states_of_a_chunked_prefill_are_refused(
