@@ -220,16 +220,25 @@ def generate(
     *,
     release: bool = False,
     final_states: bool = False,
+    share_prefix: bool = False,
 ) -> list[Answer]:
     """Greedy answers. With `release` (the engine's `release_answered_edits`; `encoded` must
     then be completions, as the engine releases no chat), as the engine serves them: an edit
     with release targets steers until the answer says one. With `final_states`, each answer
     keeps the final states that predicted its tokens (`Answer.states`): what a distillation
     target needs, without a second forward pass over prompt and answer (not with `release`:
-    a released answer's later tokens come from other passes)."""
+    a released answer's later tokens come from other passes). With `share_prefix` (training's
+    unedited passes; no `table`), texts that start alike batch together and read their common
+    first tokens once, such as the chat template's system header: the same answers up to
+    rounding, which in bfloat16 flips near-ties, so evaluation, whose edited and unedited
+    answers are compared, keeps the one path for both."""
     if release and final_states:
         raise ValueError("final_states are kept for answers generated in one pass, not released")
-    answers = _generate(backbone, encoded, table, max_new_tokens, batch_size, final_states)
+    if share_prefix and table is not None:
+        raise ValueError("a shared prefix is read unedited: share_prefix needs no edit table")
+    answers = _generate(
+        backbone, encoded, table, max_new_tokens, batch_size, final_states, share_prefix
+    )
     if release and table is not None:
         answers = release_answered(backbone, encoded, table, answers, max_new_tokens, batch_size)
     return answers
@@ -301,19 +310,22 @@ def _generate(
     max_new_tokens: int,
     batch_size: int,
     final_states: bool = False,
+    share_prefix: bool = False,
 ) -> list[Answer]:
     """Batched greedy generation with LEFT padding: the plan's positions shift by each row's
     pad count, as a serving batch's do. Texts of similar length share a batch; on the CPU a
-    decode step of 64 rows costs little more than one of 16 (the weights are read once). A
-    batch with no edit reads its rows' common first tokens once (the padding goes after
-    them; position ids follow the attention mask). `final_states`: a hook on the base model
-    keeps each step's last final state."""
+    decode step of 64 rows costs little more than one of 16 (the weights are read once).
+    `share_prefix`: a batch's common first tokens run once and the padding goes after them
+    (position ids follow the attention mask). `final_states`: a hook on the base model keeps
+    each step's last final state."""
     tokenizer = backbone.tokenizer
     pad_id, eos = int(tokenizer.pad_token_id), set(backbone.eos_token_ids)
     answers: list[Answer | None] = [None] * len(encoded)
-    # texts that start alike (a fact set's chat prompts) batch together, so that they share
-    groups = shared_prefix_groups(
-        encoded, [len(e.ids) - 1 for e in encoded], key_tokens=MIN_SHARED_PREFIX
+    lasts = [len(e.ids) - 1 for e in encoded]
+    groups = (
+        shared_prefix_groups(encoded, lasts, key_tokens=MIN_SHARED_PREFIX)
+        if share_prefix
+        else [(0, list(range(len(encoded))))]
     )
     batches = [
         [members[j] for j in local]
@@ -322,9 +334,8 @@ def _generate(
     ]
     for batch in batches:
         width = max(len(encoded[i].ids) for i in batch)
-        edited_rows = table is not None and any(encoded[i].edits for i in batch)
         # the rows' common first tokens run once, before the padding: [prefix, pads, rest]
-        shared = 0 if edited_rows else common_prefix([encoded[i].ids for i in batch])
+        shared = common_prefix([encoded[i].ids for i in batch]) if share_prefix else 0
         shared = shared if shared >= MIN_SHARED_PREFIX and len(batch) > 1 else 0
         ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
         mask = torch.zeros_like(ids)

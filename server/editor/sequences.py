@@ -224,7 +224,9 @@ def teacher_sequences(
         for fact, _, text, templated, _, _, forced in jobs
     ]
     teachers = encode_texts(backbone, [(t, tm) for *_, t, tm, _ in jobs], None)
-    answers = generate(backbone, teachers, None, max_tokens, batch_size, final_states=True)
+    answers = generate(
+        backbone, teachers, None, max_tokens, batch_size, final_states=True, share_prefix=True
+    )
     ends = {
         c: end_token(
             backbone, [a.tokens for job, a in zip(jobs, answers, strict=True) if job[1] == c]
@@ -306,7 +308,9 @@ def continued_sequences(
     encoded = [e for e in (encode(backbone.tokenizer, index, t) for t in texts) if e.edits]
     if not encoded or positions < 1:
         return [], []
-    answers = generate(backbone, encoded, None, positions, batch_size, final_states=True)
+    answers = generate(
+        backbone, encoded, None, positions, batch_size, final_states=True, share_prefix=True
+    )
     sequences, references = [], []
     for prompt, answer in zip(encoded, answers, strict=True):
         continuation, first = list(answer.tokens), len(prompt.ids) - 1

@@ -218,11 +218,22 @@ def test_a_batch_reads_its_common_first_tokens_once_and_answers_as_each_text_alo
         lambda _m, _a, out: passes.append(out.last_hidden_state.shape[1])
     )
     try:
-        together = generate(backbone, encoded, None, max_new_tokens=5, final_states=True)
+        together = generate(
+            backbone, encoded, None, max_new_tokens=5, final_states=True, share_prefix=True
+        )
     finally:
         handle.remove()
     width = max(len(e.ids) for e in encoded)
     assert passes[:2] == [shared, width - shared]  # the prefix, then the rest of the prompts
+    passes.clear()
+    handle = backbone.model.base_model.register_forward_hook(
+        lambda _m, _a, out: passes.append(out.last_hidden_state.shape[1])
+    )
+    try:
+        generate(backbone, encoded, None, max_new_tokens=1)  # evaluation's one path
+    finally:
+        handle.remove()
+    assert passes == [width]
     for text, answer in zip(encoded, together, strict=True):
         (alone,) = generate(backbone, [text], None, max_new_tokens=5, final_states=True)
         assert answer.tokens == alone.tokens and answer.text == alone.text
@@ -244,7 +255,9 @@ def test_texts_that_start_alike_batch_together(tiny_model_dirs: dict[str, Path])
         lambda _m, _a, out: shapes.append(tuple(out.last_hidden_state.shape[:2]))
     )
     try:
-        generate(backbone, encode_texts(backbone, headed + others, None), None, 1, batch_size=16)
+        generate(
+            backbone, encode_texts(backbone, headed + others, None), None, 1, 16, share_prefix=True
+        )
     finally:
         handle.remove()
     shared = len(backbone.tokenizer(header)["input_ids"])
