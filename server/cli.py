@@ -147,6 +147,7 @@ def _train_config(args: argparse.Namespace) -> TrainConfig:
         "seed",
         "continuation_weight",
         "repetition_weight",
+        "teacher_repetition_weight",
         "teacher_weight",
         "bare_teacher_weight",
         "teacher_contexts",
@@ -292,6 +293,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         # the after-target terms change fluency and generality: each row says what it used
         "continuation_weight": config.continuation_weight,
         "repetition_weight": config.repetition_weight,
+        "teacher_repetition_weight": config.teacher_repetition_weight,
         "teacher_weight": config.teacher_weight,
         "bare_teacher_weight": config.bare_teacher_weight,
         "teacher_contexts": ",".join(config.teacher_contexts),
@@ -551,6 +553,12 @@ def build_parser() -> argparse.ArgumentParser:
             "--repetition-weight",
             type=_weight,
             help="unlikelihood of saying the new target again after it (default 0: off)",
+        )
+        command.add_argument(
+            "--teacher-repetition-weight",
+            type=_weight,
+            help="unlikelihood of saying the new target again in the chat teacher's answer "
+            f"(default {TrainConfig.teacher_repetition_weight})",
         )
         command.add_argument(
             "--teacher-weight",

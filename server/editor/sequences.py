@@ -43,14 +43,15 @@ class TrainingSequence:
     """One sequence an epoch reads, with what its loss holds it to. A `reference` [P, H] holds
     its last P predict positions to those final states by KL, weighted by `kl_weight`
     (locality prompts, a teacher's answer, continuations after the target), with the
-    unlikelihood of `avoid` there (the repetition term); the positions before them are
-    cross-entropy on their targets (an edit to learn). A chat sequence holds both: the new
-    target, then the teacher's answer after it."""
+    unlikelihood of `avoid` there, weighted by `avoid_weight` (the repetition terms); the
+    positions before them are cross-entropy on their targets (an edit to learn). A chat
+    sequence holds both: the new target, then the teacher's answer after it."""
 
     text: EncodedText
     reference: torch.Tensor | None = None
     kl_weight: float = 0.0
     avoid: int | None = None
+    avoid_weight: float = 0.0
 
     @property
     def kl_positions(self) -> int:
@@ -207,6 +208,8 @@ def teacher_sequences(
     max_tokens: int,
     weights: Mapping[str, float],
     batch_size: int = 64,
+    *,
+    repetition_weight: float = 0.0,
 ) -> list[TrainingSequence]:
     """For each fact and teacher context, the student's text extended by the teacher's greedy
     answer (up to `max_tokens`, its end of turn included), held by KL to the teacher's final
@@ -215,7 +218,9 @@ def teacher_sequences(
     end of turn by cross-entropy too. `weights`: the KL weight of each context taught in (a
     model without a chat template is taught on the bare prompt: `teacher_contexts`). A free
     answer that does not say the target in its first sentence is dropped: it would teach the
-    edit to keep the old answer."""
+    edit to keep the old answer. `repetition_weight`: the unlikelihood of the target's first
+    token (after a space, as a second mention says it) at a chat answer's KL positions where
+    the teacher does not say it."""
     tokenizer = backbone.tokenizer
     contexts = teacher_contexts(backbone, contexts)
     jobs = [(fact, c, *_teacher_texts(backbone, fact, c)) for fact in facts for c in contexts]
@@ -257,6 +262,12 @@ def teacher_sequences(
             sequences.append(TrainingSequence(student))
             continue
         assert answer.states is not None  # generated with final_states
+        fact, context = jobs[item][0], jobs[item][1]
+        avoid = (
+            encode(tokenizer, index, fact.prompt, fact.target).target_ids[0]
+            if repetition_weight > 0 and context == "chat" and said
+            else None
+        )
         sequences.append(
             TrainingSequence(
                 EncodedText(
@@ -268,7 +279,9 @@ def teacher_sequences(
                     + list(range(first, first + len(said))),
                 ),
                 answer.states[: len(said)].float() if said else None,
-                weights[jobs[item][1]],
+                weights[context],
+                avoid,
+                repetition_weight if avoid is not None else 0.0,
             )
         )
     eos = set(backbone.eos_token_ids)

@@ -302,13 +302,16 @@ class Trainer:
                 config.teacher_contexts,
                 config.teacher_tokens,
                 {c: config.teacher_weight_in(c) for c in TEACHER_CONTEXTS},
+                repetition_weight=config.teacher_repetition_weight,
             )
         sequences += [
             TrainingSequence(s, reference, config.locality_weight)
             for s, reference in zip(local, unedited, strict=True)
         ]
         sequences += [
-            TrainingSequence(s, reference, config.continuation_weight, token)
+            TrainingSequence(
+                s, reference, config.continuation_weight, token, config.repetition_weight
+            )
             for s, reference, token in zip(after, continued, avoid, strict=True)
         ]
         features = feature_states(backbone, self.split, scope)
@@ -417,7 +420,7 @@ class Trainer:
         """Cross-entropy on the edits' targets plus KL(unedited || edited) on the sequences with
         a reference, each weighted by its `kl_weight`, averaged over their positions; plus the
         unlikelihood -log(1 - p) of each sequence's `avoid` token at its KL positions (those
-        where the unedited model does not predict it), weighted by repetition_weight."""
+        where the unedited model does not predict it), weighted by its `avoid_weight`."""
         backbone = self.backbone
         chunk = [sequences[i] for i in batch]
         rows, positions, subject_rows = [], [], []
@@ -427,6 +430,7 @@ class Trainer:
         kept_weights: list[float] = []  # one per KL position
         avoid_at: list[int] = []  # KL positions where `avoid_token` is penalised
         avoid_token: list[int] = []
+        avoid_weights: list[float] = []
         for row, sequence in enumerate(chunk):
             seq = sequence.text
             for subject_row, position in seq.edits:
@@ -448,6 +452,7 @@ class Trainer:
                         if said != token:  # the unedited model says it here: leave it
                             avoid_at.append(offset + j)
                             avoid_token.append(token)
+                            avoid_weights.append(sequence.avoid_weight)
                 kept_weights += [sequence.kl_weight] * held
         device = backbone.device
         # the hypernetwork runs on this batch's subjects only: its cost must not grow with
@@ -498,7 +503,8 @@ class Trainer:
                     torch.tensor(avoid_at, device=device), torch.tensor(avoid_token, device=device)
                 ]
                 unlikely = -torch.log1p(-said.exp().clamp(max=1 - 1e-6))
-                loss = loss + self.config.repetition_weight * unlikely.mean()
+                scale = torch.tensor(avoid_weights, device=device, dtype=unlikely.dtype)
+                loss = loss + (scale * unlikely).mean()
         if self.config.delta_l2 > 0:
             loss = loss + self.config.delta_l2 * plan.deltas.pow(2).mean()
         return loss

@@ -152,6 +152,7 @@ def test_eval_trains_and_reports_under_the_chosen_protocol(
     monkeypatch.setattr(server.builder.edits, "train_edits", spy)
     argv = ["eval", "--dataset", "tiny", "--n", "2", "--epochs", "1", "--layer", "1"]
     argv += ["--lr", "0.05"]  # not the default: the row must say what training used
+    argv += ["--teacher-repetition-weight", "0.25"]
     # an after-target term reaches training and the row, which says what it used
     weight = 0.5 if protocol == "heldout" else None
     terms = ["--repetition-weight", str(weight)] if weight is not None else []
@@ -189,6 +190,7 @@ def test_eval_trains_and_reports_under_the_chosen_protocol(
     assert configs[0].repetition_weight == report["repetition_weight"] == expected
     assert report["continuation_weight"] == 0.0
     assert configs[0].lr == report["lr"] == 0.05 != TrainConfig().lr
+    assert configs[0].teacher_repetition_weight == report["teacher_repetition_weight"] == 0.25
     # the row says which gate calibration its generality and locality were measured with
     assert report["gate_threshold"] == round(RelationHead.load().threshold, 4)
     expected = [[i["locality"]["prompt"]] for i in items] if protocol == "reference" else [[], []]

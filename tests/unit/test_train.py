@@ -324,7 +324,7 @@ def test_repetition_term_is_the_unlikelihood_of_saying_the_target_again(
     continuation positions, as the full model with the edit hook computes p, skipping positions
     where the unedited model itself goes on with that token."""
     backbone = _backbone(tiny_model_dirs, "llama", dtype="float32")
-    trainer = Trainer(backbone, replace(CONFIG, repetition_weight=2.0))
+    trainer = Trainer(backbone, CONFIG)
     scope = Scope.from_facts(FACTS)
     sequences, references = after_target_sequences(backbone, scope.index(), FACTS, 3)
     avoid = repeated_tokens(backbone, scope.index(), FACTS, sequences)
@@ -338,9 +338,9 @@ def test_repetition_term_is_the_unlikelihood_of_saying_the_target_again(
     torch.nn.init.normal_(hypernet.net.weight, std=0.5)
     features = feature_states(backbone, trainer.split, scope)
     cached = split_sequences(backbone, trainer.split, sequences)
-    # KL off (weight 0): only the repetition term counts
+    # KL off (weight 0): only the repetition term counts, at each sequence's own weight
     avoiding = [
-        TrainingSequence(s, r, 0.0, token)
+        TrainingSequence(s, r, 0.0, token, 2.0)
         for s, r, token in zip(sequences, references, avoid, strict=True)
     ]
     with torch.no_grad():
@@ -355,7 +355,7 @@ def test_repetition_term_is_the_unlikelihood_of_saying_the_target_again(
         with backbone.edit_hooks.at(trainer.layer).plan(plan):
             edited = backbone.model(input_ids=ids).logits[0, seq.predict_at].softmax(-1)
         plain = [TrainingSequence(s, r, 0.0) for s, r in zip(sequences, references, strict=True)]
-        without = Trainer(backbone, CONFIG).loss(hypernet, features, plain, cached, [0])
+        without = trainer.loss(hypernet, features, plain, cached, [0])
     counted = [j for j, said in enumerate(seq.target_ids) if said != avoid[0]]
     assert counted  # the unedited model does not simply repeat the target here
     expected = 2.0 * -torch.log1p(-edited[counted, avoid[0]]).mean()
@@ -418,6 +418,31 @@ def test_teacher_sequences_hold_the_student_to_the_told_models_answer(
         first = len(teacher_ids) - len(said) - 1
         expected = states.last_hidden_state[0, first : first + len(said)]
         torch.testing.assert_close(reference, expected.float(), atol=1e-5, rtol=1e-4)
+
+
+def test_a_chat_answer_is_taught_not_to_say_the_target_again(
+    tiny_model_dirs: dict[str, Path],
+) -> None:
+    """With a teacher repetition weight, each chat answer held by KL also avoids the target's
+    first token (as a second mention says it) at that weight; bare answers do not."""
+    backbone = _backbone(tiny_model_dirs, "llama", dtype="float32")
+    assert backbone.has_chat_template
+    index = Scope.from_facts(FACTS).index()
+    weights = {"chat": 1.0, "bare": 0.3}
+    plain = teacher_sequences(backbone, index, FACTS, ("chat", "bare"), 4, weights)
+    avoiding = teacher_sequences(
+        backbone, index, FACTS, ("chat", "bare"), 4, weights, repetition_weight=0.7
+    )
+    assert all(s.avoid is None and s.avoid_weight == 0.0 for s in plain)
+    first_tokens = {
+        encode(backbone.tokenizer, index, f.prompt, f.target).target_ids[0] for f in FACTS
+    }
+    chat = [s for s in avoiding if s.kl_weight == 1.0 and s.kl_positions]
+    assert chat
+    assert all(s.avoid in first_tokens and s.avoid_weight == 0.7 for s in chat)
+    others = [s for s in avoiding if all(s is not c for c in chat)]
+    assert all(s.avoid is None and s.avoid_weight == 0.0 for s in others)
+    assert [s.text for s in avoiding] == [s.text for s in plain]  # the same sequences
 
 
 def _answer(tokenizer: PreTrainedTokenizerBase, text: str, *, ended: bool) -> Answer:
