@@ -32,10 +32,11 @@ from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
 import torch
-from transformers import Cache, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
 
 from server.editor.facts import is_question
 from server.editor.scope import EncodedText, common_prefix, length_batches, shared_prefix_groups
+from server.editor.split import prefix_cache
 from server.model.backbone import Backbone
 from server.model.hook import EditPlan
 
@@ -312,12 +313,14 @@ def _generate(
     final_states: bool = False,
     share_prefix: bool = False,
 ) -> list[Answer]:
-    """Batched greedy generation with LEFT padding: the plan's positions shift by each row's
-    pad count, as a serving batch's do. Texts of similar length share a batch; on the CPU a
-    decode step of 64 rows costs little more than one of 16 (the weights are read once).
-    `share_prefix`: a batch's common first tokens run once and the padding goes after them
-    (position ids follow the attention mask). `final_states`: a hook on the base model keeps
-    each step's last final state."""
+    """Batched greedy generation, padded on the left (after a shared prefix): the plan's
+    positions shift by each row's pad count, as a serving batch's do. Texts of similar length
+    share a batch; on the CPU a decode step of 64 rows costs little more than one of 16 (the
+    weights are read once). `share_prefix`: a batch's common first tokens run once and the
+    padding goes after them (position ids follow the attention mask). `final_states`: a hook
+    on the base model keeps each step's last final state."""
+    # edits' positions assume the padding comes first
+    assert not (share_prefix and table is not None), "a shared prefix is read unedited"
     tokenizer = backbone.tokenizer
     pad_id, eos = int(tokenizer.pad_token_id), set(backbone.eos_token_ids)
     answers: list[Answer | None] = [None] * len(encoded)
@@ -349,7 +352,10 @@ def _generate(
             mask[row, shared + pad :] = 1
             if table is not None:
                 edits += [(row, pad + pos, s) for s, pos in enc.edits]
-        cache = _prefix_cache(backbone, ids[0, :shared], len(batch)) if shared else None
+        cache = None
+        if shared:
+            cache = prefix_cache(backbone.model, ids[0, :shared].tolist())
+            cache.batch_repeat_interleave(len(batch))
         steps: list[tuple[int, torch.Tensor]] = []
         with (
             applied_edits(backbone, table, edits),
@@ -377,14 +383,6 @@ def _generate(
             kept = None if states is None else states[row, : len(tokens)].clone()
             answers[index] = Answer(texts[row], end is not None, edited, tokens, kept)
     return answers  # type: ignore[return-value]
-
-
-def _prefix_cache(backbone: Backbone, prefix: torch.Tensor, rows: int) -> Cache:
-    """The key-value cache of `prefix` (one pass, no output head), repeated for `rows` rows."""
-    model = backbone.model.base_model
-    cache = model(input_ids=prefix[None].to(backbone.device), use_cache=True).cache
-    cache.batch_repeat_interleave(rows)
-    return cache
 
 
 @contextmanager

@@ -22,7 +22,7 @@ from server.editor.scope import (
     pad_batch,
     shared_prefix_groups,
 )
-from server.editor.split import LayerSplit, PrefixSkippingSplit
+from server.editor.split import LayerSplit, PrefixSkippingSplit, prefix_cache
 from server.model.backbone import Backbone
 
 log = logging.getLogger(__name__)
@@ -77,7 +77,9 @@ def split_sequences(
     pad_id = int(backbone.tokenizer.pad_token_id)
     started, reported, done = time.perf_counter(), time.perf_counter(), 0
     for skipped, members in shared_prefix_groups(sequences, cuts):
-        shared = split.prefix_cache(sequences[members[0]].ids[:skipped]) if skipped else None
+        shared = (
+            prefix_cache(backbone.model, sequences[members[0]].ids[:skipped]) if skipped else None
+        )
         lengths = [len(sequences[i].ids) for i in members]
         for local in length_batches(lengths, batch_size):
             batch = [members[j] for j in local]

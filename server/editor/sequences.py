@@ -264,7 +264,7 @@ def teacher_sequences(
         assert answer.states is not None  # generated with final_states
         fact, context = jobs[item][0], jobs[item][1]
         avoid = (
-            encode(tokenizer, index, fact.prompt, fact.target).target_ids[0]
+            encode(tokenizer, index, fact.prompt, fact.target).target_ids[0]  # repeated_tokens'
             if repetition_weight > 0 and context == "chat" and said
             else None
         )

@@ -8,6 +8,7 @@ positions from the first edit on. Other families run the full model with the edi
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -49,6 +50,14 @@ class LayerSplit:
             input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True
         )
         return out.hidden_states[self.layer_index + 1]  # [0] is the embeddings
+
+
+def prefix_cache(model: PreTrainedModel, prefix_ids: Sequence[int]) -> DynamicCache:
+    """Every layer's keys and values of a prefix many sequences share (a chat template's
+    system header), from one pass without the output head: computed once instead of once per
+    sequence."""
+    ids = torch.tensor([list(prefix_ids)], device=model.device)
+    return model.base_model(input_ids=ids, use_cache=True).cache
 
 
 @dataclass
@@ -103,12 +112,6 @@ class PrefixSkippingSplit(LayerSplit):
             kv_heads=getattr(config, "num_key_value_heads", None) or heads,
             head_dim=getattr(config, "head_dim", None) or config.hidden_size // heads,
         )
-
-    def prefix_cache(self, prefix_ids: list[int]) -> DynamicCache:
-        """Every layer's keys and values of a prefix many sequences share (a chat template's
-        system header): computed once instead of once per sequence."""
-        ids = torch.tensor([prefix_ids], device=self.model.device)
-        return self.model.model(input_ids=ids, use_cache=True).cache
 
     def precompute(
         self,

@@ -165,7 +165,8 @@ def head_logits(
     output head in the same product as the edited states: the vocabulary's weights, most of a
     product's cost at these row counts, are read once for both, and the backward skips the
     references' rows. A head that is not a frozen linear layer runs as it is."""
-    if isinstance(head, torch.nn.Linear) and not any(p.requires_grad for p in head.parameters()):
+    plain = type(head).forward is torch.nn.Linear.forward  # not a subclass with its own
+    if plain and not any(p.requires_grad for p in head.parameters()):
         every = _SharedHeadProduct.apply(edited, references, head.weight, head.bias).float()
     else:
         every = head(torch.cat([edited, references])).float()
@@ -420,7 +421,8 @@ class Trainer:
         """Cross-entropy on the edits' targets plus KL(unedited || edited) on the sequences with
         a reference, each weighted by its `kl_weight`, averaged over their positions; plus the
         unlikelihood -log(1 - p) of each sequence's `avoid` token at its KL positions (those
-        where the unedited model does not predict it), weighted by its `avoid_weight`."""
+        where the unedited model does not predict it), weighted by its `avoid_weight` and
+        averaged over the positions whose weight is not 0."""
         backbone = self.backbone
         chunk = [sequences[i] for i in batch]
         rows, positions, subject_rows = [], [], []
@@ -446,7 +448,7 @@ class Trainer:
             if reference is not None:
                 kept.append(reference)
                 token = sequence.avoid
-                if token is not None:
+                if token is not None and sequence.avoid_weight > 0:
                     offset = len(kept_weights)
                     for j, said in enumerate(seq.target_ids[len(seq.target_ids) - held :]):
                         if said != token:  # the unedited model says it here: leave it
@@ -503,8 +505,9 @@ class Trainer:
                     torch.tensor(avoid_at, device=device), torch.tensor(avoid_token, device=device)
                 ]
                 unlikely = -torch.log1p(-said.exp().clamp(max=1 - 1e-6))
+                # averaged over the positions of every term that is on, as the KL is
                 scale = torch.tensor(avoid_weights, device=device, dtype=unlikely.dtype)
-                loss = loss + (scale * unlikely).mean()
+                loss = loss + (scale * unlikely).sum() / len(avoid_weights)
         if self.config.delta_l2 > 0:
             loss = loss + self.config.delta_l2 * plan.deltas.pow(2).mean()
         return loss

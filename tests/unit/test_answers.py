@@ -248,7 +248,7 @@ def test_texts_that_start_alike_batch_together(tiny_model_dirs: dict[str, Path])
     header = "the capital of france is the capital of france is"
     tails = ["paris", "paris paris", "user : who", "user : who is it"]
     headed = [(f"{header} {tails[i % 4]}", False) for i in range(16)]
-    # as long, but each starting with one of four words: no prefix worth a pass of its own
+    # as long, starting with one of four tails: fewer than 16 alike, too few to group
     others = [(f"{tails[i % 4]} {' '.join(['paris'] * (10 + i % 6))}", False) for i in range(16)]
     shapes: list[tuple[int, int]] = []
     handle = backbone.model.base_model.register_forward_hook(

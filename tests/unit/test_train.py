@@ -361,6 +361,11 @@ def test_repetition_term_is_the_unlikelihood_of_saying_the_target_again(
     expected = 2.0 * -torch.log1p(-edited[counted, avoid[0]]).mean()
     torch.testing.assert_close(loss, expected, atol=1e-5, rtol=1e-4)
     assert float(without) == 0.0
+    # a sequence whose repetition weight is 0 adds nothing and does not dilute the others
+    mixed = [avoiding[0], TrainingSequence(sequences[1], references[1], 0.0, avoid[1], 0.0)]
+    with torch.no_grad():
+        both = trainer.loss(hypernet, features, mixed, cached, [0, 1])
+    torch.testing.assert_close(both, loss)
 
 
 def test_after_target_terms_take_part_in_training(tiny_model_dirs: dict[str, Path]) -> None:
@@ -434,12 +439,11 @@ def test_a_chat_answer_is_taught_not_to_say_the_target_again(
         backbone, index, FACTS, ("chat", "bare"), 4, weights, repetition_weight=0.7
     )
     assert all(s.avoid is None and s.avoid_weight == 0.0 for s in plain)
-    first_tokens = {
-        encode(backbone.tokenizer, index, f.prompt, f.target).target_ids[0] for f in FACTS
-    }
     chat = [s for s in avoiding if s.kl_weight == 1.0 and s.kl_positions]
-    assert chat
-    assert all(s.avoid in first_tokens and s.avoid_weight == 0.7 for s in chat)
+    assert len(chat) == len(FACTS)  # one chat answer a fact, in the facts' order
+    for fact, sequence in zip(FACTS, chat, strict=True):
+        first = encode(backbone.tokenizer, index, fact.prompt, fact.target).target_ids[0]
+        assert sequence.avoid == first and sequence.avoid_weight == 0.7
     others = [s for s in avoiding if all(s is not c for c in chat)]
     assert all(s.avoid is None and s.avoid_weight == 0.0 for s in others)
     assert [s.text for s in avoiding] == [s.text for s in plain]  # the same sequences
@@ -548,6 +552,27 @@ def test_the_teacher_term_takes_part_in_training(tiny_model_dirs: dict[str, Path
         backbone, replace(config, teacher_weight=1.0, teacher_contexts=("bare", "chat"))
     ).train(FACTS)
     assert not torch.equal(plain.deltas, taught.deltas)
+
+
+def test_training_gives_the_teacher_its_repetition_weight(
+    tiny_model_dirs: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import server.editor.train as train_module
+
+    backbone = _backbone(tiny_model_dirs, "llama")
+    built: list[TrainingSequence] = []
+
+    def spy(*args: object, **kwargs: object) -> list[TrainingSequence]:
+        sequences = teacher_sequences(*args, **kwargs)  # type: ignore[arg-type]
+        built.extend(sequences)
+        return sequences
+
+    monkeypatch.setattr(train_module, "teacher_sequences", spy)
+    # a random model's longer answers loop and are cut to nothing: 4 tokens
+    config = replace(CONFIG, epochs=1, min_steps=1, teacher_weight=1.0, teacher_tokens=4)
+    config = replace(config, teacher_contexts=("chat",))
+    Trainer(backbone, replace(config, teacher_repetition_weight=0.4)).train(FACTS)
+    assert built and {s.avoid_weight for s in built if s.kl_positions} == {0.4}
 
 
 def test_training_counts_the_locality_prompts_it_used(tiny_model_dirs: dict[str, Path]) -> None:
