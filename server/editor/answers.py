@@ -321,6 +321,8 @@ def _generate(
     on the base model keeps each step's last final state."""
     # edits' positions assume the padding comes first
     assert not (share_prefix and table is not None), "a shared prefix is read unedited"
+    # a model that names its own cache class takes no cache from outside: no sharing there
+    share_prefix = share_prefix and backbone.model.generation_config.cache_implementation is None
     tokenizer = backbone.tokenizer
     pad_id, eos = int(tokenizer.pad_token_id), set(backbone.eos_token_ids)
     answers: list[Answer | None] = [None] * len(encoded)

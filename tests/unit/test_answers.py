@@ -3,6 +3,8 @@ with a tiny model: what a user would call a hit, a degenerate answer, a repeated
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -199,12 +201,26 @@ def test_final_states_are_those_a_second_forward_pass_gives(
         generate(backbone, encoded, None, 2, release=True, final_states=True)
 
 
+@contextmanager
+def _passes(backbone: Backbone) -> Iterator[list[tuple[int, int]]]:
+    """The (rows, tokens) of each forward pass of the base model while the block runs."""
+    shapes: list[tuple[int, int]] = []
+    handle = backbone.model.base_model.register_forward_hook(
+        lambda _m, _a, out: shapes.append(tuple(out.last_hidden_state.shape[:2]))
+    )
+    try:
+        yield shapes
+    finally:
+        handle.remove()
+
+
 def test_a_batch_reads_its_common_first_tokens_once_and_answers_as_each_text_alone(
-    tiny_model_dirs: dict[str, Path],
+    tiny_model_dirs: dict[str, Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Texts that start alike (as chat prompts share the system header) read that prefix in one
     pass of its own, then the padded rest: the answers and their final states are each text's
-    alone."""
+    alone. Evaluation's plain path, and a model that names its own cache class (it takes none
+    from outside), read the whole width."""
     backbone = load_backbone(
         Settings(model=tiny_model_dirs["llama"], device=TEST_DEVICE, dtype="float32")
     )
@@ -213,27 +229,20 @@ def test_a_batch_reads_its_common_first_tokens_once_and_answers_as_each_text_alo
     encoded = encode_texts(backbone, texts, None)
     shared = common_prefix([e.ids for e in encoded])
     assert shared >= MIN_SHARED_PREFIX
-    passes: list[int] = []
-    handle = backbone.model.base_model.register_forward_hook(
-        lambda _m, _a, out: passes.append(out.last_hidden_state.shape[1])
-    )
-    try:
+    width = max(len(e.ids) for e in encoded)
+    with _passes(backbone) as passes:
         together = generate(
             backbone, encoded, None, max_new_tokens=5, final_states=True, share_prefix=True
         )
-    finally:
-        handle.remove()
-    width = max(len(e.ids) for e in encoded)
-    assert passes[:2] == [shared, width - shared]  # the prefix, then the rest of the prompts
-    passes.clear()
-    handle = backbone.model.base_model.register_forward_hook(
-        lambda _m, _a, out: passes.append(out.last_hidden_state.shape[1])
-    )
-    try:
-        generate(backbone, encoded, None, max_new_tokens=1)  # evaluation's one path
-    finally:
-        handle.remove()
-    assert passes == [width]
+    assert [tokens for _, tokens in passes[:2]] == [shared, width - shared]
+    with _passes(backbone) as passes:
+        generate(backbone, encoded, None, max_new_tokens=1)
+    assert passes == [(2, width)]
+    monkeypatch.setattr(backbone.model.generation_config, "cache_implementation", "dynamic")
+    with _passes(backbone) as passes:
+        generate(backbone, encoded, None, max_new_tokens=1, share_prefix=True)
+    assert passes == [(2, width)]
+    monkeypatch.undo()
     for text, answer in zip(encoded, together, strict=True):
         (alone,) = generate(backbone, [text], None, max_new_tokens=5, final_states=True)
         assert answer.tokens == alone.tokens and answer.text == alone.text
@@ -250,16 +259,9 @@ def test_texts_that_start_alike_batch_together(tiny_model_dirs: dict[str, Path])
     headed = [(f"{header} {tails[i % 4]}", False) for i in range(16)]
     # as long, starting with one of four tails: fewer than 16 alike, too few to group
     others = [(f"{tails[i % 4]} {' '.join(['paris'] * (10 + i % 6))}", False) for i in range(16)]
-    shapes: list[tuple[int, int]] = []
-    handle = backbone.model.base_model.register_forward_hook(
-        lambda _m, _a, out: shapes.append(tuple(out.last_hidden_state.shape[:2]))
-    )
-    try:
-        generate(
-            backbone, encode_texts(backbone, headed + others, None), None, 1, 16, share_prefix=True
-        )
-    finally:
-        handle.remove()
+    texts = encode_texts(backbone, headed + others, None)
+    with _passes(backbone) as shapes:
+        generate(backbone, texts, None, 1, 16, share_prefix=True)
     shared = len(backbone.tokenizer(header)["input_ids"])
     assert (1, shared) in shapes  # the header's own pass
     assert sum(rows for rows, _ in shapes) == 1 + 32  # one header pass, two full batches
