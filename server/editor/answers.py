@@ -319,8 +319,6 @@ def _generate(
     weights are read once). `share_prefix`: a batch's common first tokens run once and the
     padding goes after them (position ids follow the attention mask). `final_states`: a hook
     on the base model keeps each step's last final state."""
-    # edits' positions assume the padding comes first
-    assert not (share_prefix and table is not None), "a shared prefix is read unedited"
     # a model that names its own cache class takes no cache from outside: no sharing there
     share_prefix = share_prefix and backbone.model.generation_config.cache_implementation is None
     tokenizer = backbone.tokenizer

@@ -243,6 +243,8 @@ def test_a_batch_reads_its_common_first_tokens_once_and_answers_as_each_text_alo
         generate(backbone, encoded, None, max_new_tokens=1, share_prefix=True)
     assert passes == [(2, width)]
     monkeypatch.undo()
+    with pytest.raises(ValueError, match="read unedited"):  # edits' positions assume pads first
+        generate(backbone, encoded, object(), share_prefix=True)  # type: ignore[arg-type]
     for text, answer in zip(encoded, together, strict=True):
         (alone,) = generate(backbone, [text], None, max_new_tokens=5, final_states=True)
         assert answer.tokens == alone.tokens and answer.text == alone.text
