@@ -264,7 +264,7 @@ def teacher_sequences(
         assert answer.states is not None  # generated with final_states
         fact, context = jobs[item][0], jobs[item][1]
         avoid = (
-            encode(tokenizer, index, fact.prompt, fact.target).target_ids[0]  # repeated_tokens'
+            second_mention_token(encode(tokenizer, index, fact.prompt, fact.target))
             if repetition_weight > 0 and context == "chat" and said
             else None
         )
@@ -303,8 +303,14 @@ def repeated_tokens(
     first: dict[tuple[int, ...], int] = {}
     for fact in facts:
         encoded = encode(backbone.tokenizer, index, fact.prompt, fact.target)
-        first.setdefault(tuple(encoded.ids), encoded.target_ids[0])
+        first.setdefault(tuple(encoded.ids), second_mention_token(encoded))
     return [first[tuple(seq.ids[: seq.predict_at[0] + 1])] for seq in after]
+
+
+def second_mention_token(prompt_and_target: EncodedText) -> int:
+    """The token a second mention of the target starts with: its first token after the
+    prompt (encode(prompt, target)), what the repetition terms make unlikely."""
+    return prompt_and_target.target_ids[0]
 
 
 @torch.inference_mode()

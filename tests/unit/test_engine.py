@@ -10,6 +10,7 @@ import torch
 from factories import TEST_DEVICE
 from tiny_models import FAMILIES
 
+from server.editor.answers import MAX_RELEASES
 from server.engine.engine import (
     Admitted,
     BatchEngine,
@@ -326,6 +327,38 @@ def test_an_edit_whose_target_is_never_said_steers_every_token(backbone: Backbon
         [EngineRequest(PROMPTS[0], params, edit_sets=[with_targets(france, unsaid)])]
     )
     assert kept == steered and kept.edits_released == []
+
+
+def test_a_row_rejoins_at_most_max_releases_times_and_the_last_releases_every_edit(
+    backbone: Backbone,
+) -> None:
+    """Five edits that change nothing (zero deltas): four with targets the answer says one
+    token after another (its first words, one more each: a tiny random model loops over a
+    few words), one with a target it never says. Three rejoins release one edit each, the
+    fourth releases the two left, and the answer is the unreleased one throughout."""
+    text = "who was born in the city of rome and speaks french in france"
+    subjects = ["born", "city", "rome", "speaks", "france"]
+    sets = [
+        EditSet([SubjectEntry(s)], torch.zeros(1, backbone.hidden_size), layer=1, ref=f"p{i}@1")
+        for i, s in enumerate(subjects)
+    ]
+    params = SamplingParams(max_tokens=12, ignore_eos=True)
+    (plain,) = BatchEngine(backbone, release_answered_edits=False).generate(
+        [EngineRequest(text, params, edit_sets=sets)]
+    )
+    decode = backbone.tokenizer.decode
+    said = [
+        decode(plain.token_ids[:k]).strip()
+        for k in range(1, len(plain.token_ids) + 1)
+        if decode(plain.token_ids[k - 1 : k]).strip().isalpha()
+    ][:MAX_RELEASES]
+    assert len(said) == MAX_RELEASES, f"too few words to release: {plain.text!r}"
+    unsaid = next(w for w in ("zebra", "green", "football", "blue") if w not in plain.text)
+    labelled = [with_targets(e, t) for e, t in zip(sets, [*said, unsaid], strict=True)]
+    (released,) = BatchEngine(backbone).generate([EngineRequest(text, params, edit_sets=labelled)])
+
+    assert released.token_ids == plain.token_ids
+    assert released.edits_released == [f"p{i}@1:{s}" for i, s in enumerate(subjects)]
 
 
 def test_a_chat_is_never_released(backbone: Backbone) -> None:
