@@ -5,12 +5,14 @@ Each request is a zsRE test prompt with 64 new tokens (`ignore_eos`). After a wa
 compiled step's compile, with `--compile`), the engine steps for `--seconds`; prints tokens/s of
 the requests finished and how the time split between prefill (joining) and decode steps.
 
-    .venv/bin/python bench/steady_state.py [--rows 16] [--seconds 40] [--compile] [--dtype auto]
+    .venv/bin/python bench/steady_state.py [--rows 16] [--seconds 40] [--compile] [--dtype auto] \
+        [--json]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import time
 from itertools import count
@@ -50,6 +52,7 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=40.0)
     parser.add_argument("--compile", action="store_true", help="the compiled decode step")
     parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     settings = Settings(dtype=args.dtype)
@@ -89,11 +92,25 @@ def main() -> int:
         step()
     elapsed = time.perf_counter() - started
     done = finished[0] - first
+    result = {
+        "dtype": str(backbone.dtype).removeprefix("torch."),
+        "compiled": args.compile,
+        "rows": args.rows,
+        "tokens_per_s": round(done * TOKENS / elapsed, 1),
+        "requests": done,
+        "seconds": round(elapsed, 1),
+        "prefill_s": round(engine.prefill_s, 1),
+        "decode_s": round(engine.decode_s, 1),
+        "decode_step_ms": round(1e3 * engine.decode_s / max(engine.decode_steps, 1), 1),
+    }
+    if args.json:
+        print(json.dumps(result))
+        return 0
     print(
-        f"{backbone.dtype} {'compiled' if args.compile else 'eager'}, {args.rows} rows: "
-        f"{done * TOKENS / elapsed:.1f} tokens/s ({done} requests in {elapsed:.1f} s); "
-        f"prefill {engine.prefill_s:.1f} s, decode {engine.decode_s:.1f} s "
-        f"({1e3 * engine.decode_s / max(engine.decode_steps, 1):.1f} ms a step)"
+        f"{result['dtype']} {'compiled' if args.compile else 'eager'}, {args.rows} rows: "
+        f"{result['tokens_per_s']} tokens/s ({done} requests in {result['seconds']} s); "
+        f"prefill {result['prefill_s']} s, decode {result['decode_s']} s "
+        f"({result['decode_step_ms']} ms a step)"
     )
     return 0
 
