@@ -223,6 +223,12 @@ def teacher_sequences(
     the teacher does not say it."""
     tokenizer = backbone.tokenizer
     contexts = teacher_contexts(backbone, contexts)
+    unweighted = [c for c in contexts if c not in weights]
+    if unweighted:
+        raise ValueError(
+            f"no KL weight for teacher context(s) {unweighted} (weights has {sorted(weights)}; "
+            "a model without a chat template is taught on the bare prompt)"
+        )
     jobs = [(fact, c, *_teacher_texts(backbone, fact, c)) for fact in facts for c in contexts]
     students = [
         encode(tokenizer, index, text, fact.target if forced else None, templated=templated)

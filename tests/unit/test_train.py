@@ -772,6 +772,9 @@ def test_a_model_without_a_chat_template_is_taught_on_the_bare_prompt(
     assert trainer.cross_entropy_sequences(FACTS, index, covered=True) == []
     taught = teacher_sequences(backbone, index, FACTS, config.teacher_contexts, 3, {"bare": 1.0})
     assert len(taught) == len(FACTS)
+    # the weights must cover the context taught in, not only the one asked for
+    with pytest.raises(ValueError, match=r"no KL weight for teacher context\(s\) \['bare'\]"):
+        teacher_sequences(backbone, index, FACTS, config.teacher_contexts, 3, {"chat": 1.0})
     for fact, sequence in zip(FACTS, taught, strict=True):
         bare = encode(backbone.tokenizer, index, fact.prompt, fact.target)
         assert sequence.text.ids[: len(bare.ids)] == bare.ids  # the bare prompt, the target
