@@ -41,7 +41,10 @@ def test_knows_the_capital_of_france(default_backbone: Backbone) -> None:
 
 def test_cli_generate_on_a_warm_cache(default_backbone: Backbone) -> None:
     """A second process reads the converted cache: it loads the model without converting the
-    GGUF again (which takes tens of seconds; a wall-clock bound alone fails on a busy host)."""
+    GGUF again (which takes tens of seconds; a wall-clock bound alone fails on a busy host).
+    A conversion writes a new directory in the cache's place: the same one must be there."""
+    cache = default_model_dir(Settings().cache_dir)
+    before = (cache.stat().st_ino, (cache / "model.safetensors").stat().st_mtime_ns)
     started = time.monotonic()
     result = subprocess.run(
         [*LKS, "generate", "--prompt", "The capital of France is", "--max-tokens", "5"],
@@ -54,5 +57,6 @@ def test_cli_generate_on_a_warm_cache(default_backbone: Backbone) -> None:
     assert result.returncode == 0, result.stderr
     assert "Paris" in result.stdout
     assert "loaded SmolLM2-135M-Instruct" in result.stderr, result.stderr
-    assert "convert" not in result.stderr, f"converted again ({elapsed:.1f} s): {result.stderr}"
+    after = (cache.stat().st_ino, (cache / "model.safetensors").stat().st_mtime_ns)
+    assert after == before, f"converted again ({elapsed:.1f} s): {result.stderr}"
     assert elapsed < 45, f"lks generate took {elapsed:.1f} s on a warm cache"
