@@ -225,9 +225,13 @@ def teacher_sequences(
     contexts = teacher_contexts(backbone, contexts)
     unweighted = [c for c in contexts if c not in weights]
     if unweighted:
+        why = (
+            ""
+            if backbone.has_chat_template
+            else "; this model has no chat template: its chat is taught on the bare prompt"
+        )
         raise ValueError(
-            f"no KL weight for teacher context(s) {unweighted} (weights has {sorted(weights)}; "
-            "a model without a chat template is taught on the bare prompt)"
+            f"no KL weight for teacher context(s) {unweighted} (weights has {sorted(weights)}{why})"
         )
     jobs = [(fact, c, *_teacher_texts(backbone, fact, c)) for fact in facts for c in contexts]
     students = [

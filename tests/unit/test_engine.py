@@ -3,6 +3,7 @@ its batch (padding, companions with other packs or none, joining mid-flight)."""
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import pytest
@@ -330,12 +331,12 @@ def test_an_edit_whose_target_is_never_said_steers_every_token(backbone: Backbon
 
 
 def test_a_row_rejoins_at_most_max_releases_times_and_the_last_releases_every_edit(
-    backbone: Backbone,
+    backbone: Backbone, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Five edits that change nothing (zero deltas): four with targets the answer says one
-    token after another (its first words, one more each: a tiny random model loops over a
-    few words), one with a target it never says. Three rejoins release one edit each, the
-    fourth releases the two left, and the answer is the unreleased one throughout."""
+    word after another (its first words, one more each: a tiny random model loops over a few
+    words), one with a target it never says. Three rejoins release one edit each, the fourth
+    releases the two left, and the answer is the unreleased one throughout."""
     text = "who was born in the city of rome and speaks french in france"
     subjects = ["born", "city", "rome", "speaks", "france"]
     sets = [
@@ -347,18 +348,26 @@ def test_a_row_rejoins_at_most_max_releases_times_and_the_last_releases_every_ed
         [EngineRequest(text, params, edit_sets=sets)]
     )
     decode = backbone.tokenizer.decode
-    said = [
-        decode(plain.token_ids[:k]).strip()
+    ends = [
+        k
         for k in range(1, len(plain.token_ids) + 1)
         if decode(plain.token_ids[k - 1 : k]).strip().isalpha()
     ][:MAX_RELEASES]
-    assert len(said) == MAX_RELEASES, f"too few words to release: {plain.text!r}"
+    # each target said before the last token (where the row ends instead of rejoining)
+    assert len(ends) == MAX_RELEASES and ends[-1] < params.max_tokens, plain.text
+    said = [decode(plain.token_ids[:k]).strip() for k in ends]
     unsaid = next(w for w in ("zebra", "green", "football", "blue") if w not in plain.text)
     labelled = [with_targets(e, t) for e, t in zip(sets, [*said, unsaid], strict=True)]
-    (released,) = BatchEngine(backbone).generate([EngineRequest(text, params, edit_sets=labelled)])
+    labels = [f"p{i}@1:{s}" for i, s in enumerate(subjects)]
+    with caplog.at_level(logging.DEBUG, logger="server.engine.engine"):
+        (released,) = BatchEngine(backbone).generate(
+            [EngineRequest(text, params, edit_sets=labelled)]
+        )
+    rejoins = [r.args[1] for r in caplog.records if r.msg == "request %d: released %s"]
 
     assert released.token_ids == plain.token_ids
-    assert released.edits_released == [f"p{i}@1:{s}" for i, s in enumerate(subjects)]
+    assert rejoins == [labels[:1], labels[1:2], labels[2:3], labels[3:]]
+    assert released.edits_released == labels
 
 
 def test_a_chat_is_never_released(backbone: Backbone) -> None:
