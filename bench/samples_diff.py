@@ -1,18 +1,21 @@
 """Where two `lks eval --samples` files of the same items differ, and how often an edited chat
-answer says its target again right after itself ("German: German"). One block per call:
+answer says its target twice (by kind, and over the items before and from `--split-at`) and
+again right after itself ("German: German"). One block per call:
 
     .venv/bin/python bench/samples_diff.py A.samples.jsonl.gz B.samples.jsonl.gz
-    .venv/bin/python bench/samples_diff.py A.samples.jsonl.gz     # the repeats only
+    .venv/bin/python bench/samples_diff.py A.samples.jsonl.gz [--split-at 100]  # repeats only
 """
 
 from __future__ import annotations
 
+import argparse
 import gzip
 import json
 import re
-import sys
 from collections import Counter
 from pathlib import Path
+
+from server.editor.answers import target_spans
 
 
 def read_samples(path: Path) -> list[dict]:
@@ -25,27 +28,50 @@ def key(row: dict) -> str:
 
 
 def said_again_at_once(row: dict) -> bool:
-    """The target, then at most a colon, comma, stop or parenthesis, then the target again."""
-    target = re.escape(row["target"])
-    return bool(re.match(rf"{target}\s*[:,.(]?\s*{target}", row["edited"].strip(), re.I))
+    """The answer starts with the target, then at most a colon, comma, stop or parenthesis,
+    then the target again (the target matched as the answer metrics match it)."""
+    text = row["edited"].strip()
+    spans = target_spans(text, [row["target"]])
+    return (
+        len(spans) > 1
+        and spans[0][0] == 0
+        and re.fullmatch(r"\s*[:,.(]?\s*", text[spans[0][1] : spans[1][0]]) is not None
+    )
 
 
 def main() -> None:
-    first = read_samples(Path(sys.argv[1]))
-    if len(sys.argv) > 2:
-        second = read_samples(Path(sys.argv[2]))
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("samples", type=Path, nargs="+", help="one or two --samples files")
+    parser.add_argument("--split-at", type=int, help="also count items before / from this one")
+    args = parser.parse_args()
+    first = read_samples(args.samples[0])
+    if len(args.samples) > 1:
+        second = read_samples(args.samples[1])
         assert [(r["prompt"], key(r)) for r in first] == [(r["prompt"], key(r)) for r in second]
         for side in ("unedited", "edited"):
             pairs = zip(first, second, strict=True)
             differ = Counter(key(a) for a, b in pairs if a.get(side) != b.get(side))
             print(f"{side} answers that differ: {sum(differ.values())} {dict(differ)}")
-    twice = [
-        r
-        for r in first
-        if r["context"] == "chat" and r.get("kind") != "locality" and r.get("target_repeats")
-    ]
+    asked = [r for r in first if r["context"] == "chat" and r.get("kind") != "locality"]
+    twice = [r for r in asked if r.get("target_repeats")]
     at_once = sum(said_again_at_once(r) for r in twice)
     print(f"chat answers saying the target twice: {len(twice)}, right after itself: {at_once}")
+    kinds = dict(Counter(r["kind"] for r in twice)), dict(Counter(r["kind"] for r in asked))
+    print(f"  by kind: {kinds[0]} of {kinds[1]}")
+    if args.split_at is not None:
+        for name, part in (
+            (f"items < {args.split_at}", [r for r in asked if r["item"] < args.split_at]),
+            (f"items >= {args.split_at}", [r for r in asked if r["item"] >= args.split_at]),
+        ):
+            rates = {
+                kind: round(
+                    sum(bool(r.get("target_repeats")) for r in part if r["kind"] == kind)
+                    / max(sum(r["kind"] == kind for r in part), 1),
+                    3,
+                )
+                for kind in sorted({r["kind"] for r in part})
+            }
+            print(f"  {name}: target twice {rates}")
 
 
 if __name__ == "__main__":
