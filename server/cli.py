@@ -12,11 +12,12 @@ import logging
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 from pydantic import ValidationError
 
 from server.editor.config import TrainConfig
+from server.editor.hypernet import HypernetKind
 from server.packs import PackError, PackRef, PackStore
 from server.packs.names import validate_name
 from server.settings import Settings
@@ -153,6 +154,7 @@ def _train_config(args: argparse.Namespace) -> TrainConfig:
         "teacher_contexts",
         "teacher_tokens",
         "rephrase",
+        "hypernet",
     )
     overrides = {k: getattr(args, k) for k in names}
     return TrainConfig(**{k: v for k, v in overrides.items() if v is not None})
@@ -301,6 +303,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         "rephrase": config.rephrase,
         "epochs": config.epochs,
         "lr": config.lr,
+        "hypernet": config.hypernet,
         # which relation head the gate used (generality and locality depend on it)
         "gate_threshold": round(float(edits.gate_table.threshold), 4),
         "contexts": ",".join(args.contexts),
@@ -542,6 +545,12 @@ def build_parser() -> argparse.ArgumentParser:
             "planned); early stop may end sooner",
         )
         command.add_argument("--lr", type=float, help="hypernetwork learning rate")
+        command.add_argument(
+            "--hypernet",
+            choices=get_args(HypernetKind),
+            help=f"the hypernetwork: one linear map, or an MLP hidden -> 4*hidden -> hidden "
+            f"(default {TrainConfig.hypernet})",
+        )
         command.add_argument("--layer", type=int, help="decoder layer to edit")
         command.add_argument("--seed", type=int)
         command.add_argument(

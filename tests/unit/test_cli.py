@@ -347,6 +347,22 @@ def test_rephrasing_is_on_unless_turned_off(command: str) -> None:
     assert _train_config(parser.parse_args([*base, "--rephrase"])).rephrase is True
 
 
+@pytest.mark.parametrize("command", ["eval", "train"])
+def test_the_hypernetwork_is_linear_unless_chosen(command: str) -> None:
+    from server.cli import _train_config, build_parser
+
+    parser = build_parser()
+    base = (
+        ["eval", "--dataset", "zsre"]
+        if command == "eval"
+        else ["train", "--facts", "f", "--pack", "p"]
+    )
+    assert _train_config(parser.parse_args(base)).hypernet == "linear"
+    assert _train_config(parser.parse_args([*base, "--hypernet", "mlp"])).hypernet == "mlp"
+    with pytest.raises(SystemExit):
+        parser.parse_args([*base, "--hypernet", "conv"])
+
+
 def test_a_wrong_flag_prints_the_usage_of_its_command(packs_dir: Path) -> None:
     result = run_lks("generate", "--prompt", "hi", "--bogus", packs_dir=packs_dir, timeout=20)
     assert result.returncode == 2
