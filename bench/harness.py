@@ -27,8 +27,7 @@ def add_slice_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--offset", type=int, default=0)
 
 
-def slice_items(args: argparse.Namespace, settings: Settings | None = None) -> list[EvalItem]:
-    settings = settings or Settings()
+def slice_items(args: argparse.Namespace, settings: Settings) -> list[EvalItem]:
     return load_items(
         dataset_path(settings.data_dir, args.dataset), args.split, args.n, args.offset
     )

@@ -17,6 +17,7 @@ from collections.abc import Callable
 
 from bench.harness import add_slice_arguments, slice_items
 from server.editor.rephrase import rephrasings
+from server.settings import Settings
 
 Rephrase = Callable[[str, str], list[str]]
 
@@ -39,7 +40,7 @@ def main() -> None:
     add_slice_arguments(parser)
     parser.add_argument("--against", metavar="REV", help="a git revision to compare rules with")
     args = parser.parse_args()
-    items = slice_items(args)
+    items = slice_items(args, Settings())
     made = [rephrasings(it.fact.subject, it.fact.prompt) for it in items]
     per_item = Counter(len(forms) for forms in made)
     report = {
