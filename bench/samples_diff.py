@@ -1,9 +1,10 @@
 """Where two `lks eval --samples` files of the same items differ, and how often an edited chat
-answer says its target twice (by kind, and over the items before and from `--split-at`) and
-again right after itself ("German: German"). One block per call:
+answer says its target twice (by kind) and again right after itself ("German: German");
+with `--split-at`, the chat answer metrics over the items before and from that one. One block
+per call:
 
     .venv/bin/python bench/samples_diff.py A.samples.jsonl.gz B.samples.jsonl.gz
-    .venv/bin/python bench/samples_diff.py A.samples.jsonl.gz [--split-at 100]  # repeats only
+    .venv/bin/python bench/samples_diff.py A.samples.jsonl.gz [--split-at 100]
 """
 
 from __future__ import annotations
@@ -39,6 +40,27 @@ def said_again_at_once(row: dict) -> bool:
     )
 
 
+# what --split-at prints per item range: the answer metrics of `lks eval`, from each answer
+SPLIT_FIGURES = (
+    ("target twice", "target_repeats"),
+    ("hit", "answer_hit"),
+    ("stops", "stops_edited"),
+    ("degenerate", "degenerate_edited"),
+)
+
+
+def rates_by_kind(rows: list[dict], field: str) -> dict[str, float]:
+    """The share of `rows` of each kind (question, paraphrase) whose `field` is true."""
+    return {
+        kind: round(
+            sum(bool(r.get(field)) for r in rows if r["kind"] == kind)
+            / max(sum(r["kind"] == kind for r in rows), 1),
+            3,
+        )
+        for kind in sorted({r["kind"] for r in rows})
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("samples", type=Path, nargs="+", help="one or two --samples files")
@@ -63,15 +85,8 @@ def main() -> None:
             (f"items < {args.split_at}", [r for r in asked if r["item"] < args.split_at]),
             (f"items >= {args.split_at}", [r for r in asked if r["item"] >= args.split_at]),
         ):
-            rates = {
-                kind: round(
-                    sum(bool(r.get("target_repeats")) for r in part if r["kind"] == kind)
-                    / max(sum(r["kind"] == kind for r in part), 1),
-                    3,
-                )
-                for kind in sorted({r["kind"] for r in part})
-            }
-            print(f"  {name}: target twice {rates}")
+            for label, field in SPLIT_FIGURES:
+                print(f"  {name}: {label} {rates_by_kind(part, field)}")
 
 
 if __name__ == "__main__":
