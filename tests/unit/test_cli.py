@@ -332,16 +332,21 @@ def test_answer_contexts_parse_from_a_list_or_none() -> None:
     assert parser.parse_args(["eval", "--dataset", "zsre", "--contexts", "none"]).contexts == ()
 
 
+def training_command(command: str) -> list[str]:
+    """The shortest `lks eval` or `lks train` command line: both take the training options."""
+    return (
+        ["eval", "--dataset", "zsre"]
+        if command == "eval"
+        else ["train", "--facts", "f", "--pack", "p"]
+    )
+
+
 @pytest.mark.parametrize("command", ["eval", "train"])
 def test_rephrasing_is_on_unless_turned_off(command: str) -> None:
     from server.cli import _train_config, build_parser
 
     parser = build_parser()
-    base = (
-        ["eval", "--dataset", "zsre"]
-        if command == "eval"
-        else ["train", "--facts", "f", "--pack", "p"]
-    )
+    base = training_command(command)
     assert _train_config(parser.parse_args(base)).rephrase is True
     assert _train_config(parser.parse_args([*base, "--no-rephrase"])).rephrase is False
     assert _train_config(parser.parse_args([*base, "--rephrase"])).rephrase is True
@@ -352,11 +357,7 @@ def test_the_hypernetwork_is_linear_unless_chosen(command: str) -> None:
     from server.cli import _train_config, build_parser
 
     parser = build_parser()
-    base = (
-        ["eval", "--dataset", "zsre"]
-        if command == "eval"
-        else ["train", "--facts", "f", "--pack", "p"]
-    )
+    base = training_command(command)
     assert _train_config(parser.parse_args(base)).hypernet == "linear"
     assert _train_config(parser.parse_args([*base, "--hypernet", "mlp"])).hypernet == "mlp"
     with pytest.raises(SystemExit):
