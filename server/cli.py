@@ -548,7 +548,7 @@ def build_parser() -> argparse.ArgumentParser:
         command.add_argument(
             "--hypernet",
             choices=get_args(HypernetKind),
-            help=f"the hypernetwork: one linear map, or an MLP hidden -> 4*hidden -> hidden "
+            help="the hypernetwork: one linear map, or an MLP hidden -> 4*hidden -> hidden "
             f"(default {TrainConfig.hypernet})",
         )
         command.add_argument("--layer", type=int, help="decoder layer to edit")
