@@ -548,8 +548,8 @@ def build_parser() -> argparse.ArgumentParser:
         command.add_argument(
             "--hypernet",
             choices=get_args(HypernetKind),
-            help="the hypernetwork: one linear map, or an MLP hidden -> 4*hidden -> hidden "
-            f"(default {TrainConfig.hypernet})",
+            help="the hypernetwork: one linear map, an MLP hidden -> 4*hidden -> hidden, or "
+            f"the two added, the MLP learning slower (default {TrainConfig.hypernet})",
         )
         command.add_argument("--layer", type=int, help="decoder layer to edit")
         command.add_argument("--seed", type=int)

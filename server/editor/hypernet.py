@@ -4,28 +4,52 @@ changes nothing."""
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
 
-HypernetKind = Literal["linear", "mlp"]
+HypernetKind = Literal["linear", "mlp", "residual"]
+
+# The residual kind's MLP learns at this fraction of the linear map's rate: the map fits what
+# it can first, and the MLP takes what a linear map of the subject's state cannot reach, which
+# grows with the number of facts.
+RESIDUAL_LR_SCALE = 0.1
+
+
+def _mlp(hidden_size: int) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Linear(hidden_size, 4 * hidden_size), nn.GELU(), nn.Linear(4 * hidden_size, hidden_size)
+    )
 
 
 class Hypernetwork(nn.Module):
+    """`linear`: one map W f + b (the LKS reference's default); `mlp`: hidden -> 4*hidden ->
+    hidden with GELU (the reference's other); `residual`: the two added, the MLP slower."""
+
     def __init__(self, hidden_size: int, kind: HypernetKind = "linear") -> None:
         super().__init__()
         self.kind = kind
-        if kind == "linear":
-            self.net: nn.Module = nn.Linear(hidden_size, hidden_size)
-            out = self.net
-        else:
-            out = nn.Linear(4 * hidden_size, hidden_size)
-            self.net = nn.Sequential(nn.Linear(hidden_size, 4 * hidden_size), nn.GELU(), out)
-        nn.init.zeros_(out.weight)
-        nn.init.zeros_(out.bias)
+        self.net: nn.Module = (
+            nn.Linear(hidden_size, hidden_size) if kind != "mlp" else _mlp(hidden_size)
+        )
+        self.branch: nn.Module | None = _mlp(hidden_size) if kind == "residual" else None
+        for part in (self.net, self.branch):
+            if part is not None:
+                out = part if isinstance(part, nn.Linear) else part[-1]
+                nn.init.zeros_(out.weight)
+                nn.init.zeros_(out.bias)
+
+    def param_groups(self, lr: float) -> list[dict[str, Any]]:
+        """The optimiser's groups: the residual kind's MLP at RESIDUAL_LR_SCALE of `lr`."""
+        groups: list[dict[str, Any]] = [{"params": list(self.net.parameters()), "lr": lr}]
+        if self.branch is not None:
+            groups.append({"params": list(self.branch.parameters()), "lr": lr * RESIDUAL_LR_SCALE})
+        return groups
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         """features [S, H] (raw layer-L states of the feature texts) -> deltas [S, H]."""
         scale = features.pow(2).mean(dim=-1, keepdim=True).add(1e-6).rsqrt()
-        return self.net(features * scale)
+        normed = features * scale
+        out = self.net(normed)
+        return out if self.branch is None else out + self.branch(normed)

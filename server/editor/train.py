@@ -345,7 +345,7 @@ class Trainer:
         hypernet = Hypernetwork(backbone.hidden_size, config.hypernet).to(backbone.device)
         if warm_start is not None:
             hypernet.load_state_dict(warm_start)
-        optimizer = torch.optim.AdamW(hypernet.parameters(), lr=config.lr, weight_decay=0.0)
+        optimizer = torch.optim.AdamW(hypernet.param_groups(config.lr), weight_decay=0.0)
         widths = [len(s.text.ids) - s.text.first_edit for s in sequences]
         steps_per_epoch = len(epoch_batches(widths, config.batch_size, random.Random(0)))
         epochs = max(config.epochs, math.ceil(config.min_steps / steps_per_epoch))

@@ -353,12 +353,12 @@ def test_rephrasing_is_on_unless_turned_off(command: str) -> None:
 
 
 @pytest.mark.parametrize("command", ["eval", "train"])
-def test_the_hypernetwork_is_linear_unless_chosen(command: str) -> None:
+def test_the_hypernetwork_is_the_residual_kind_unless_chosen(command: str) -> None:
     from server.cli import _train_config, build_parser
 
     parser = build_parser()
     base = training_command(command)
-    assert _train_config(parser.parse_args(base)).hypernet == "linear"
+    assert _train_config(parser.parse_args(base)).hypernet == "residual"
     assert _train_config(parser.parse_args([*base, "--hypernet", "mlp"])).hypernet == "mlp"
     with pytest.raises(SystemExit):
         parser.parse_args([*base, "--hypernet", "conv"])

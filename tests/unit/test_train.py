@@ -15,7 +15,7 @@ from server.editor.activation_cache import ActivationCache
 from server.editor.answers import Answer
 from server.editor.config import TrainConfig
 from server.editor.facts import Fact, LocalityPrompt, fact_key, is_question
-from server.editor.hypernet import Hypernetwork
+from server.editor.hypernet import RESIDUAL_LR_SCALE, Hypernetwork
 from server.editor.precompute import feature_states, split_sequences
 from server.editor.scope import EncodedText, Scope, encode, join_target, shared_prefix_groups
 from server.editor.sequences import (
@@ -66,10 +66,27 @@ def test_a_backbone_packed_for_inference_is_refused_for_training(
     assert Trainer(load_training_backbone(settings, served)).backbone.dtype == torch.float32
 
 
-@pytest.mark.parametrize("kind", ["linear", "mlp"])
+@pytest.mark.parametrize("kind", ["linear", "mlp", "residual"])
 def test_untrained_hypernetwork_changes_nothing(kind: str) -> None:
     net = Hypernetwork(32, kind)  # type: ignore[arg-type]
     assert torch.equal(net(torch.randn(5, 32)), torch.zeros(5, 32))
+
+
+def test_the_residual_hypernetwork_adds_a_slower_mlp_to_the_linear_map() -> None:
+    residual, linear = Hypernetwork(32, "residual"), Hypernetwork(32, "linear")
+    torch.nn.init.normal_(residual.net.weight)
+    linear.load_state_dict(residual.net.state_dict(prefix="net."))
+    features = torch.randn(5, 32)
+    torch.testing.assert_close(residual(features), linear(features))  # its MLP starts at zero
+    assert residual.branch is not None
+    torch.nn.init.normal_(residual.branch[-1].weight)
+    assert not torch.allclose(residual(features), linear(features))
+
+    groups = residual.param_groups(0.5)
+    assert [group["lr"] for group in groups] == [0.5, 0.5 * RESIDUAL_LR_SCALE]
+    grouped = [id(p) for group in groups for p in group["params"]]
+    assert sorted(grouped) == sorted(id(p) for p in residual.parameters())
+    assert groups[1]["params"] == list(residual.branch.parameters())
 
 
 @pytest.mark.parametrize("family", ["llama", "mistral", "qwen2"])
