@@ -28,6 +28,7 @@ import torch
 from server.builder.edits import Edits, KnownParts, apply_edits, train_edits
 from server.editor.config import TrainConfig
 from server.editor.facts import Fact, FactKey, fact_key
+from server.editor.hypernet import starts_from
 from server.editor.precompute import DEFAULT_CACHE_BUDGET_BYTES
 from server.editor.scope import Scope
 from server.editor.train import ProgressCallback, growth_selection
@@ -105,7 +106,7 @@ class StartingPoint:
             return None
         if previous.content.layer != config.resolve_layer(backbone.num_layers):
             return None
-        if previous.content.training.get("hypernet") != config.hypernet:
+        if not starts_from(config.hypernet, previous.content.training.get("hypernet")):
             return None
         return cls(
             previous.content.hypernet,

@@ -4,6 +4,7 @@ changes nothing."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, Literal
 
 import torch
@@ -23,6 +24,19 @@ def _mlp(hidden_size: int) -> nn.Sequential:
     )
 
 
+def _zero_output(part: nn.Module) -> None:
+    out = part if isinstance(part, nn.Linear) else part[-1]
+    assert isinstance(out, nn.Linear)
+    with torch.no_grad():
+        out.weight.zero_()
+        out.bias.zero_()
+
+
+def starts_from(kind: HypernetKind, previous: object) -> bool:
+    """Whether a hypernetwork of `kind` can start from the weights of one of kind `previous`."""
+    return previous == kind or (kind == "residual" and previous == "linear")
+
+
 class Hypernetwork(nn.Module):
     """`linear`: one map W f + b (the LKS reference's default); `mlp`: hidden -> 4*hidden ->
     hidden with GELU (the reference's other); `residual`: the two added, the MLP slower."""
@@ -36,9 +50,16 @@ class Hypernetwork(nn.Module):
         self.branch: nn.Module | None = _mlp(hidden_size) if kind == "residual" else None
         for part in (self.net, self.branch):
             if part is not None:
-                out = part if isinstance(part, nn.Linear) else part[-1]
-                nn.init.zeros_(out.weight)
-                nn.init.zeros_(out.bias)
+                _zero_output(part)
+
+    def load_start(self, weights: Mapping[str, torch.Tensor]) -> None:
+        """A previous version's weights, as `starts_from` allows: the residual kind takes a
+        linear map's as its map, its MLP at zero (so its deltas are the map's)."""
+        if self.branch is not None and not any(k.startswith("branch.") for k in weights):
+            self.net.load_state_dict({k.removeprefix("net."): v for k, v in weights.items()})
+            _zero_output(self.branch)
+        else:
+            self.load_state_dict(weights)
 
     def param_groups(self, lr: float) -> list[dict[str, Any]]:
         """The optimiser's groups: the residual kind's MLP at RESIDUAL_LR_SCALE of `lr`."""

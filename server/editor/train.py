@@ -211,7 +211,7 @@ class Trainer:
         started = time.perf_counter()
         scope = Scope.from_facts(facts)
         hypernet = Hypernetwork(self.backbone.hidden_size, self.config.hypernet)
-        hypernet.load_state_dict(weights)
+        hypernet.load_start(weights)
         hypernet.to(self.backbone.device)
         known = known_blocks or {}
         deltas = torch.empty(len(scope.subjects), self.backbone.hidden_size)
@@ -344,7 +344,7 @@ class Trainer:
         )
         hypernet = Hypernetwork(backbone.hidden_size, config.hypernet).to(backbone.device)
         if warm_start is not None:
-            hypernet.load_state_dict(warm_start)
+            hypernet.load_start(warm_start)
         optimizer = torch.optim.AdamW(hypernet.param_groups(config.lr), weight_decay=0.0)
         widths = [len(s.text.ids) - s.text.first_edit for s in sequences]
         steps_per_epoch = len(epoch_batches(widths, config.batch_size, random.Random(0)))

@@ -127,7 +127,14 @@ def test_a_version_of_another_backbone_or_layer_is_no_starting_point(
     store.publish("ours", content, backbone_info(backbone))
     assert isinstance(latest_start(store, "ours", backbone, TINY_TRAIN), StartingPoint)
     assert latest_start(store, "ours", backbone, replace(TINY_TRAIN, layer=0)) is None
+    assert latest_start(store, "ours", backbone, replace(TINY_TRAIN, hypernet="mlp")) is None
     assert latest_start(store, "none", backbone, TINY_TRAIN) is None
+    linear = Hypernetwork(backbone.hidden_size, "linear").state_dict()
+    older = replace(content, training={"hypernet": "linear"}, hypernet=linear)
+    store.publish("older", older, backbone_info(backbone))  # before the residual default
+    start = latest_start(store, "older", backbone, replace(TINY_TRAIN, hypernet="residual"))
+    assert start is not None and start.weights.keys() == linear.keys()
+    assert latest_start(store, "older", backbone, replace(TINY_TRAIN, hypernet="mlp")) is None
 
 
 def test_a_build_trains_on_the_training_backbone_and_checks_on_the_served_one(

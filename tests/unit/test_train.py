@@ -15,7 +15,7 @@ from server.editor.activation_cache import ActivationCache
 from server.editor.answers import Answer
 from server.editor.config import TrainConfig
 from server.editor.facts import Fact, LocalityPrompt, fact_key, is_question
-from server.editor.hypernet import RESIDUAL_LR_SCALE, Hypernetwork
+from server.editor.hypernet import RESIDUAL_LR_SCALE, Hypernetwork, starts_from
 from server.editor.precompute import feature_states, split_sequences
 from server.editor.scope import EncodedText, Scope, encode, join_target, shared_prefix_groups
 from server.editor.sequences import (
@@ -81,6 +81,14 @@ def test_the_residual_hypernetwork_adds_a_slower_mlp_to_the_linear_map() -> None
     assert residual.branch is not None
     torch.nn.init.normal_(residual.branch[-1].weight)
     assert not torch.allclose(residual(features), linear(features))
+
+    torch.nn.init.normal_(linear.net.weight)  # a linear version's weights start it afresh
+    residual.load_start(linear.state_dict())
+    torch.testing.assert_close(residual(features), linear(features))
+    assert starts_from("residual", "linear") and starts_from("mlp", "mlp")
+    assert not starts_from("linear", "residual") and not starts_from("residual", "mlp")
+    with pytest.raises(RuntimeError, match="Missing key"):
+        residual.load_start(Hypernetwork(32, "mlp").state_dict())
 
     groups = residual.param_groups(0.5)
     assert [group["lr"] for group in groups] == [0.5, 0.5 * RESIDUAL_LR_SCALE]
