@@ -31,7 +31,7 @@ import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import psutil
 import torch
@@ -39,6 +39,7 @@ from safetensors.torch import load_file, save_file
 
 from server.editor.config import TrainConfig
 from server.editor.facts import Fact, fact_key
+from server.editor.hypernet import HypernetKind
 from server.editor.precompute import feature_states
 from server.editor.scope import Scope, encode
 from server.editor.split import LayerSplit
@@ -89,7 +90,7 @@ def reliability(
 
 def cmd_train(args: argparse.Namespace, settings: Settings, backbone: Backbone) -> dict[str, Any]:
     facts = [it.fact for it in dev_items(settings, args.zsre, args.counterfact)]
-    config = TrainConfig(repetition_weight=args.repetition_weight)
+    config = TrainConfig(repetition_weight=args.repetition_weight, hypernet=args.hypernet_kind)
     trainer = Trainer(backbone, config, cache_budget_bytes=int(args.cache_gib * 2**30))
     steps: list[tuple[int, int, float]] = []  # (step, total steps, elapsed s)
 
@@ -109,6 +110,7 @@ def cmd_train(args: argparse.Namespace, settings: Settings, backbone: Backbone) 
         "facts": len(facts),
         "device": str(backbone.device),
         "repetition_weight": config.repetition_weight,
+        "hypernet": config.hypernet,
     }
     try:
         result = trainer.train(facts, progress)
@@ -237,7 +239,8 @@ def cmd_grow(args: argparse.Namespace, settings: Settings, backbone: Backbone) -
     old_items, new_items, weights = growth_inputs(args, settings)
     facts = [it.fact for it in old_items + new_items]
     learned = {fact_key(f) for f in facts[: len(old_items)]}
-    trainer = Trainer(backbone, TrainConfig(repetition_weight=args.repetition_weight))
+    config = TrainConfig(repetition_weight=args.repetition_weight, hypernet=args.hypernet_kind)
+    trainer = Trainer(backbone, config)
     applied = trainer.apply_weights(facts, weights)  # the worker's first try: no training
     scope, layer, before = applied.scope, applied.layer, applied.deltas
     sample = old_items[:: max(1, len(old_items) // args.check)]
@@ -256,6 +259,7 @@ def cmd_grow(args: argparse.Namespace, settings: Settings, backbone: Backbone) -
         "epochs_run": result.epochs_run,
         "old_sample": len(sample),
         "repetition_weight": args.repetition_weight,
+        "hypernet": args.hypernet_kind,
     }
     for label, deltas in (("before", before), ("after", result.deltas)):
         record[f"old_reliability_{label}"] = teacher_forced(
@@ -609,6 +613,12 @@ def main() -> int:
         type=float,
         default=TrainConfig().repetition_weight,
         help="TrainConfig.repetition_weight (docs/results/massive.md's run: 0, the default then)",
+    )
+    loss_args.add_argument(
+        "--hypernet-kind",
+        choices=get_args(HypernetKind),
+        default=TrainConfig().hypernet,
+        help="TrainConfig.hypernet (docs/results/massive.md's run: linear, the default then)",
     )
     train = sub.add_parser("train", parents=[loss_args])
     train.add_argument("--zsre", type=int, default=8000)

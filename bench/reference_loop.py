@@ -6,8 +6,9 @@ batch's subjects through the backbone (the reference never caches them), and eve
 its own full forward pass through all layers (the edit prompt's, then each paraphrase form's).
 What is kept equal to our trainer, so that only the loop differs: the facts, the training
 contexts (our `training_contexts`: the prompt, its prefixed forms, the chat form, its
-rephrasings), the residual zero-initialised hypernetwork, AdamW with our learning rate and
-linear schedule, and the loss (cross-entropy on the target tokens as they follow each context).
+rephrasings), the zero-initialised hypernetwork of the configured kind, AdamW with our learning
+rates and linear schedule, and the loss (cross-entropy on the target tokens as they follow each
+context).
 """
 
 from __future__ import annotations
@@ -101,7 +102,7 @@ class ReferenceLoopTrainer:
             ]
             forms.append([e for e in encoded if e.edits])
         hypernet = Hypernetwork(backbone.hidden_size, config.hypernet).to(backbone.device)
-        optimizer = torch.optim.AdamW(hypernet.parameters(), lr=config.lr, weight_decay=0.0)
+        optimizer = torch.optim.AdamW(hypernet.param_groups(config.lr), weight_decay=0.0)
         steps_per_epoch = math.ceil(len(facts) / config.batch_size)
         total_steps = steps_per_epoch * max_epochs
         scheduler = torch.optim.lr_scheduler.LambdaLR(

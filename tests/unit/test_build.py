@@ -100,6 +100,30 @@ def test_each_step_of_the_policy_can_be_turned_off(
     )
 
 
+def test_a_version_trained_with_the_linear_map_starts_a_residual_build(
+    backbone: Backbone, encoder: SentenceEncoder, tmp_path: Path
+) -> None:
+    """Packs published before the residual default grow from their weights: applied as they
+    are, the blocks are the linear map's; a warm-started training runs from them."""
+    assert TINY_TRAIN.hypernet == "residual"
+    store = PackStore(tmp_path)
+    linear = replace(LENIENT, train=replace(TINY_TRAIN, hypernet="linear"))
+    first = build_version(backbone, FACTS[:1], encoder, None, linear)
+    assert first.content.training["hypernet"] == "linear"
+    store.publish("demo", first.content, backbone_info(backbone))
+
+    trained = grow(backbone, encoder, store, growth=False)
+    assert (trained.metrics["warm_start"], trained.metrics["trained_facts"]) == (1.0, 2)
+    applied = grow(backbone, encoder, store)
+    assert (applied.metrics["warm_start"], applied.metrics["trained_facts"]) == (1.0, 0)
+    blocks = applied.content.table[BLOCKS_KEY]
+    assert torch.equal(blocks[0], first.content.table[BLOCKS_KEY][0])
+    store.publish("demo", applied.content, backbone_info(backbone))
+    grown = store.load(PackRef("demo", 2)).content
+    assert grown.training["hypernet"] == "residual"
+    assert grown.hypernet["net.weight"].any() and not grown.hypernet["branch.2.weight"].any()
+
+
 def test_the_quality_gate_refuses_and_can_be_skipped(
     backbone: Backbone, encoder: SentenceEncoder, first_version: PackStore
 ) -> None:

@@ -187,6 +187,11 @@ def test_a_hypernetwork_must_match_the_kind_its_training_record_names(store: Pac
     with pytest.raises(PackCorruptError, match=r"training\.hypernet 'cubic' is not a known kind"):
         store.load(PackRef("demo", 4))
 
+    # a residual record must carry its MLP: a warm start takes a map without one as linear
+    store.publish("demo", replace(content, training={"hypernet": "residual"}), make_backbone_info())
+    with pytest.raises(PackCorruptError, match=r"not a residual hypernetwork.*'branch.0.bias'"):
+        store.load(PackRef("demo", 5))
+
 
 @pytest.mark.parametrize(
     ("subjects", "message"),
