@@ -39,9 +39,10 @@ def starts_from(kind: HypernetKind, previous: object) -> bool:
 
 class Hypernetwork(nn.Module):
     """`linear`: one map W f + b (the LKS reference's default); `mlp`: hidden -> 4*hidden ->
-    hidden with GELU (the reference's other); `residual`: the two added, the MLP slower."""
+    hidden with GELU (the reference's other); `residual`: the two added, the MLP slower. The
+    kind a build uses is `TrainConfig.hypernet`'s."""
 
-    def __init__(self, hidden_size: int, kind: HypernetKind = "linear") -> None:
+    def __init__(self, hidden_size: int, kind: HypernetKind) -> None:
         super().__init__()
         self.kind = kind
         self.net: nn.Module = (

@@ -245,7 +245,7 @@ def test_locality_loss_is_kl_from_the_unedited_model(
     scope = Scope.from_facts(facts)
     sequences, references = locality_sequences(backbone, scope.index(), facts, 3)
     torch.manual_seed(0)
-    hypernet = Hypernetwork(backbone.hidden_size).to(backbone.device)
+    hypernet = Hypernetwork(backbone.hidden_size, "linear").to(backbone.device)
     torch.nn.init.normal_(hypernet.net.weight, std=0.5)  # an edit that changes the answer
     features = feature_states(backbone, trainer.split, scope)
     cached = split_sequences(backbone, trainer.split, sequences) if trainer.skip_prefixes else None
@@ -319,7 +319,7 @@ def test_kl_terms_are_weighted_per_sequence(tiny_model_dirs: dict[str, Path]) ->
     scope = Scope.from_facts(FACTS)
     sequences, references = after_target_sequences(backbone, scope.index(), FACTS, 2)
     torch.manual_seed(0)
-    hypernet = Hypernetwork(backbone.hidden_size).to(backbone.device)
+    hypernet = Hypernetwork(backbone.hidden_size, "linear").to(backbone.device)
     torch.nn.init.normal_(hypernet.net.weight, std=0.5)
     features = feature_states(backbone, trainer.split, scope)
     cached = split_sequences(backbone, trainer.split, sequences)
@@ -359,7 +359,7 @@ def test_repetition_term_is_the_unlikelihood_of_saying_the_target_again(
             == encode(backbone.tokenizer, scope.index(), fact.prompt, fact.target).target_ids[0]
         )
     torch.manual_seed(0)
-    hypernet = Hypernetwork(backbone.hidden_size).to(backbone.device)
+    hypernet = Hypernetwork(backbone.hidden_size, "linear").to(backbone.device)
     torch.nn.init.normal_(hypernet.net.weight, std=0.5)
     features = feature_states(backbone, trainer.split, scope)
     cached = split_sequences(backbone, trainer.split, sequences)
