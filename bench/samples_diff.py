@@ -1,7 +1,7 @@
-"""Where two `lks eval --samples` files of the same items differ, and how often an edited chat
-answer says its target twice (by kind) and again right after itself ("German: German");
-with `--split-at`, the chat answer metrics over the items before and from that one. One block
-per call:
+"""Where two `lks eval --samples` files of the same items differ (the answers both hold), and
+how often an edited chat answer says its target twice (by kind) and again right after itself
+("German: German"); with `--split-at`, the chat answer metrics over the items before and from
+that one. One block per call:
 
     .venv/bin/python bench/samples_diff.py A.samples.jsonl.gz B.samples.jsonl.gz
     .venv/bin/python bench/samples_diff.py A.samples.jsonl.gz [--split-at 100]
@@ -26,6 +26,11 @@ def read_samples(path: Path) -> list[dict]:
 
 def key(row: dict) -> str:
     return f"{row['context']} {row.get('kind', 'continuation')}"
+
+
+def answer_id(row: dict) -> tuple:
+    """One answer of a run: files of runs with other `--contexts` share the contexts both ran."""
+    return row.get("item"), row["context"], row.get("kind"), row["prompt"]
 
 
 def said_again_at_once(row: dict) -> bool:
@@ -68,10 +73,11 @@ def main() -> None:
     args = parser.parse_args()
     first = read_samples(args.samples[0])
     if len(args.samples) > 1:
-        second = read_samples(args.samples[1])
-        assert [(r["prompt"], key(r)) for r in first] == [(r["prompt"], key(r)) for r in second]
+        second = {answer_id(r): r for r in read_samples(args.samples[1])}
+        pairs = [(r, second[answer_id(r)]) for r in first if answer_id(r) in second]
+        assert pairs, "the two files share no answers (other items or other contexts)"
+        print(f"answers in both files: {len(pairs)} of {len(first)} and {len(second)}")
         for side in ("unedited", "edited"):
-            pairs = zip(first, second, strict=True)
             differ = Counter(key(a) for a, b in pairs if a.get(side) != b.get(side))
             print(f"{side} answers that differ: {sum(differ.values())} {dict(differ)}")
     asked = [r for r in first if r["context"] == "chat" and r.get("kind") != "locality"]
