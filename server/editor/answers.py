@@ -26,13 +26,13 @@ from __future__ import annotations
 import functools
 import re
 from collections import Counter
-from collections.abc import Iterator, Sequence
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from collections.abc import Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
 import torch
-from transformers import PreTrainedTokenizerBase
+from transformers import Cache, DynamicCache, PreTrainedTokenizerBase
 
 from server.editor.facts import is_question
 from server.editor.scope import EncodedText, common_prefix, length_batches, shared_prefix_groups
@@ -317,10 +317,7 @@ def _generate(
     positions shift by each row's pad count, as a serving batch's do. Texts of similar length
     share a batch; on the CPU a decode step of 64 rows costs little more than one of 16 (the
     weights are read once). `share_prefix`: a batch's common first tokens run once and the
-    padding goes after them (position ids follow the attention mask). `final_states`: a hook
-    on the base model keeps each step's last final state."""
-    # a model that names its own cache class takes no cache from outside: no sharing there
-    share_prefix = share_prefix and backbone.model.generation_config.cache_implementation is None
+    padding goes after them (position ids follow the attention mask)."""
     tokenizer = backbone.tokenizer
     pad_id, eos = int(tokenizer.pad_token_id), set(backbone.eos_token_ids)
     answers: list[Answer | None] = [None] * len(encoded)
@@ -356,73 +353,85 @@ def _generate(
         if shared:
             cache = prefix_cache(backbone.model, ids[0, :shared].tolist())
             cache.batch_repeat_interleave(len(batch))
-        steps: list[tuple[int, torch.Tensor]] = []
-        with (
-            applied_edits(backbone, table, edits),
-            _final_states_kept(backbone, steps, final_states),
-        ):
-            out = backbone.model.generate(
-                input_ids=ids.to(backbone.device),
-                attention_mask=mask.to(backbone.device),
-                cache=cache,
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                top_k=None,
-                pad_token_id=pad_id,
-                eos_token_id=backbone.eos_token_ids,
+        with applied_edits(backbone, table, edits):
+            said, states = _greedy(
+                backbone, ids, mask, cache, shared, max_new_tokens, eos, final_states
             )
-        new = out[:, width:].tolist()
-        texts = tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
-        read = width - shared  # what the first pass reads
-        states = _step_states(steps, read, out.shape[1] - width) if final_states else None
         for row, index in enumerate(batch):
             edited = table is not None and bool(encoded[index].edits)
-            said = new[row]
-            end = next((i for i, t in enumerate(said) if t in eos), None)
-            tokens = tuple(said if end is None else said[: end + 1])
-            kept = None if states is None else states[row, : len(tokens)].clone()
-            answers[index] = Answer(texts[row], end is not None, edited, tokens, kept)
+            tokens = tuple(said[row])
+            text = tokenizer.decode(tokens, skip_special_tokens=True)
+            stopped = bool(tokens) and tokens[-1] in eos
+            answers[index] = Answer(text, stopped, edited, tokens, states[row])
     return answers  # type: ignore[return-value]
 
 
-@contextmanager
-def _final_states_kept(
-    backbone: Backbone, steps: list[tuple[int, torch.Tensor]], keep: bool
-) -> Iterator[None]:
-    """While generating, append to `steps` each forward pass's length and the base model's
-    final state at its last position ([rows, 1, hidden]): the state that predicted the next
-    token."""
-    if not keep:
-        yield
-        return
-
-    def kept(_module: torch.nn.Module, _args: object, output: object) -> None:
-        states = output.last_hidden_state  # type: ignore[attr-defined]
-        steps.append((states.shape[1], states[:, -1:].detach().clone()))
-
-    handle = backbone.model.base_model.register_forward_hook(kept)
+@torch.inference_mode()
+def _greedy(
+    backbone: Backbone,
+    ids: torch.Tensor,
+    mask: torch.Tensor,
+    cache: Cache | None,
+    cached: int,
+    max_new_tokens: int,
+    eos: set[int],
+    final_states: bool,
+) -> tuple[list[list[int]], list[torch.Tensor | None]]:
+    """Greedy decoding of a left-padded batch whose first `cached` tokens are in `cache`: each
+    row's tokens (its end token included) and, with `final_states`, the final states that
+    predicted them [len(tokens), H]. A row that ends leaves the batch, so a step costs the rows
+    still answering: a batch's short answers do not run on at the pace of its longest. Any
+    edit plan in place applies to the first pass (the prompt's), as the engine's prefill."""
+    model, device = backbone.model, backbone.device
+    rows = ids.shape[0]
+    ids, mask = ids.to(device), mask.to(device)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    if cache is None:
+        cache = DynamicCache(config=model.config)
+    said: list[list[int]] = [[] for _ in range(rows)]
+    kept: list[list[torch.Tensor]] = [[] for _ in range(rows)]
+    live = list(range(rows))  # the batch's rows, as indices into the original rows
+    step_ids, step_positions = ids[:, cached:], positions[:, cached:]
+    last: list[torch.Tensor] = []
+    handle = model.base_model.register_forward_hook(
+        lambda _m, _a, out: last.append(out.last_hidden_state[:, -1])
+    )
     try:
-        yield
+        for _ in range(max_new_tokens):
+            last.clear()
+            logits = model(
+                input_ids=step_ids,
+                attention_mask=mask,
+                position_ids=step_positions,
+                cache=cache,
+                use_cache=True,
+                logits_to_keep=1,
+            ).logits[:, -1]
+            tokens = logits.argmax(-1).tolist()
+            going = []
+            for slot, (row, token) in enumerate(zip(live, tokens, strict=True)):
+                said[row].append(token)
+                if final_states:
+                    kept[row].append(last[-1][slot].float())
+                if token not in eos:
+                    going.append(slot)
+            if not going:
+                break
+            if len(going) < len(live):
+                chosen = torch.tensor(going, device=device)
+                cache.batch_select_indices(chosen)
+                mask, step_positions = mask[chosen], step_positions[chosen]
+                live = [live[slot] for slot in going]
+                tokens = [tokens[slot] for slot in going]
+            step_ids = torch.tensor(tokens, device=device)[:, None]
+            mask = torch.cat([mask, mask.new_ones(len(live), 1)], dim=1)
+            step_positions = step_positions[:, -1:] + 1
     finally:
         handle.remove()
-
-
-def _step_states(
-    steps: list[tuple[int, torch.Tensor]], prompt_width: int, new_tokens: int
-) -> torch.Tensor:
-    """[rows, new_tokens, hidden]: one kept state per generated token. The first pass must
-    read the whole prompt and each later one a single token: a chunked prefill, a compiled
-    loop that skips hooks or a speculative pass would shift every state against its token,
-    and is refused rather than trained on. Passes after the last token (a deferred stop
-    check's) predicted nothing that was kept."""
-    lengths = [length for length, _ in steps]
-    if len(steps) < new_tokens or (steps and lengths[0] != prompt_width) or set(lengths[1:]) - {1}:
-        raise RuntimeError(
-            f"generation ran the model over {lengths[:4]}{'...' if len(lengths) > 4 else ''} "
-            f"tokens ({len(steps)} passes) for a {prompt_width}-token prompt and {new_tokens} "
-            "new tokens: its final states cannot be matched to the tokens"
-        )
-    return torch.cat([state for _, state in steps[:new_tokens]], dim=1)
+    states: list[torch.Tensor | None] = [
+        torch.stack(k) if final_states and k else None for k in kept
+    ]
+    return said, states
 
 
 def encode_texts(

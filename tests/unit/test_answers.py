@@ -167,6 +167,19 @@ def test_an_answer_stops_when_it_ends_within_the_budget(tiny_model_dirs: dict[st
     assert degenerate(running[0].text)
 
 
+@contextmanager
+def _passes(backbone: Backbone) -> Iterator[list[tuple[int, int]]]:
+    """The (rows, tokens) of each forward pass of the base model while the block runs."""
+    shapes: list[tuple[int, int]] = []
+    handle = backbone.model.base_model.register_forward_hook(
+        lambda _m, _a, out: shapes.append(tuple(out.last_hidden_state.shape[:2]))
+    )
+    try:
+        yield shapes
+    finally:
+        handle.remove()
+
+
 def test_final_states_are_those_a_second_forward_pass_gives(
     tiny_model_dirs: dict[str, Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -183,9 +196,14 @@ def test_final_states_are_those_a_second_forward_pass_gives(
     ender = free[0].tokens[1]  # the first row's second token now ends an answer
     config = backbone.model.generation_config
     monkeypatch.setattr(config, "eos_token_id", [*backbone.eos_token_ids, ender])
-    answers = generate(backbone, encoded, None, max_new_tokens=6, final_states=True)
+    with _passes(backbone) as passes:
+        answers = generate(backbone, encoded, None, max_new_tokens=6, final_states=True)
     assert answers[0].stopped and len(answers[0].tokens) <= 2
     assert max(len(a.tokens) for a in answers) == 6  # another row went on
+    # an ended row leaves the batch: each step reads only the rows still answering
+    assert [rows for rows, _ in passes] == [
+        sum(len(a.tokens) > step for a in answers) for step in range(6)
+    ]
     base = backbone.model.base_model
     for text, answer in zip(encoded, answers, strict=True):
         assert answer.states is not None and answer.tokens
@@ -201,26 +219,12 @@ def test_final_states_are_those_a_second_forward_pass_gives(
         generate(backbone, encoded, None, 2, release=True, final_states=True)
 
 
-@contextmanager
-def _passes(backbone: Backbone) -> Iterator[list[tuple[int, int]]]:
-    """The (rows, tokens) of each forward pass of the base model while the block runs."""
-    shapes: list[tuple[int, int]] = []
-    handle = backbone.model.base_model.register_forward_hook(
-        lambda _m, _a, out: shapes.append(tuple(out.last_hidden_state.shape[:2]))
-    )
-    try:
-        yield shapes
-    finally:
-        handle.remove()
-
-
 def test_a_batch_reads_its_common_first_tokens_once_and_answers_as_each_text_alone(
     tiny_model_dirs: dict[str, Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Texts that start alike (as chat prompts share the system header) read that prefix in one
     pass of its own, then the padded rest: the answers and their final states are each text's
-    alone. Evaluation's plain path, and a model that names its own cache class (it takes none
-    from outside), read the whole width."""
+    alone. Evaluation's plain path reads the whole width."""
     backbone = load_backbone(
         Settings(model=tiny_model_dirs["llama"], device=TEST_DEVICE, dtype="float32")
     )
@@ -238,11 +242,6 @@ def test_a_batch_reads_its_common_first_tokens_once_and_answers_as_each_text_alo
     with _passes(backbone) as passes:
         generate(backbone, encoded, None, max_new_tokens=1)
     assert passes == [(2, width)]
-    monkeypatch.setattr(backbone.model.generation_config, "cache_implementation", "dynamic")
-    with _passes(backbone) as passes:
-        generate(backbone, encoded, None, max_new_tokens=1, share_prefix=True)
-    assert passes == [(2, width)]
-    monkeypatch.undo()
     with pytest.raises(ValueError, match="read unedited"):  # edits' positions assume pads first
         generate(backbone, encoded, object(), share_prefix=True)  # type: ignore[arg-type]
     for text, answer in zip(encoded, together, strict=True):
@@ -274,25 +273,6 @@ def test_the_common_prefix_leaves_each_row_a_token_of_its_own() -> None:
     assert common_prefix([[1, 2, 3], [1, 2, 3, 4]]) == 2
     assert common_prefix([[7, 2], [1, 2]]) == 0
     assert common_prefix([[1, 2, 3]]) == 2
-
-
-def test_final_states_of_a_chunked_prefill_are_refused(
-    tiny_model_dirs: dict[str, Path], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """A prefill run in chunks ends each chunk with a state that predicted no generated token:
-    its states would shift against the answer's, so they are refused, not trained on."""
-    backbone = load_backbone(
-        Settings(model=tiny_model_dirs["llama"], device=TEST_DEVICE, dtype="float32")
-    )
-    encoded = encode_texts(backbone, [("the capital of france is", False)], None)
-    assert (
-        generate(backbone, encoded, None, max_new_tokens=3, final_states=True)[0].states is not None
-    )
-    monkeypatch.setattr(backbone.model.generation_config, "prefill_chunk_size", 2, raising=False)
-    chunked = generate(backbone, encoded, None, max_new_tokens=3)  # generation itself works
-    assert chunked[0].tokens
-    with pytest.raises(RuntimeError, match="cannot be matched"):
-        generate(backbone, encoded, None, max_new_tokens=3, final_states=True)
 
 
 def test_answers_in_every_context_edited_and_unedited(tiny_model_dirs: dict[str, Path]) -> None:
