@@ -392,9 +392,13 @@ def _greedy(
     kept: list[list[torch.Tensor]] = [[] for _ in range(rows)]
     live = list(range(rows))  # the batch's rows, as indices into the original rows
     step_ids, step_positions = ids[:, cached:], positions[:, cached:]
-    last: list[torch.Tensor] = []
-    handle = model.base_model.register_forward_hook(
-        lambda _m, _a, out: last.append(out.last_hidden_state[:, -1])
+    last: list[torch.Tensor] = []  # with final_states: this pass's last final states
+    handle = (
+        model.base_model.register_forward_hook(
+            lambda _m, _a, out: last.append(out.last_hidden_state[:, -1])
+        )
+        if final_states
+        else None
     )
     try:
         for _ in range(max_new_tokens):
@@ -427,7 +431,8 @@ def _greedy(
             mask = torch.cat([mask, mask.new_ones(len(live), 1)], dim=1)
             step_positions = step_positions[:, -1:] + 1
     finally:
-        handle.remove()
+        if handle is not None:
+            handle.remove()
     states: list[torch.Tensor | None] = [
         torch.stack(k) if final_states and k else None for k in kept
     ]
