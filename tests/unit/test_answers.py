@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from factories import TEST_DEVICE, TINY_FACTS, TINY_TRAIN
+from tiny_models import FAMILIES
 
 from server.editor.answers import (
     MIN_SHARED_PREFIX,
@@ -249,6 +250,36 @@ def test_a_batch_reads_its_common_first_tokens_once_and_answers_as_each_text_alo
         assert answer.tokens == alone.tokens and answer.text == alone.text
         assert answer.states is not None and alone.states is not None
         torch.testing.assert_close(answer.states, alone.states, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_each_family_answers_in_a_batch_as_alone_while_rows_leave_it(
+    family: str, tiny_model_dirs: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The decode loop passes each family its positions (rotary or learned) and cache (sliding
+    windows too): in a left-padded batch whose rows end at different steps, and so leave it,
+    each answer is the text's alone, and its final states are those of one forward pass over
+    the text and the answer."""
+    backbone = load_backbone(
+        Settings(model=tiny_model_dirs[family], device=TEST_DEVICE, dtype="float32")
+    )
+    texts = [("the capital of france is", False), ("paris", False), ("who was born in", False)]
+    encoded = encode_texts(backbone, texts, None)
+    ender = generate(backbone, encoded, None, max_new_tokens=2)[0].tokens[1]
+    config = backbone.model.generation_config
+    monkeypatch.setattr(config, "eos_token_id", [*backbone.eos_token_ids, ender])
+    together = generate(backbone, encoded, None, max_new_tokens=6, final_states=True)
+    assert len({len(a.tokens) for a in together}) > 1  # rows left the batch at different steps
+    for text, answer in zip(encoded, together, strict=True):
+        (alone,) = generate(backbone, [text], None, max_new_tokens=6)
+        assert answer.tokens == alone.tokens
+        ids = torch.tensor([text.ids + list(answer.tokens)], device=backbone.device)
+        with torch.inference_mode():
+            final = backbone.model.base_model(input_ids=ids).last_hidden_state[0]
+        start = len(text.ids) - 1
+        assert answer.states is not None
+        expected = final[start : start + len(answer.tokens)]
+        torch.testing.assert_close(answer.states, expected, rtol=1e-4, atol=1e-4)
 
 
 def test_texts_that_start_alike_batch_together(tiny_model_dirs: dict[str, Path]) -> None:
