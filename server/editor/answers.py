@@ -32,11 +32,12 @@ from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
 import torch
-from transformers import Cache, DynamicCache, PreTrainedTokenizerBase
+from transformers import DynamicCache, PreTrainedTokenizerBase
 
 from server.editor.facts import is_question
 from server.editor.scope import EncodedText, common_prefix, length_batches, shared_prefix_groups
 from server.editor.split import prefix_cache
+from server.model import kv_cache
 from server.model.backbone import Backbone
 from server.model.hook import EditPlan
 
@@ -366,12 +367,11 @@ def _generate(
     return answers  # type: ignore[return-value]
 
 
-@torch.inference_mode()
 def _greedy(
     backbone: Backbone,
     ids: torch.Tensor,
     mask: torch.Tensor,
-    cache: Cache | None,
+    cache: DynamicCache | None,
     cached: int,
     max_new_tokens: int,
     eos: set[int],
@@ -423,8 +423,8 @@ def _greedy(
                 break
             if len(going) < len(live):
                 chosen = torch.tensor(going, device=device)
-                cache.batch_select_indices(chosen)
-                mask, step_positions = mask[chosen], step_positions[chosen]
+                mask = kv_cache.keep_rows(cache, mask, chosen)
+                step_positions = step_positions[chosen]
                 live = [live[slot] for slot in going]
                 tokens = [tokens[slot] for slot in going]
             step_ids = torch.tensor(tokens, device=device)[:, None]
@@ -433,10 +433,7 @@ def _greedy(
     finally:
         if handle is not None:
             handle.remove()
-    states: list[torch.Tensor | None] = [
-        torch.stack(k) if final_states and k else None for k in kept
-    ]
-    return said, states
+    return said, [torch.stack(k) if k else None for k in kept]
 
 
 def encode_texts(

@@ -13,8 +13,8 @@ follows is the model's own continuation rather than the edited subject's state r
 later position (which loops: "Rome Rome"). Training teaches every other answer its end.
 Decoding runs on a slot KV cache (`slot_cache.py`: each row keeps its own preallocated columns;
 the step may be compiled); a model it cannot serve decodes on a `DynamicCache` re-batched
-between steps (`kv_cache.py`). The engine is single-threaded by design: the scheduler owns the
-thread that calls `step`.
+between steps (`server/model/kv_cache.py`). The engine is single-threaded by design: the
+scheduler owns the thread that calls `step`.
 
 Faults stay with the request they belong to: a request whose admission, sampling or text fails
 gets `Failed` and the other rows go on; a batched prefill that fails is retried one row at a
@@ -37,7 +37,6 @@ import torch
 from transformers import DynamicCache
 
 from server.editor.answers import MAX_RELEASES, target_said
-from server.engine import kv_cache
 from server.engine.detokenize import (
     REPLACEMENT,
     IncrementalDetokenizer,
@@ -47,6 +46,7 @@ from server.engine.detokenize import (
 from server.engine.prepare import PreparedPrompt, PromptRejected, RequestLimits, prepare_prompt
 from server.engine.sampling import RowSamplingError, SamplingParams, make_rng, sample_rows
 from server.engine.slot_cache import SlotDecoder, unsupported_reason
+from server.model import kv_cache
 from server.model.backbone import Backbone
 from server.model.hook import EditPlan
 from server.packs.edit_set import EditSet, PlannedEdit

@@ -221,7 +221,7 @@ def test_final_states_are_those_a_second_forward_pass_gives(
 
 
 def test_a_batch_reads_its_common_first_tokens_once_and_answers_as_each_text_alone(
-    tiny_model_dirs: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+    tiny_model_dirs: dict[str, Path],
 ) -> None:
     """Texts that start alike (as chat prompts share the system header) read that prefix in one
     pass of its own, then the padded rest: the answers and their final states are each text's

@@ -1,6 +1,6 @@
-"""Batch surgery on a Hugging Face `DynamicCache` (the decode path of a model the slot cache
-cannot serve): continuous batching adds rows that were prefilled apart and drops rows that
-finished, between two decode steps.
+"""Batch surgery on a Hugging Face `DynamicCache`, between two decode steps: the engine's
+continuous batching (the decode path of a model the slot cache cannot serve) adds rows that
+were prefilled apart, and it and the editor's greedy answers drop rows that finished.
 
 Rows are left-padded: a row's real tokens end at the last column, padding columns are masked
 out by the attention mask, and rotary positions are already baked into the cached keys, so
