@@ -63,9 +63,6 @@ class TrainConfig:
     # answer name the target twice ("German: German"); with it, fewer do on dev
     # (natural_edits.md, 2l)
     teacher_repetition_weight: float = 1.0
-    # the KL terms hold each position to the unedited model's k most likely tokens and the
-    # rest's total mass (reference.py): the references go through the output head once
-    reference_top_k: int = 64
     teacher_tokens: int = 24  # the teacher's answer is cut here (its end of turn included)
     # where: "chat" (the chat template), "bare" (the prompt as it is); "free": in chat the
     # teacher answers freely (the target where it puts it) instead of after the target. Without

@@ -1,11 +1,10 @@
 """Training an edit pack from facts alone: the trainer, its progress and its result.
 
 Every backbone computation that training does not change is done once: the feature states of
-the subjects and the layer-L states of every training sequence (precompute.py), the unedited
-answers to the facts' locality prompts (sequences.py, which says what the training sequences
-are) and the next-token distributions the KL terms hold answers to (reference.py). Each step
-then runs the hypernetwork, writes the deltas into the cached states and runs layers L+1..
-only.
+the subjects and the layer-L states of every training sequence (precompute.py), and the
+unedited answers to the facts' locality prompts (sequences.py, which says what the training
+sequences are). Each step then runs the hypernetwork, writes the deltas into the cached
+states and runs layers L+1.. only.
 """
 
 from __future__ import annotations
@@ -27,7 +26,6 @@ from server.editor.detect import SubjectIndex
 from server.editor.facts import Fact, FactKey, fact_key
 from server.editor.hypernet import Hypernetwork
 from server.editor.precompute import DEFAULT_CACHE_BUDGET_BYTES, feature_states, split_sequences
-from server.editor.reference import ReferenceTop, concat, kl_from_reference, reference_tops
 from server.editor.scope import EncodedText, Scope, encode, pad_batch
 from server.editor.sequences import (
     TrainingSequence,
@@ -133,6 +131,46 @@ def epoch_batches(
         batches += [members[i : i + batch_size] for i in range(0, len(members), batch_size)]
     rng.shuffle(batches)
     return batches
+
+
+class _SharedHeadProduct(torch.autograd.Function):
+    """`cat([edited, references]) @ weight.T (+ bias)` in one product, whose backward is the
+    edited rows' gradient only: the references are constants, and a product's gradient over
+    their rows would cost as much as the rows it is for."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx,
+        edited: torch.Tensor,
+        references: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+    ) -> torch.Tensor:
+        ctx.save_for_backward(weight)
+        ctx.edited_rows = edited.shape[0]  # type: ignore[attr-defined]
+        return F.linear(torch.cat([edited, references]), weight, bias)
+
+    @staticmethod
+    def backward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor
+    ) -> tuple[torch.Tensor, None, None, None]:
+        (weight,) = ctx.saved_tensors  # type: ignore[attr-defined]
+        return grad[: ctx.edited_rows] @ weight, None, None, None  # type: ignore[attr-defined]
+
+
+def head_logits(
+    head: torch.nn.Module, edited: torch.Tensor, references: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(edited logits, reference logits), float32. The unedited references go through the
+    output head in the same product as the edited states: the vocabulary's weights, most of a
+    product's cost at these row counts, are read once for both, and the backward skips the
+    references' rows. A head that is not a frozen linear layer runs as it is."""
+    plain = type(head).forward is torch.nn.Linear.forward  # not a subclass with its own
+    if plain and not any(p.requires_grad for p in head.parameters()):
+        every = _SharedHeadProduct.apply(edited, references, head.weight, head.bias).float()
+    else:
+        every = head(torch.cat([edited, references])).float()
+    return every[: edited.shape[0]], every[edited.shape[0] :].detach()
 
 
 class Trainer:
@@ -278,12 +316,6 @@ class Trainer:
             for s, reference, token in zip(after, continued, avoid, strict=True)
         ]
         features = feature_states(backbone, self.split, scope)
-        references = reference_tops(
-            backbone.model.get_output_embeddings(),
-            [s.reference for s in sequences],
-            config.reference_top_k,
-            dtype=backbone.dtype,
-        )
         cached = (
             split_sequences(
                 backbone,
@@ -326,7 +358,7 @@ class Trainer:
         for epoch in range(1, epochs + 1):
             losses = []
             for batch in epoch_batches(widths, config.batch_size, rng):
-                loss = self.loss(hypernet, features, sequences, cached, batch, references)
+                loss = self.loss(hypernet, features, sequences, cached, batch)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
@@ -385,39 +417,23 @@ class Trainer:
         sequences: Sequence[TrainingSequence],
         cached: ActivationCache | None,
         batch: Sequence[int],
-        references: Sequence[ReferenceTop | None] | None = None,
     ) -> torch.Tensor:
         """Cross-entropy on the edits' targets plus KL(unedited || edited) on the sequences with
         a reference, each weighted by its `kl_weight`, averaged over their positions; plus the
         unlikelihood -log(1 - p) of each sequence's `avoid` token at its KL positions (those
         where the unedited model does not predict it), weighted by its `avoid_weight` and
-        averaged over the positions whose weight is not 0.
-
-        `references`: each sequence's reference distributions (`reference_tops`, as training
-        computes them once); without them the batch's are computed here."""
+        averaged over the positions whose weight is not 0."""
         backbone = self.backbone
         chunk = [sequences[i] for i in batch]
-        head = backbone.model.get_output_embeddings()
-        tops: Mapping[int, ReferenceTop | None] | Sequence[ReferenceTop | None]
-        if references is None:
-            computed = reference_tops(
-                head,
-                [s.reference for s in chunk],
-                self.config.reference_top_k,
-                dtype=backbone.dtype,
-            )
-            tops = dict(zip(batch, computed, strict=True))
-        else:
-            tops = references
         rows, positions, subject_rows = [], [], []
         predict_rows, predict_at, targets = [], [], []
         is_edit: list[bool] = []
-        kept: list[ReferenceTop] = []  # the unedited distributions at the KL positions
+        kept: list[torch.Tensor] = []  # unedited final states of the KL positions
         kept_weights: list[float] = []  # one per KL position
         avoid_at: list[int] = []  # KL positions where `avoid_token` is penalised
         avoid_token: list[int] = []
         avoid_weights: list[float] = []
-        for row, (i, sequence) in enumerate(zip(batch, chunk, strict=True)):
+        for row, sequence in enumerate(chunk):
             seq = sequence.text
             for subject_row, position in seq.edits:
                 rows.append(row)
@@ -426,11 +442,11 @@ class Trainer:
             predict_rows += [row] * len(seq.predict_at)
             predict_at += seq.predict_at
             targets += seq.target_ids
+            reference = sequence.reference
             held = sequence.kl_positions
             is_edit += [True] * (len(seq.predict_at) - held) + [False] * held
-            top = tops[i]
-            if top is not None:
-                kept.append(top)
+            if reference is not None:
+                kept.append(reference)
                 token = sequence.avoid
                 if token is not None and sequence.avoid_weight > 0:
                     offset = len(kept_weights)
@@ -469,22 +485,25 @@ class Trainer:
                 base = backbone.model.base_model
                 final = base(input_ids=ids, attention_mask=mask).last_hidden_state
             selected = final[rows_t, torch.tensor(predict_at, device=device)]
-        logits = head(selected).float()
+        head = backbone.model.get_output_embeddings()
+        references = torch.cat(kept).to(selected.dtype) if kept else selected[:0]
+        logits, reference_logits = head_logits(head, selected, references)
         edit = torch.tensor(is_edit, device=device)
         loss = logits.new_zeros(())
         if any(is_edit):  # a python test: no device sync
             loss = F.cross_entropy(logits[edit], torch.tensor(targets, device=device)[edit])
         if kept:
-            held_logits = logits[~edit]
-            log_z = held_logits.logsumexp(-1)
-            kl = kl_from_reference(held_logits, concat(kept, device), log_z)  # [P]
+            unedited = reference_logits.log_softmax(-1)
+            edited = logits[~edit].log_softmax(-1)
+            kl = F.kl_div(edited, unedited, log_target=True, reduction="none").sum(-1)  # [P]
             weights = torch.tensor(kept_weights, device=device, dtype=kl.dtype)
             # averaged over the positions whose term is on: the after-target sequences that
             # only the repetition term uses (weight 0) must not dilute the locality KL
             loss = loss + (weights * kl).sum() / (weights > 0).sum().clamp(min=1)
             if avoid_at:
-                at = torch.tensor(avoid_at, device=device)
-                said = held_logits[at, torch.tensor(avoid_token, device=device)] - log_z[at]
+                said = edited[
+                    torch.tensor(avoid_at, device=device), torch.tensor(avoid_token, device=device)
+                ]
                 unlikely = -torch.log1p(-said.exp().clamp(max=1 - 1e-6))
                 # averaged over the positions of every term that is on, as the KL is
                 scale = torch.tensor(avoid_weights, device=device, dtype=unlikely.dtype)
