@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import gzip
 import json
 import logging
 import sys
@@ -276,7 +277,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if samples is not None and answers is not None:
         # one file: the answers in each context, then the bare continuations behind exact match
         # and fluency (context "continuation")
-        with args.samples.open("w") as out:
+        opener = gzip.open if args.samples.suffix == ".gz" else open
+        with opener(args.samples, "wt") as out:
             out.writelines(json.dumps(record) + "\n" for record in answers)
             out.writelines(
                 json.dumps({"context": "continuation", **dataclasses.asdict(s)}) + "\n"
@@ -641,7 +643,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=Path,
         metavar="PATH",
         help="write each item's edited and unedited answers in each context, and its bare "
-        "continuations (JSONL), to PATH",
+        "continuations (JSONL), to PATH (gzip-compressed where PATH ends in .gz)",
     )
     evaluate.add_argument(
         "--contexts",

@@ -1,5 +1,6 @@
 """The `lks` command as a user runs it: a real subprocess, exit codes and one-line errors."""
 
+import gzip
 import json
 import os
 import re
@@ -156,13 +157,18 @@ def test_eval_trains_and_reports_under_the_chosen_protocol(
     # an after-target term reaches training and the row, which says what it used
     weight = 0.5 if protocol == "heldout" else None
     terms = ["--repetition-weight", str(weight)] if weight is not None else []
-    samples_path = tmp_path / "samples.jsonl"
+    # a path ending in .gz gets gzip (what the docs' runs keep), any other plain JSONL
+    compressed = protocol == "reference"
+    samples_path = tmp_path / ("samples.jsonl.gz" if compressed else "samples.jsonl")
     samples_arg = ["--samples", str(samples_path)]
     assert main([*argv, *terms, *samples_arg, "--protocol", protocol, "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["protocol"] == protocol
     # the per-item generations are what the row's exact match and fluency average
-    records = [json.loads(line) for line in samples_path.read_text().splitlines()]
+    written = samples_path.read_bytes()
+    assert written.startswith(b"\x1f\x8b") == compressed
+    text = gzip.decompress(written).decode() if compressed else written.decode()
+    records = [json.loads(line) for line in text.splitlines()]
     samples = [r for r in records if r["context"] == "continuation"]
     # ... and the answers in each context are what its answer metrics average
     answers = [r for r in records if r["context"] != "continuation"]
