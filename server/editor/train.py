@@ -18,12 +18,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from server.editor.activation_cache import ActivationCache
 from server.editor.config import TEACHER_CONTEXTS, TrainConfig
 from server.editor.detect import SubjectIndex
 from server.editor.facts import Fact, FactKey, fact_key
+from server.editor.head_loss import HeadTerms, head_loss
 from server.editor.hypernet import Hypernetwork
 from server.editor.precompute import DEFAULT_CACHE_BUDGET_BYTES, feature_states, split_sequences
 from server.editor.scope import EncodedText, Scope, encode, pad_batch
@@ -131,46 +131,6 @@ def epoch_batches(
         batches += [members[i : i + batch_size] for i in range(0, len(members), batch_size)]
     rng.shuffle(batches)
     return batches
-
-
-class _SharedHeadProduct(torch.autograd.Function):
-    """`cat([edited, references]) @ weight.T (+ bias)` in one product, whose backward is the
-    edited rows' gradient only: the references are constants, and a product's gradient over
-    their rows would cost as much as the rows it is for."""
-
-    @staticmethod
-    def forward(  # type: ignore[override]
-        ctx: torch.autograd.function.FunctionCtx,
-        edited: torch.Tensor,
-        references: torch.Tensor,
-        weight: torch.Tensor,
-        bias: torch.Tensor | None,
-    ) -> torch.Tensor:
-        ctx.save_for_backward(weight)
-        ctx.edited_rows = edited.shape[0]  # type: ignore[attr-defined]
-        return F.linear(torch.cat([edited, references]), weight, bias)
-
-    @staticmethod
-    def backward(  # type: ignore[override]
-        ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor
-    ) -> tuple[torch.Tensor, None, None, None]:
-        (weight,) = ctx.saved_tensors  # type: ignore[attr-defined]
-        return grad[: ctx.edited_rows] @ weight, None, None, None  # type: ignore[attr-defined]
-
-
-def head_logits(
-    head: torch.nn.Module, edited: torch.Tensor, references: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(edited logits, reference logits), float32. The unedited references go through the
-    output head in the same product as the edited states: the vocabulary's weights, most of a
-    product's cost at these row counts, are read once for both, and the backward skips the
-    references' rows. A head that is not a frozen linear layer runs as it is."""
-    plain = type(head).forward is torch.nn.Linear.forward  # not a subclass with its own
-    if plain and not any(p.requires_grad for p in head.parameters()):
-        every = _SharedHeadProduct.apply(edited, references, head.weight, head.bias).float()
-    else:
-        every = head(torch.cat([edited, references])).float()
-    return every[: edited.shape[0]], every[edited.shape[0] :].detach()
 
 
 class Trainer:
@@ -485,29 +445,26 @@ class Trainer:
                 base = backbone.model.base_model
                 final = base(input_ids=ids, attention_mask=mask).last_hidden_state
             selected = final[rows_t, torch.tensor(predict_at, device=device)]
-        head = backbone.model.get_output_embeddings()
-        references = torch.cat(kept).to(selected.dtype) if kept else selected[:0]
-        logits, reference_logits = head_logits(head, selected, references)
-        edit = torch.tensor(is_edit, device=device)
-        loss = logits.new_zeros(())
-        if any(is_edit):  # a python test: no device sync
-            loss = F.cross_entropy(logits[edit], torch.tensor(targets, device=device)[edit])
-        if kept:
-            unedited = reference_logits.log_softmax(-1)
-            edited = logits[~edit].log_softmax(-1)
-            kl = F.kl_div(edited, unedited, log_target=True, reduction="none").sum(-1)  # [P]
-            weights = torch.tensor(kept_weights, device=device, dtype=kl.dtype)
+        # the head reads the cross-entropy positions first, then the KL positions in order
+        order = sorted(range(len(is_edit)), key=lambda i: not is_edit[i])  # a stable sort
+        selected = selected[torch.tensor(order, device=device)]
+        kl_weights = torch.tensor(kept_weights, device=device)
+        terms = HeadTerms(
+            targets=torch.tensor(
+                [t for t, e in zip(targets, is_edit, strict=True) if e],
+                device=device,
+                dtype=torch.long,
+            ),
             # averaged over the positions whose term is on: the after-target sequences that
             # only the repetition term uses (weight 0) must not dilute the locality KL
-            loss = loss + (weights * kl).sum() / (weights > 0).sum().clamp(min=1)
-            if avoid_at:
-                said = edited[
-                    torch.tensor(avoid_at, device=device), torch.tensor(avoid_token, device=device)
-                ]
-                unlikely = -torch.log1p(-said.exp().clamp(max=1 - 1e-6))
-                # averaged over the positions of every term that is on, as the KL is
-                scale = torch.tensor(avoid_weights, device=device, dtype=unlikely.dtype)
-                loss = loss + (scale * unlikely).sum() / len(avoid_weights)
+            kl_weights=kl_weights / (kl_weights > 0).sum().clamp(min=1),
+            avoid_at=torch.tensor(avoid_at, device=device, dtype=torch.long),
+            avoid_tokens=torch.tensor(avoid_token, device=device, dtype=torch.long),
+            # averaged over the positions of every term that is on, as the KL is
+            avoid_weights=torch.tensor(avoid_weights, device=device) / max(len(avoid_weights), 1),
+        )
+        references = torch.cat(kept) if kept else selected.new_zeros(0, selected.shape[-1])
+        loss = head_loss(backbone.model.get_output_embeddings(), selected, references, terms)
         if self.config.delta_l2 > 0:
             loss = loss + self.config.delta_l2 * plan.deltas.pow(2).mean()
         return loss

@@ -42,6 +42,15 @@ class ColumnMajorLinear(nn.Linear):
         return y if self.bias is None else y + self.bias
 
 
+def linear_weight(module: nn.Module) -> torch.Tensor | None:
+    """The [out, in] weight of a module that computes `x @ weight.T (+ bias)` whatever its
+    layout (`nn.Linear`, `ColumnMajorLinear`); None for any other module (a subclass with a
+    forward of its own, a packed weight)."""
+    if type(module).forward in (nn.Linear.forward, ColumnMajorLinear.forward):
+        return module.weight  # type: ignore[return-value]
+    return None
+
+
 def use_column_major_linears(model: nn.Module) -> int:
     """Swap every `nn.Linear` of `model` for a `ColumnMajorLinear` (in place, no extra memory);
     modules that shared a weight (tied embeddings) share the new one. Returns how many."""

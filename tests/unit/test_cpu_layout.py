@@ -15,6 +15,7 @@ from server.model.cpu_layout import (
     ColumnMajorLinear,
     PackedLinear,
     can_pack_linears,
+    linear_weight,
     use_column_major_linears,
     use_packed_linears,
 )
@@ -62,3 +63,21 @@ def test_packed_linears_give_the_stock_logits_in_bfloat16(
     assert isinstance(packed.get_output_embeddings(), PackedLinear)
     embedding = packed.get_input_embeddings().weight
     assert torch.equal(embedding, stock.get_input_embeddings().weight)
+
+
+def test_linear_weight_is_the_map_s_weight_in_either_layout_and_none_otherwise() -> None:
+    """What lets training take a head's input gradient as one product (head_loss.py)."""
+
+    class Scaled(nn.Linear):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return 2 * super().forward(x)
+
+    linear = nn.Linear(4, 6)
+    column_major = ColumnMajorLinear.from_linear(linear)
+    x = torch.randn(3, 4)
+    for module in (linear, column_major):
+        weight = linear_weight(module)
+        assert weight is not None
+        torch.testing.assert_close(module(x), x @ weight.T + linear.bias)
+    assert linear_weight(Scaled(4, 6)) is None
+    assert linear_weight(nn.Sequential(linear)) is None

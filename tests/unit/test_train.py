@@ -28,7 +28,7 @@ from server.editor.sequences import (
     training_contexts,
 )
 from server.editor.split import LayerSplit, SplitSequence
-from server.editor.train import Trainer, epoch_batches, growth_selection, head_logits
+from server.editor.train import Trainer, epoch_batches, growth_selection
 from server.evaluation.evaluate import top1_predictions
 from server.model import Backbone, load_backbone, load_training_backbone
 from server.model.cpu_layout import has_packed_linears
@@ -273,44 +273,6 @@ def test_locality_loss_is_kl_from_the_unedited_model(
     # and its gradient: the reference is a constant the edit is pulled towards
     (expected_gradient,) = torch.autograd.grad(expected, hypernet.net.weight)
     torch.testing.assert_close(gradient, expected_gradient, atol=1e-6, rtol=1e-3)
-
-
-@pytest.mark.parametrize("frozen", [True, False])
-def test_the_head_product_of_edited_states_and_references_is_the_heads(frozen: bool) -> None:
-    """One product for both: each part's logits are the head's, the edited rows get the head's
-    gradient and the references none (a frozen head skips their rows in the backward; a head
-    that trains runs as it is)."""
-    torch.manual_seed(0)
-    head = torch.nn.Linear(6, 11)
-    head.requires_grad_(not frozen)
-    edited = torch.randn(3, 6, requires_grad=True)
-    references = torch.randn(4, 6)
-    logits, reference_logits = head_logits(head, edited, references)
-    torch.testing.assert_close(logits, head(edited))
-    torch.testing.assert_close(reference_logits, head(references))
-    assert not reference_logits.requires_grad
-    upstream = torch.randn_like(logits)
-    (gradient,) = torch.autograd.grad(logits, edited, upstream)
-    (expected,) = torch.autograd.grad(head(edited), edited, upstream)
-    torch.testing.assert_close(gradient, expected)
-    no_references = head_logits(head, edited, references[:0])
-    torch.testing.assert_close(no_references[0], head(edited))
-    assert no_references[1].shape == (0, 11)
-
-
-def test_after_target_sequences_continue_the_new_answer(tiny_model_dirs: dict[str, Path]) -> None:
-    """Each fact's prompt + new target, continued by the unedited model: the KL positions start
-    at the target's last token, so the target itself stays the cross-entropy's business."""
-    backbone = _backbone(tiny_model_dirs, "llama")
-    scope = Scope.from_facts(FACTS)
-    sequences, references = after_target_sequences(backbone, scope.index(), FACTS, 2)
-    assert len(sequences) == len(references) == len(FACTS)
-    for fact, seq, reference in zip(FACTS, sequences, references, strict=True):
-        text_ids = backbone.tokenizer(join_target(fact.prompt, fact.target))["input_ids"]
-        assert seq.ids[: len(text_ids)] == text_ids
-        assert seq.edits and all(position < len(text_ids) for _, position in seq.edits)
-        assert seq.predict_at[0] == len(text_ids) - 1
-        assert len(seq.target_ids) == len(seq.predict_at) == reference.shape[0] <= 2
 
 
 def test_kl_terms_are_weighted_per_sequence(tiny_model_dirs: dict[str, Path]) -> None:

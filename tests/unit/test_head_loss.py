@@ -1,0 +1,116 @@
+"""The loss's vocabulary-wide part, computed with its gradient in one forward, against the
+same terms written with autograd."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from server.editor.head_loss import HeadTerms, head_loss
+from server.model.cpu_layout import ColumnMajorLinear
+
+VOCAB, HIDDEN = 40, 8
+
+
+def _autograd_loss(
+    head: torch.nn.Module, states: torch.Tensor, references: torch.Tensor, terms: HeadTerms
+) -> torch.Tensor:
+    """The terms as the loss wrote them before they were fused (`git show
+    e66ebca:server/editor/train.py`)."""
+    rows = states.shape[0] - references.shape[0]
+    logits = head(states).float()
+    loss = logits.new_zeros(())
+    if rows:
+        loss = loss + F.cross_entropy(logits[:rows], terms.targets)
+    if references.shape[0]:
+        unedited = head(references).float().log_softmax(-1)
+        edited = logits[rows:].log_softmax(-1)
+        kl = F.kl_div(edited, unedited, log_target=True, reduction="none").sum(-1)
+        loss = loss + (terms.kl_weights * kl).sum()
+        if terms.avoid_at.numel():
+            said = edited[terms.avoid_at, terms.avoid_tokens]
+            loss = (
+                loss + (terms.avoid_weights * -torch.log1p(-said.exp().clamp(max=1 - 1e-6))).sum()
+            )
+    return loss
+
+
+class ScaledHead(torch.nn.Linear):
+    """A head that is not a plain linear layer: its own forward."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return 1.5 * super().forward(x)
+
+
+def _case(ce_rows: int, kl_rows: int, avoid: bool) -> tuple[torch.Tensor, torch.Tensor, HeadTerms]:
+    torch.manual_seed(ce_rows * 10 + kl_rows)
+    states = torch.randn(ce_rows + kl_rows, HIDDEN, requires_grad=True)
+    references = torch.randn(kl_rows, HIDDEN)
+    weights = torch.rand(kl_rows)
+    at = torch.tensor([0, 2, 3] if avoid else [], dtype=torch.long)
+    tokens = torch.randint(VOCAB, (len(at),))
+    terms = HeadTerms(
+        targets=torch.randint(VOCAB, (ce_rows,)),
+        kl_weights=weights / max(kl_rows, 1),
+        avoid_at=at,
+        avoid_tokens=tokens,
+        avoid_weights=torch.full((len(at),), 2.0) / max(len(at), 1),
+    )
+    return states, references, terms
+
+
+def _column_major(hidden: int, vocab: int) -> torch.nn.Linear:
+    return ColumnMajorLinear.from_linear(torch.nn.Linear(hidden, vocab))
+
+
+@pytest.mark.parametrize("head_type", [torch.nn.Linear, _column_major, ScaledHead])
+@pytest.mark.parametrize(
+    ("ce_rows", "kl_rows", "avoid"), [(3, 5, True), (3, 5, False), (4, 0, False), (0, 5, True)]
+)
+def test_the_fused_loss_and_gradient_are_the_terms_autograd_computes(
+    head_type: Callable[[int, int], torch.nn.Linear], ce_rows: int, kl_rows: int, avoid: bool
+) -> None:
+    """Every head layout training meets: a linear head's input gradient is one product with
+    its weight, any other head's autograd's."""
+    torch.manual_seed(0)
+    head = head_type(HIDDEN, VOCAB).requires_grad_(False)
+    states, references, terms = _case(ce_rows, kl_rows, avoid)
+    loss = head_loss(head, states, references, terms)
+    expected = _autograd_loss(head, states, references, terms)
+    assert expected > 0.1
+    torch.testing.assert_close(loss, expected)
+    (gradient,) = torch.autograd.grad(3 * loss, states)  # the upstream gradient scales it
+    (expected_gradient,) = torch.autograd.grad(3 * expected, states)
+    torch.testing.assert_close(gradient, expected_gradient)
+
+
+def test_an_avoided_token_the_model_is_sure_of_costs_a_finite_term_and_no_gradient() -> None:
+    """p(token) over 1 - 1e-6 is clamped there: a finite loss, and the clamped term pulls on
+    nothing (as autograd through the clamp)."""
+    head = torch.nn.Linear(HIDDEN, VOCAB).requires_grad_(False)
+    with torch.no_grad():
+        head.weight[7] = 0
+        head.bias[7] = 100.0  # every position says token 7
+    states, references, terms = _case(0, 4, False)
+    sure = HeadTerms(
+        targets=terms.targets,
+        kl_weights=torch.zeros(4),  # the repetition term alone
+        avoid_at=torch.tensor([1]),
+        avoid_tokens=torch.tensor([7]),
+        avoid_weights=torch.tensor([1.0]),
+    )
+    loss = head_loss(head, states, references, sure)
+    assert torch.isfinite(loss) and loss > 10
+    (gradient,) = torch.autograd.grad(loss, states)
+    assert not gradient.any()
+    torch.testing.assert_close(loss, _autograd_loss(head, states, references, sure))
+
+
+def test_a_head_that_would_train_is_refused() -> None:
+    """Its weights would get no gradient: refused rather than silently left as they are."""
+    states, references, terms = _case(3, 5, False)
+    with pytest.raises(ValueError, match="frozen"):
+        head_loss(torch.nn.Linear(HIDDEN, VOCAB), states, references, terms)
