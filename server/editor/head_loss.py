@@ -3,11 +3,12 @@ and the terms read from its logits (cross-entropy on the edits' targets, KL to t
 model, unlikelihood of a repeated target), computed with its gradient in one forward.
 
 Every term's gradient with respect to the logits has a closed form (softmax minus the target
-distribution, give or take a row's weight), so the forward writes it in place over the
-logits, and no vocabulary-wide tensor outlives the step's forward: autograd would keep the
-log-softmaxes, the KL's elementwise terms, and zero-filled gradients for every slice and
-index taken from the logits, each as wide as the vocabulary and several times a step's rows.
-The backward is the head's input gradient alone.
+distribution, give or take a row's weight), so the forward writes it in place, and the
+backward is the head's input gradient alone: autograd would keep the log-softmaxes, the KL's
+elementwise terms and a zero-filled gradient for every slice taken from the logits, each as
+wide as the vocabulary. The few vocabulary-wide tensors a step needs live in buffers kept
+from step to step: on a CPU a fresh tensor that size pays for its pages' first touch at every
+step, which made a log-softmax into a new tensor three times as slow as into a kept one.
 """
 
 from __future__ import annotations
@@ -39,16 +40,60 @@ class HeadTerms:
     avoid_weights: torch.Tensor
 
 
-def head_loss(
-    head: torch.nn.Module, states: torch.Tensor, references: torch.Tensor, terms: HeadTerms
-) -> torch.Tensor:
-    """The loss of `states` [C + R, H] (their gradient flows back) through the output `head`,
-    against the unedited final `references` [R, H] (constants): one head product for both,
-    whose backward reads the states' rows only. The head must be frozen: no gradient reaches
-    its weights."""
-    if any(p.requires_grad for p in head.parameters()):
-        raise ValueError("the output head must be frozen (training moves the hypernetwork only)")
-    return _HeadLoss.apply(states, references, head, terms)  # type: ignore[no-any-return]
+class HeadLoss:
+    """The loss through one frozen output `head`, with the buffers its steps reuse (grown to
+    the most rows a step has had; one trainer's, not shared between threads)."""
+
+    def __init__(self, head: torch.nn.Module) -> None:
+        if any(p.requires_grad for p in head.parameters()):
+            raise ValueError(
+                "the output head must be frozen (training moves the hypernetwork only)"
+            )
+        self.head = head
+        self._buffers: dict[str, torch.Tensor] = {}
+
+    def __call__(
+        self, states: torch.Tensor, references: torch.Tensor, terms: HeadTerms
+    ) -> torch.Tensor:
+        """The loss of `states` [C + R, H] (their gradient flows back) against the unedited
+        final `references` [R, H] (constants): one head product for both, whose backward
+        reads the states' rows only."""
+        return _HeadLoss.apply(states, references, self, terms)  # type: ignore[no-any-return]
+
+    def buffer(self, name: str, rows: int, columns: int, device: torch.device) -> torch.Tensor:
+        """A float32 [rows, columns] view of the buffer `name`, its contents undefined."""
+        kept = self._buffers.get(name)
+        if (
+            kept is None
+            or kept.shape[0] < rows
+            or kept.shape[1] != columns
+            or kept.device != device
+        ):
+            kept = torch.empty(max(rows, 1), columns, device=device)
+            self._buffers[name] = kept
+        return kept[:rows]
+
+    def logits(self, rows: torch.Tensor) -> torch.Tensor:
+        """`rows` through the head, float32, in the "logits" buffer where the head is linear."""
+        weight = linear_weight(self.head)
+        if weight is None or weight.dtype != torch.float32:
+            return self.head(rows).float()
+        out = self.buffer("logits", rows.shape[0], weight.shape[0], rows.device)
+        torch.matmul(rows.float(), weight.T, out=out)
+        bias = getattr(self.head, "bias", None)
+        return out if bias is None else out.add_(bias)
+
+    def input_gradient(self, states: torch.Tensor, logits_gradient: torch.Tensor) -> torch.Tensor:
+        """d(loss)/d(states) from d(loss)/d(logits): one product with a linear head's weight
+        (in any layout); any other head is run again under autograd."""
+        weight = linear_weight(self.head)
+        if weight is not None:
+            return (logits_gradient.to(weight.dtype) @ weight).to(states.dtype)
+        with torch.enable_grad():
+            leaf = states.detach().requires_grad_()
+            logits = self.head(leaf).float()
+            (gradient,) = torch.autograd.grad(logits, leaf, logits_gradient)
+        return gradient
 
 
 class _HeadLoss(torch.autograd.Function):
@@ -57,15 +102,15 @@ class _HeadLoss(torch.autograd.Function):
         ctx: torch.autograd.function.FunctionCtx,
         states: torch.Tensor,
         references: torch.Tensor,
-        head: torch.nn.Module,
+        loss_fn: HeadLoss,
         terms: HeadTerms,
     ) -> torch.Tensor:
         rows = states.shape[0]
         with torch.no_grad():
-            every = head(torch.cat([states, references.to(states.dtype)])).float()
-            loss, gradient = loss_and_gradient(every[:rows], every[rows:], terms)
+            every = loss_fn.logits(torch.cat([states, references.to(states.dtype)]))
+            loss, gradient = loss_and_gradient(loss_fn, every[:rows], every[rows:], terms)
             if ctx.needs_input_grad[0]:  # type: ignore[attr-defined]
-                ctx.states_gradient = _input_gradient(head, states, gradient)  # type: ignore[attr-defined]
+                ctx.states_gradient = loss_fn.input_gradient(states, gradient)  # type: ignore[attr-defined]
         return loss
 
     @staticmethod
@@ -75,39 +120,26 @@ class _HeadLoss(torch.autograd.Function):
         return ctx.states_gradient * grad, None, None, None  # type: ignore[attr-defined]
 
 
-def _input_gradient(
-    head: torch.nn.Module, states: torch.Tensor, logits_gradient: torch.Tensor
-) -> torch.Tensor:
-    """d(loss)/d(states) from d(loss)/d(logits): one product with a linear head's weight (in
-    any layout); any other head is run again under autograd."""
-    weight = linear_weight(head)
-    if weight is not None:
-        return (logits_gradient.to(weight.dtype) @ weight).to(states.dtype)
-    with torch.enable_grad():
-        leaf = states.detach().requires_grad_()
-        logits = head(leaf).float()
-        (gradient,) = torch.autograd.grad(logits, leaf, logits_gradient)
-    return gradient
-
-
 def loss_and_gradient(
-    logits: torch.Tensor, reference_logits: torch.Tensor, terms: HeadTerms
+    workspace: HeadLoss, logits: torch.Tensor, reference_logits: torch.Tensor, terms: HeadTerms
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(loss, d loss / d logits) for `logits` [C + R, V] (float32) against `reference_logits`
-    [R, V]. Vocabulary-wide work is a log-softmax of each (torch fuses those) and a few
-    in-place passes; the gradient is written over the edited log-probabilities."""
+    [R, V]: a log-softmax of each and a few in-place passes, in `workspace`'s buffers (the
+    gradient is one of them: use it before the next call)."""
     kl_rows = reference_logits.shape[0]
     ce_rows = logits.shape[0] - kl_rows
-    log_q = logits.log_softmax(-1)  # [C + R, V]
+    vocab, device = logits.shape[1], logits.device
+    log_q = torch.log_softmax(logits, -1, out=workspace.buffer("log_q", len(logits), vocab, device))
     loss = log_q.new_zeros(())
     if ce_rows:
         loss = loss - log_q[:ce_rows].gather(-1, terms.targets[:, None]).mean()
     if kl_rows:
-        log_p = reference_logits.log_softmax(-1)
-        difference = log_p - log_q[ce_rows:]
+        log_p = workspace.buffer("log_p", kl_rows, vocab, device)
+        torch.log_softmax(reference_logits, -1, out=log_p)
+        difference = workspace.buffer("difference", kl_rows, vocab, device)
+        torch.sub(log_p, log_q[ce_rows:], out=difference)
         p = log_p.exp_()
         kl = difference.mul_(p).sum(-1)  # sum p (log p - log q)
-        del difference
         loss = loss + (terms.kl_weights * kl).sum()
     avoided = terms.avoid_at.numel() > 0
     if avoided:

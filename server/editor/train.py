@@ -23,7 +23,7 @@ from server.editor.activation_cache import ActivationCache
 from server.editor.config import TEACHER_CONTEXTS, TrainConfig
 from server.editor.detect import SubjectIndex
 from server.editor.facts import Fact, FactKey, fact_key
-from server.editor.head_loss import HeadTerms, head_loss
+from server.editor.head_loss import HeadLoss, HeadTerms
 from server.editor.hypernet import Hypernetwork
 from server.editor.precompute import DEFAULT_CACHE_BUDGET_BYTES, feature_states, split_sequences
 from server.editor.scope import EncodedText, Scope, encode, pad_batch
@@ -156,6 +156,7 @@ class Trainer:
         self.layer = self.config.resolve_layer(backbone.num_layers)
         self.split = PrefixSkippingSplit(backbone.model, self.layer)
         self.skip_prefixes = PrefixSkippingSplit.supports(backbone.model)
+        self.head_loss = HeadLoss(backbone.model.get_output_embeddings())
 
     def apply_weights(
         self,
@@ -464,7 +465,7 @@ class Trainer:
             avoid_weights=torch.tensor(avoid_weights, device=device) / max(len(avoid_weights), 1),
         )
         references = torch.cat(kept) if kept else selected.new_zeros(0, selected.shape[-1])
-        loss = head_loss(backbone.model.get_output_embeddings(), selected, references, terms)
+        loss = self.head_loss(selected, references, terms)
         if self.config.delta_l2 > 0:
             loss = loss + self.config.delta_l2 * plan.deltas.pow(2).mean()
         return loss

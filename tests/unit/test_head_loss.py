@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from server.editor.head_loss import HeadTerms, head_loss
+from server.editor.head_loss import HeadLoss, HeadTerms
 from server.model.cpu_layout import ColumnMajorLinear
 
 VOCAB, HIDDEN = 40, 8
@@ -78,7 +78,7 @@ def test_the_fused_loss_and_gradient_are_the_terms_autograd_computes(
     torch.manual_seed(0)
     head = head_type(HIDDEN, VOCAB).requires_grad_(False)
     states, references, terms = _case(ce_rows, kl_rows, avoid)
-    loss = head_loss(head, states, references, terms)
+    loss = HeadLoss(head)(states, references, terms)
     expected = _autograd_loss(head, states, references, terms)
     assert expected > 0.1
     torch.testing.assert_close(loss, expected)
@@ -102,7 +102,7 @@ def test_an_avoided_token_the_model_is_sure_of_costs_a_finite_term_and_no_gradie
         avoid_tokens=torch.tensor([7]),
         avoid_weights=torch.tensor([1.0]),
     )
-    loss = head_loss(head, states, references, sure)
+    loss = HeadLoss(head)(states, references, sure)
     assert torch.isfinite(loss) and loss > 10
     (gradient,) = torch.autograd.grad(loss, states)
     assert not gradient.any()
@@ -111,6 +111,22 @@ def test_an_avoided_token_the_model_is_sure_of_costs_a_finite_term_and_no_gradie
 
 def test_a_head_that_would_train_is_refused() -> None:
     """Its weights would get no gradient: refused rather than silently left as they are."""
-    states, references, terms = _case(3, 5, False)
     with pytest.raises(ValueError, match="frozen"):
-        head_loss(torch.nn.Linear(HIDDEN, VOCAB), states, references, terms)
+        HeadLoss(torch.nn.Linear(HIDDEN, VOCAB))
+
+
+def test_steps_of_other_sizes_reuse_the_buffers_with_each_step_s_own_result() -> None:
+    """The buffers grow to the largest step and serve smaller ones after it: every step's loss
+    and gradient are what a fresh HeadLoss gives."""
+    torch.manual_seed(0)
+    head = torch.nn.Linear(HIDDEN, VOCAB).requires_grad_(False)
+    kept = HeadLoss(head)
+    for ce_rows, kl_rows, avoid in [(3, 5, True), (2, 8, True), (1, 0, False), (3, 5, False)]:
+        states, references, terms = _case(ce_rows, kl_rows, avoid)
+        loss = kept(states, references, terms)
+        (gradient,) = torch.autograd.grad(loss, states)
+        fresh = HeadLoss(head)(states, references, terms)
+        (fresh_gradient,) = torch.autograd.grad(fresh, states)
+        torch.testing.assert_close(loss, fresh, rtol=0, atol=0)
+        torch.testing.assert_close(gradient, fresh_gradient, rtol=0, atol=0)
+        torch.testing.assert_close(loss, _autograd_loss(head, states, references, terms))
