@@ -275,6 +275,21 @@ def test_locality_loss_is_kl_from_the_unedited_model(
     torch.testing.assert_close(gradient, expected_gradient, atol=1e-6, rtol=1e-3)
 
 
+def test_after_target_sequences_continue_the_new_answer(tiny_model_dirs: dict[str, Path]) -> None:
+    """Each fact's prompt + new target, continued by the unedited model: the KL positions start
+    at the target's last token, so the target itself stays the cross-entropy's business."""
+    backbone = _backbone(tiny_model_dirs, "llama")
+    scope = Scope.from_facts(FACTS)
+    sequences, references = after_target_sequences(backbone, scope.index(), FACTS, 2)
+    assert len(sequences) == len(references) == len(FACTS)
+    for fact, seq, reference in zip(FACTS, sequences, references, strict=True):
+        text_ids = backbone.tokenizer(join_target(fact.prompt, fact.target))["input_ids"]
+        assert seq.ids[: len(text_ids)] == text_ids
+        assert seq.edits and all(position < len(text_ids) for _, position in seq.edits)
+        assert seq.predict_at[0] == len(text_ids) - 1
+        assert len(seq.target_ids) == len(seq.predict_at) == reference.shape[0] <= 2
+
+
 def test_kl_terms_are_weighted_per_sequence(tiny_model_dirs: dict[str, Path]) -> None:
     backbone = _backbone(tiny_model_dirs, "llama")
     trainer = Trainer(backbone, CONFIG)
