@@ -50,6 +50,7 @@ class HeadLoss:
                 "the output head must be frozen (training moves the hypernetwork only)"
             )
         self.head = head
+        self.weight = linear_weight(head)  # None: a head run as a module, gradient by autograd
         self._buffers: dict[str, torch.Tensor] = {}
 
     def __call__(
@@ -75,7 +76,7 @@ class HeadLoss:
 
     def logits(self, rows: torch.Tensor) -> torch.Tensor:
         """`rows` through the head, float32, in the "logits" buffer where the head is linear."""
-        weight = linear_weight(self.head)
+        weight = self.weight
         if weight is None or weight.dtype != torch.float32:
             return self.head(rows).float()
         out = self.buffer("logits", rows.shape[0], weight.shape[0], rows.device)
@@ -86,14 +87,56 @@ class HeadLoss:
     def input_gradient(self, states: torch.Tensor, logits_gradient: torch.Tensor) -> torch.Tensor:
         """d(loss)/d(states) from d(loss)/d(logits): one product with a linear head's weight
         (in any layout); any other head is run again under autograd."""
-        weight = linear_weight(self.head)
-        if weight is not None:
-            return (logits_gradient.to(weight.dtype) @ weight).to(states.dtype)
+        if self.weight is not None:
+            return (logits_gradient.to(self.weight.dtype) @ self.weight).to(states.dtype)
         with torch.enable_grad():
             leaf = states.detach().requires_grad_()
             logits = self.head(leaf).float()
             (gradient,) = torch.autograd.grad(logits, leaf, logits_gradient)
         return gradient
+
+    def loss_and_gradient(
+        self, logits: torch.Tensor, reference_logits: torch.Tensor, terms: HeadTerms
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(loss, d loss / d logits) for `logits` [C + R, V] (float32) against `reference_logits`
+        [R, V]: a log-softmax of each and a few in-place passes, in this loss's buffers (the
+        gradient is one of them: use it before the next call)."""
+        kl_rows = reference_logits.shape[0]
+        ce_rows = logits.shape[0] - kl_rows
+        vocab, device = logits.shape[1], logits.device
+        log_q = torch.log_softmax(logits, -1, out=self.buffer("log_q", len(logits), vocab, device))
+        loss = log_q.new_zeros(())
+        if ce_rows:
+            loss = loss - log_q[:ce_rows].gather(-1, terms.targets[:, None]).mean()
+        if kl_rows:
+            log_p = self.buffer("log_p", kl_rows, vocab, device)
+            torch.log_softmax(reference_logits, -1, out=log_p)
+            difference = self.buffer("difference", kl_rows, vocab, device)
+            torch.sub(log_p, log_q[ce_rows:], out=difference)
+            p = log_p.exp_()
+            kl = difference.mul_(p).sum(-1)  # sum p (log p - log q)
+            loss = loss + (terms.kl_weights * kl).sum()
+        avoided = terms.avoid_at.numel() > 0
+        if avoided:
+            at = terms.avoid_at + ce_rows
+            said = log_q[at, terms.avoid_tokens].exp()
+            unclamped = said < _MAX_AVOIDED
+            loss = loss - (terms.avoid_weights * torch.log1p(-said.clamp(max=_MAX_AVOIDED))).sum()
+        gradient = log_q.exp_()  # the softmax q; each term's gradient is q less its target
+        if avoided:
+            # d -log(1 - q_t) / d logit = q_t / (1 - q_t) (onehot_t - q), 0 where q_t is clamped
+            scale = terms.avoid_weights * said / (1 - said.clamp(max=_MAX_AVOIDED)) * unclamped
+            avoid_gradient = -scale[:, None] * gradient[at]
+            avoid_gradient[torch.arange(len(at), device=at.device), terms.avoid_tokens] += scale
+        if kl_rows:
+            gradient[ce_rows:].sub_(p).mul_(terms.kl_weights[:, None])  # w (q - p)
+        if ce_rows:
+            ce = gradient[:ce_rows]
+            ce[torch.arange(ce_rows, device=ce.device), terms.targets] -= 1
+            ce.div_(ce_rows)
+        if avoided:
+            gradient.index_add_(0, at, avoid_gradient)
+        return loss, gradient
 
 
 class _HeadLoss(torch.autograd.Function):
@@ -108,7 +151,7 @@ class _HeadLoss(torch.autograd.Function):
         rows = states.shape[0]
         with torch.no_grad():
             every = loss_fn.logits(torch.cat([states, references.to(states.dtype)]))
-            loss, gradient = loss_and_gradient(loss_fn, every[:rows], every[rows:], terms)
+            loss, gradient = loss_fn.loss_and_gradient(every[:rows], every[rows:], terms)
             if ctx.needs_input_grad[0]:  # type: ignore[attr-defined]
                 ctx.states_gradient = loss_fn.input_gradient(states, gradient)  # type: ignore[attr-defined]
         return loss
@@ -118,47 +161,3 @@ class _HeadLoss(torch.autograd.Function):
         ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor
     ) -> tuple[torch.Tensor, None, None, None]:
         return ctx.states_gradient * grad, None, None, None  # type: ignore[attr-defined]
-
-
-def loss_and_gradient(
-    workspace: HeadLoss, logits: torch.Tensor, reference_logits: torch.Tensor, terms: HeadTerms
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(loss, d loss / d logits) for `logits` [C + R, V] (float32) against `reference_logits`
-    [R, V]: a log-softmax of each and a few in-place passes, in `workspace`'s buffers (the
-    gradient is one of them: use it before the next call)."""
-    kl_rows = reference_logits.shape[0]
-    ce_rows = logits.shape[0] - kl_rows
-    vocab, device = logits.shape[1], logits.device
-    log_q = torch.log_softmax(logits, -1, out=workspace.buffer("log_q", len(logits), vocab, device))
-    loss = log_q.new_zeros(())
-    if ce_rows:
-        loss = loss - log_q[:ce_rows].gather(-1, terms.targets[:, None]).mean()
-    if kl_rows:
-        log_p = workspace.buffer("log_p", kl_rows, vocab, device)
-        torch.log_softmax(reference_logits, -1, out=log_p)
-        difference = workspace.buffer("difference", kl_rows, vocab, device)
-        torch.sub(log_p, log_q[ce_rows:], out=difference)
-        p = log_p.exp_()
-        kl = difference.mul_(p).sum(-1)  # sum p (log p - log q)
-        loss = loss + (terms.kl_weights * kl).sum()
-    avoided = terms.avoid_at.numel() > 0
-    if avoided:
-        at = terms.avoid_at + ce_rows
-        said = log_q[at, terms.avoid_tokens].exp()
-        unclamped = said < _MAX_AVOIDED
-        loss = loss - (terms.avoid_weights * torch.log1p(-said.clamp(max=_MAX_AVOIDED))).sum()
-    gradient = log_q.exp_()  # the softmax q; each term's gradient is q less its target
-    if avoided:
-        # d -log(1 - q_t) / d logit = q_t / (1 - q_t) (onehot_t - q), 0 where q_t is clamped
-        scale = terms.avoid_weights * said / (1 - said.clamp(max=_MAX_AVOIDED)) * unclamped
-        avoid_gradient = -scale[:, None] * gradient[at]
-        avoid_gradient[torch.arange(len(at), device=at.device), terms.avoid_tokens] += scale
-    if kl_rows:
-        gradient[ce_rows:].sub_(p).mul_(terms.kl_weights[:, None])  # w (q - p)
-    if ce_rows:
-        ce = gradient[:ce_rows]
-        ce[torch.arange(ce_rows, device=ce.device), terms.targets] -= 1
-        ce.div_(ce_rows)
-    if avoided:
-        gradient.index_add_(0, at, avoid_gradient)
-    return loss, gradient
