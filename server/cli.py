@@ -241,6 +241,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from server.evaluation.evaluate import GenerationSample, evaluate
     from server.gate.encoder import SentenceEncoder
     from server.model import load_backbone, load_training_backbone
+    from server.model.cpu_layout import has_bfloat16_linears
 
     hf_logging.disable_progress_bar()
     if args.samples is not None and not args.samples.parent.is_dir():  # before, not after, training
@@ -255,7 +256,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     config = _train_config(args)
     training = load_training_backbone(settings, backbone)
     edits = train_edits(
-        training,  # float32 unless LKS_TRAIN_DTYPE=serving; evaluated below as served
+        training,  # a float32 copy unless LKS_TRAIN_DTYPE=serving; evaluated below as served
         training_facts(items, args.protocol),
         SentenceEncoder(),
         config,
@@ -311,7 +312,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
         "contexts": ",".join(args.contexts),
         "release_answered_edits": settings.release_answered_edits,
         "dtype": str(backbone.dtype).removeprefix("torch."),
-        "train_dtype": str(training.dtype).removeprefix("torch."),
+        "train_dtype": (
+            "mixed"
+            if has_bfloat16_linears(training.model)
+            else str(training.dtype).removeprefix("torch.")
+        ),
     }
     if args.json:
         print(json.dumps(report))

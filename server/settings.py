@@ -35,12 +35,13 @@ class Settings(BaseSettings):
         description="The serving dtype. auto: bfloat16 on a GPU that has it (else float16), "
         "bfloat16 on a CPU with AVX-512 BF16 or AMX, float32 on other CPUs.",
     )
-    train_dtype: Literal["auto", "float32", "serving"] = Field(
+    train_dtype: Literal["auto", "float32", "mixed", "serving"] = Field(
         default="auto",
-        description="What training runs in. auto: float32 on a CPU, the serving weights on a "
-        "GPU; float32: a float32 copy of the weights when the backbone serves in another dtype "
-        "(loaded by the first training job); serving: the served weights (less memory, edits "
-        "of lower generality).",
+        description="What training runs in. float32: a float32 copy of the weights when the "
+        "backbone serves in another dtype (loaded by the first training job); mixed: that copy "
+        "with its linear layers multiplying in bfloat16 (for CPUs with bfloat16 instructions); "
+        "serving: the served weights (less memory, edits of lower generality); auto: mixed on "
+        "a CPU with bfloat16 instructions, float32 on other CPUs, serving on a GPU.",
     )
     cpu_threads: int | None = Field(
         default=None,

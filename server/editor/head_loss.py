@@ -75,12 +75,16 @@ class HeadLoss:
         return kept[:rows]
 
     def logits(self, rows: torch.Tensor) -> torch.Tensor:
-        """`rows` through the head, float32, in the "logits" buffer where the head is linear."""
+        """`rows` through the head, float32, in the "logits" buffer where the head is linear
+        (the product in its weight's dtype)."""
         weight = self.weight
-        if weight is None or weight.dtype != torch.float32:
+        if weight is None:
             return self.head(rows).float()
         out = self.buffer("logits", rows.shape[0], weight.shape[0], rows.device)
-        torch.matmul(rows.float(), weight.T, out=out)
+        if weight.dtype == torch.float32:
+            torch.matmul(rows.float(), weight.T, out=out)
+        else:
+            out.copy_(rows.to(weight.dtype) @ weight.T)
         bias = getattr(self.head, "bias", None)
         return out if bias is None else out.add_(bias)
 

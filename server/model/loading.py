@@ -11,12 +11,18 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
+from typing import Literal
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from server.model.backbone import Backbone
-from server.model.cpu_layout import can_pack_linears, use_column_major_linears, use_packed_linears
+from server.model.cpu_layout import (
+    can_pack_linears,
+    use_bfloat16_linears,
+    use_column_major_linears,
+    use_packed_linears,
+)
 from server.settings import DEFAULT_MODEL_NAME, DeviceChoice, DtypeChoice, Settings
 
 log = logging.getLogger(__name__)
@@ -123,33 +129,52 @@ def load_backbone(settings: Settings) -> Backbone:
     return _load(model_dir, settings.model_name, device, dtype, pack_linears=pack)
 
 
+TrainPrecision = Literal["float32", "mixed", "serving"]
+
+
+def training_precision(
+    settings: Settings, device: torch.device, dtype: torch.dtype
+) -> TrainPrecision:
+    """What training runs in (LKS_TRAIN_DTYPE), for a backbone served on `device` in `dtype`.
+    `auto`: on a CPU with bfloat16 instructions `mixed` (a float32 copy whose linear layers
+    multiply in bfloat16: training about ... faster, docs/results/natural_edits.md 2t), on other
+    CPUs `float32`, on a GPU `serving` (a float32 copy of a large model would not fit beside
+    it). A float32 backbone is its own float32 copy (`serving`)."""
+    choice = settings.train_dtype
+    if choice == "auto":
+        if device.type != "cpu":
+            return "serving"
+        choice = "mixed" if cpu_has_bfloat16() else "float32"
+    if choice == "float32" and dtype == torch.float32:
+        return "serving"
+    return choice
+
+
 def trains_on_served_weights(settings: Settings, device: torch.device, dtype: torch.dtype) -> bool:
-    """LKS_TRAIN_DTYPE: `auto` trains on a float32 copy on a CPU and on the served weights on a
-    GPU (a float32 copy of a large model would not fit beside it); a float32 backbone is its own
-    float32 copy."""
-    train_dtype = settings.train_dtype
-    if train_dtype == "auto":
-        train_dtype = "float32" if device.type == "cpu" else "serving"
-    return train_dtype == "serving" or dtype == torch.float32
+    return training_precision(settings, device, dtype) == "serving"
 
 
 def load_training_backbone(settings: Settings, serving: Backbone) -> Backbone:
-    """The backbone training runs on (LKS_TRAIN_DTYPE): `serving` itself, or a float32 copy of
-    the same weights when it serves in another dtype (trained in bfloat16, edits lose
-    generality: docs/results/serving.md, "bfloat16 as the CPU default")."""
-    if trains_on_served_weights(settings, serving.device, serving.dtype):
+    """The backbone training runs on (`training_precision`): `serving` itself, or a float32
+    copy of the same weights, its linear layers multiplying in bfloat16 where `mixed` (trained
+    on bfloat16 weights and states, edits lose generality: docs/results/serving.md, "bfloat16
+    as the CPU default")."""
+    precision = training_precision(settings, serving.device, serving.dtype)
+    if precision == "serving":
         return serving
     if serving.model_dir is None:
         raise ModelLoadError(
             "the backbone was not loaded from a directory, so there is no float32 copy to "
             "train on; set LKS_TRAIN_DTYPE=serving"
         )
-    log.info("loading a float32 copy of the backbone for training")
+    log.info("loading a float32 copy of the backbone for training (%s)", precision)
     copy = _load(serving.model_dir, serving.name, serving.device, torch.float32)
     if copy.fingerprint != serving.fingerprint:
         raise ModelLoadError(
             f"{serving.model_dir} changed since it was loaded; restart to serve what it holds"
         )
+    if precision == "mixed":
+        use_bfloat16_linears(copy.model)
     return copy
 
 

@@ -6,7 +6,7 @@ from tiny_models import FAMILIES, HIDDEN, LAYERS, build_tiny_model
 
 from server.model import Backbone, load_backbone, load_training_backbone
 from server.model.backbone import compute_fingerprint
-from server.model.cpu_layout import can_pack_linears, has_packed_linears
+from server.model.cpu_layout import can_pack_linears, has_bfloat16_linears, has_packed_linears
 from server.model.loading import cpu_has_bfloat16, resolve_dtype
 from server.settings import Settings
 
@@ -54,9 +54,16 @@ def test_training_runs_on_a_float32_copy_of_a_backbone_served_in_another_dtype(
     training = load_training_backbone(settings, served)
     assert served.dtype == torch.bfloat16 and training.dtype == torch.float32
     assert training.model is not served.model and training.fingerprint == served.fingerprint
-    # the same model in float32 is its own training backbone; `serving` trains on the served one
-    in_float32 = _load(tiny_model_dirs["llama"])
-    assert load_training_backbone(Settings(), in_float32) is in_float32
+    # `auto` multiplies in bfloat16 where the CPU has the instructions, whatever it serves in
+    assert has_bfloat16_linears(training.model) == cpu_has_bfloat16()
+    in_float32 = _load(tiny_model_dirs["llama"], dtype="float32")
+    auto = load_training_backbone(Settings(), in_float32)
+    assert (auto is in_float32) == (not cpu_has_bfloat16())
+    assert has_bfloat16_linears(auto.model) == cpu_has_bfloat16()
+    # the same model in float32 is its own float32 copy; `serving` trains on the served one
+    assert load_training_backbone(Settings(train_dtype="float32"), in_float32) is in_float32
+    mixed = settings.model_copy(update={"train_dtype": "mixed"})
+    assert has_bfloat16_linears(load_training_backbone(mixed, in_float32).model)
     on_served = settings.model_copy(update={"train_dtype": "serving"})
     trained_on = load_backbone(on_served)
     assert load_training_backbone(on_served, trained_on) is trained_on

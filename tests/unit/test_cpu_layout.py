@@ -12,10 +12,13 @@ from torch import nn
 from transformers import AutoModelForCausalLM
 
 from server.model.cpu_layout import (
+    BFloat16Linear,
     ColumnMajorLinear,
     PackedLinear,
     can_pack_linears,
+    has_bfloat16_linears,
     linear_weight,
+    use_bfloat16_linears,
     use_column_major_linears,
     use_packed_linears,
 )
@@ -79,5 +82,45 @@ def test_linear_weight_is_the_map_s_weight_in_either_layout_and_none_otherwise()
         weight = linear_weight(module)
         assert weight is not None
         torch.testing.assert_close(module(x), x @ weight.T + linear.bias)
+    in_bfloat16 = BFloat16Linear(linear.requires_grad_(False))
+    weight = linear_weight(in_bfloat16)
+    assert weight is not None and weight.dtype == torch.bfloat16
+    expected = (x.bfloat16() @ weight.T).float() + linear.bias
+    torch.testing.assert_close(in_bfloat16(x), expected)
     assert linear_weight(Scaled(4, 6)) is None
     assert linear_weight(nn.Sequential(linear)) is None
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_bfloat16_linears_multiply_in_bfloat16_between_float32_states(
+    family: str, tiny_model_dirs: dict[str, Path]
+) -> None:
+    """Training's `mixed` copy: each linear's product in bfloat16 (its input rounded, its
+    weight kept so), the states and the gradients that flow between layers float32; a tied
+    head gets a bfloat16 copy and the input embedding keeps its float32 weight."""
+    load = AutoModelForCausalLM.from_pretrained
+    stock = load(tiny_model_dirs[family]).eval().requires_grad_(False)
+    mixed = load(tiny_model_dirs[family]).eval().requires_grad_(False)
+    use_column_major_linears(mixed)  # as a CPU loads it first
+    linears = sum(type(m) is ColumnMajorLinear for m in mixed.modules())
+    assert use_bfloat16_linears(mixed) == linears > 0 and has_bfloat16_linears(mixed)
+    assert not has_bfloat16_linears(stock)
+    assert not any(type(m) in (nn.Linear, ColumnMajorLinear) for m in mixed.modules())
+    embedding = mixed.get_input_embeddings().weight
+    assert embedding.dtype == torch.float32
+    assert torch.equal(embedding, stock.get_input_embeddings().weight)
+    assert mixed.get_output_embeddings().weight.dtype == torch.bfloat16
+
+    ids = torch.tensor([[3, 4, 5, 6, 7, 8], [9, 10, 11, 12, 13, 14]])
+    embeds = stock.get_input_embeddings()(ids).requires_grad_()
+    out = mixed(inputs_embeds=embeds, output_hidden_states=True)
+    assert all(h.dtype == torch.float32 for h in out.hidden_states)
+    assert out.logits.dtype == torch.float32
+    expected = stock(inputs_embeds=embeds).logits
+    torch.testing.assert_close(out.logits, expected, atol=0.05, rtol=0.05)
+    assert not torch.equal(out.logits, expected), "the products are not float32's"
+    (gradient,) = torch.autograd.grad(out.logits.square().sum(), embeds)
+    assert gradient.dtype == torch.float32 and gradient.abs().sum() > 0
+
+    with pytest.raises(ValueError, match="trainable"):
+        use_bfloat16_linears(nn.Sequential(nn.Linear(4, 4)))

@@ -31,7 +31,7 @@ from server.editor.split import LayerSplit, SplitSequence
 from server.editor.train import Trainer, epoch_batches, growth_selection
 from server.evaluation.evaluate import top1_predictions
 from server.model import Backbone, load_backbone, load_training_backbone
-from server.model.cpu_layout import has_packed_linears
+from server.model.cpu_layout import has_bfloat16_linears, has_packed_linears
 from server.model.hook import EditPlan
 from server.packs.edit_set import EditSet
 from server.settings import DtypeChoice, Settings
@@ -110,10 +110,21 @@ def test_head_gives_the_edit_layer_states(family: str, tiny_model_dirs: dict[str
     assert len(backbone.model.model.layers) == 4  # the served model is untouched
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt2"])  # direct tail, and the hook fallback
-def test_training_teaches_the_targets(family: str, tiny_model_dirs: dict[str, Path]) -> None:
-    backbone = _backbone(tiny_model_dirs, family)
-    result = Trainer(backbone, CONFIG).train(FACTS)
+@pytest.mark.parametrize(
+    ("family", "precision"),
+    [("llama", "serving"), ("gpt2", "serving"), ("llama", "mixed")],  # direct tail, the hook
+)
+def test_training_teaches_the_targets(
+    family: str, precision: str, tiny_model_dirs: dict[str, Path]
+) -> None:
+    """Trained on the served weights (direct tail; gpt2: the hook fallback) or on a float32
+    copy that multiplies in bfloat16 (`mixed`), the edits say their targets as served."""
+    backbone = trained_on = _backbone(tiny_model_dirs, family)
+    if precision == "mixed":
+        settings = Settings(model=tiny_model_dirs[family], device="cpu", train_dtype="mixed")
+        trained_on = load_training_backbone(settings, backbone)
+        assert has_bfloat16_linears(trained_on.model)
+    result = Trainer(trained_on, CONFIG).train(FACTS)
     # a random tiny model's logits are small, so the loss cannot fall far; top-1 can flip
     assert result.history[-1] < result.history[0] - 0.3
     edit_set = EditSet(result.scope.subjects, result.deltas, result.layer)
