@@ -137,9 +137,10 @@ def training_precision(
 ) -> TrainPrecision:
     """What training runs in (LKS_TRAIN_DTYPE), for a backbone served on `device` in `dtype`.
     `auto`: on a CPU with bfloat16 instructions `mixed` (a float32 copy whose linear layers
-    multiply in bfloat16: training about ... faster, docs/results/natural_edits.md 2t), on other
-    CPUs `float32`, on a GPU `serving` (a float32 copy of a large model would not fit beside
-    it). A float32 backbone is its own float32 copy (`serving`)."""
+    multiply in bfloat16, whatever the backbone serves in: training takes about half float32's
+    time, docs/results/natural_edits.md 2t), on other CPUs `float32`, on a GPU `serving` (a
+    float32 copy of a large model would not fit beside it). A float32 backbone is its own
+    float32 copy (`serving`)."""
     choice = settings.train_dtype
     if choice == "auto":
         if device.type != "cpu":
@@ -151,14 +152,15 @@ def training_precision(
 
 
 def trains_on_served_weights(settings: Settings, device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether training needs no copy (the served weights may then not be packed)."""
     return training_precision(settings, device, dtype) == "serving"
 
 
 def load_training_backbone(settings: Settings, serving: Backbone) -> Backbone:
     """The backbone training runs on (`training_precision`): `serving` itself, or a float32
-    copy of the same weights, its linear layers multiplying in bfloat16 where `mixed` (trained
-    on bfloat16 weights and states, edits lose generality: docs/results/serving.md, "bfloat16
-    as the CPU default")."""
+    copy of the same weights, its linear layers multiplying in bfloat16 where `mixed`. (Trained
+    on the served bfloat16 weights, states included, edits lose generality:
+    docs/results/serving.md, "bfloat16 as the CPU default".)"""
     precision = training_precision(settings, serving.device, serving.dtype)
     if precision == "serving":
         return serving
@@ -174,6 +176,11 @@ def load_training_backbone(settings: Settings, serving: Backbone) -> Backbone:
             f"{serving.model_dir} changed since it was loaded; restart to serve what it holds"
         )
     if precision == "mixed":
+        if serving.device.type == "cpu" and not cpu_has_bfloat16():
+            log.warning(
+                "LKS_TRAIN_DTYPE=mixed on a CPU without bfloat16 instructions: its bfloat16 "
+                "products are emulated, slower than float32 (LKS_TRAIN_DTYPE=auto picks float32)"
+            )
         use_bfloat16_linears(copy.model)
     return copy
 
