@@ -37,9 +37,8 @@ import psutil
 import torch
 from safetensors.torch import load_file, save_file
 
-from server.editor.config import TrainConfig
+from server.editor.config import HypernetKind, TrainConfig
 from server.editor.facts import Fact, fact_key
-from server.editor.hypernet import HypernetKind
 from server.editor.precompute import feature_states
 from server.editor.scope import Scope, encode
 from server.editor.split import LayerSplit

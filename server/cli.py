@@ -13,15 +13,17 @@ import logging
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, get_args
+from typing import TYPE_CHECKING, Any, get_args
 
 from pydantic import ValidationError
 
-from server.editor.config import TrainConfig
-from server.editor.hypernet import HypernetKind
-from server.packs import PackError, PackRef, PackStore
-from server.packs.names import validate_name
+from server.editor.config import HypernetKind, TrainConfig
+from server.packs.errors import PackError
+from server.packs.names import PackRef, validate_name
 from server.settings import Settings
+
+if TYPE_CHECKING:
+    from server.packs.store import PackStore
 
 log = logging.getLogger("lks")
 
@@ -45,6 +47,14 @@ def _settings(**overrides: Any) -> Settings:
     return settings
 
 
+def _pack_store(settings: Settings) -> PackStore:
+    """The settings' pack store; imported here, as every heavy module is, so that commands
+    that need neither a model nor a pack (`lks keys`, `--help`) start without torch."""
+    from server.packs.store import PackStore
+
+    return PackStore.from_settings(settings)
+
+
 def _configure_logging(settings: Settings) -> None:
     logging.basicConfig(
         level=settings.log_level.upper(),
@@ -64,7 +74,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from server.model import load_backbone
 
     hf_logging.disable_progress_bar()
-    store = PackStore.from_settings(settings)
+    store = _pack_store(settings)
     pack = store.load(pack_ref) if pack_ref is not None else None  # fail before the model loads
     backbone = load_backbone(settings)
     edit_sets = []
@@ -196,7 +206,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         reuse=args.reuse,
         quality_gate=args.quality_gate,
     )
-    store = PackStore.from_settings(settings)
+    store = _pack_store(settings)
     backbone = load_backbone(settings)
     start = latest_start(store, args.pack, backbone, policy.train)
     candidate = build_version(
@@ -373,7 +383,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     config = WorkerConfig.from_settings(settings)
     worker = Worker(
         store,
-        PackStore.from_settings(settings),
+        _pack_store(settings),
         backbone,
         config,
         training_factory=lambda: load_training_backbone(settings, backbone),
@@ -467,7 +477,7 @@ def cmd_keys_revoke(args: argparse.Namespace) -> int:
 
 
 def cmd_pack_list(args: argparse.Namespace) -> int:
-    store = PackStore.from_settings(_settings())
+    store = _pack_store(_settings())
     rows = []
     for name in store.names():
         versions = store.versions(name)
@@ -492,7 +502,7 @@ def cmd_pack_list(args: argparse.Namespace) -> int:
 
 
 def cmd_pack_show(args: argparse.Namespace) -> int:
-    store = PackStore.from_settings(_settings())
+    store = _pack_store(_settings())
     pack = store.load(PackRef.parse(args.ref))  # full validation: checksums, tensors, shapes
     info = pack.manifest.model_dump(mode="json")
     info["path"] = str(pack.path)
@@ -653,7 +663,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument(
         "--contexts",
         type=_contexts,
-        default=_contexts("bare,qa,chat"),
+        default="bare,qa,chat",  # a string: converted by _contexts when `eval` parses it
         metavar="LIST",
         help="where answers are generated and judged: comma-separated of bare, qa, chat "
         "(default all three), or none",

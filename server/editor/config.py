@@ -9,8 +9,10 @@ either, the other would import it back.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
-from server.editor.hypernet import HypernetKind
+# The hypernetwork's form (hypernet.py): here, so that reading a config needs no torch.
+HypernetKind = Literal["linear", "mlp", "residual"]
 
 # Contexts the edit must survive besides the bare prompt; the chat template is added separately.
 DEFAULT_PREFIXES = ("Fact: {prompt}",)

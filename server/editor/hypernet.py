@@ -5,12 +5,12 @@ changes nothing."""
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import nn
 
-HypernetKind = Literal["linear", "mlp", "residual"]
+from server.editor.config import HypernetKind
 
 # The residual kind's MLP learns at this fraction of the linear map's rate: the map fits what
 # it can first, and the MLP takes what a linear map of the subject's state cannot reach, which

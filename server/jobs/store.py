@@ -25,8 +25,6 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from alembic import command
-from alembic.config import Config as AlembicConfig
 from pydantic import BaseModel, ConfigDict, field_validator
 from sqlalchemy import Engine, create_engine, event, func, or_, select, text, update
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
@@ -41,7 +39,7 @@ from server.jobs.models import (
     PackActivationRow,
     PackVersionRow,
 )
-from server.packs.registry import Activation
+from server.packs.live import Activation
 
 log = logging.getLogger(__name__)
 
@@ -195,6 +193,9 @@ class JobStore:
         """Upgrade to the latest revision. On PostgreSQL under an advisory lock held to the end
         of the transaction, so processes starting together on an empty database take turns: the
         first creates the schema, the others find it at head."""
+        from alembic import command  # here: alembic takes ~0.5 s to import, only this needs it
+        from alembic.config import Config as AlembicConfig
+
         config = AlembicConfig()
         config.set_main_option("script_location", str(MIGRATIONS))
         asked = time.monotonic()

@@ -25,7 +25,6 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol
 
 from server.gate.encoder import SentenceEncoder
 from server.gate.table import GateTable
@@ -33,6 +32,7 @@ from server.model.backbone import Backbone
 from server.packs.edit_set import EditSet, load_edit_set
 from server.packs.errors import PackError, PackNotFoundError
 from server.packs.format import Manifest
+from server.packs.live import Activation, LiveVersions
 from server.packs.names import PackRef, validate_name
 from server.packs.store import FileSignature, PackStore
 
@@ -53,23 +53,6 @@ class Swap:
     name: str
     old: int | None
     new: int
-
-
-@dataclass(frozen=True)
-class Activation:
-    """A version made live by hand, and the newest version there was then: a newer one, once
-    published, is live instead."""
-
-    version: int
-    newest: int
-
-
-class LiveVersions(Protocol):
-    """The activations of every pack, shared by every server of one pack store."""
-
-    def activations(self) -> dict[str, Activation]: ...
-
-    def record_activation(self, name: str, activation: Activation) -> None: ...
 
 
 @dataclass

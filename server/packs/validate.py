@@ -14,7 +14,8 @@ from typing import Any, get_args
 
 import torch
 
-from server.editor.hypernet import HypernetKind, Hypernetwork
+from server.editor.config import HypernetKind
+from server.editor.hypernet import Hypernetwork
 from server.gate.table import GateTable
 from server.packs.errors import PackCorruptError
 

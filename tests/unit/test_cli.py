@@ -279,6 +279,34 @@ def test_keys_commands_refuse_an_unusable_file_naming_it(
     assert keys_file.read_text() == '[{"name": "ops", '
 
 
+def test_commands_that_need_no_model_start_without_torch(tmp_path: Path) -> None:
+    """`lks keys` and every `--help` import neither torch nor transformers (seconds of imports
+    before the command could start): heavy modules load inside the commands that use them."""
+    keys_file = tmp_path / "keys.json"
+    commands = [
+        ["--help"],
+        ["eval", "--help"],
+        ["keys", "add", "--name", "ops", "--role", "admin"],
+        ["keys", "list"],
+        ["keys", "revoke", "ops"],
+    ]
+    probe = (
+        "import contextlib, io, sys\n"
+        "from server.cli import main\n"
+        f"for argv in {commands!r}:\n"
+        "    with contextlib.suppress(SystemExit), contextlib.redirect_stdout(io.StringIO()):\n"
+        "        main(argv)\n"
+        "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPOSITORY), "LKS_API_KEYS_FILE": str(keys_file)}
+    result = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, env=env, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == ["[]"], result.stderr
+    assert json.loads(keys_file.read_text()) == []  # the commands ran: added, then revoked
+
+
 def test_keys_list_without_a_file_says_how_to_make_one(tmp_path: Path) -> None:
     keys_file = tmp_path / "keys.json"
     result = run_lks("keys", "list", packs_dir=tmp_path, api_keys_file=str(keys_file))
