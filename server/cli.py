@@ -266,7 +266,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     config = _train_config(args)
     training = load_training_backbone(settings, backbone)
     edits = train_edits(
-        training,  # a float32 copy unless LKS_TRAIN_DTYPE=serving; evaluated below as served
+        training,  # the copy training runs on (load_training_backbone); evaluated as served
         training_facts(items, args.protocol),
         SentenceEncoder(),
         config,

@@ -38,8 +38,9 @@ class Settings(BaseSettings):
     train_dtype: Literal["auto", "float32", "mixed", "serving"] = Field(
         default="auto",
         description="What training runs in. float32: a float32 copy of the weights when the "
-        "backbone serves in another dtype (loaded by the first training job); mixed: that copy "
-        "with its linear layers multiplying in bfloat16 (for CPUs with bfloat16 instructions); "
+        "backbone serves in another dtype (loaded by the first training job); mixed: a float32 "
+        "copy in any case, its linear layers multiplying in bfloat16 (for CPUs with bfloat16 "
+        "instructions); "
         "serving: the served weights (less memory, edits of lower generality); auto: mixed on "
         "a CPU with bfloat16 instructions, float32 on other CPUs, serving on a GPU.",
     )

@@ -154,7 +154,7 @@ def build_version(
     checkpoint: Callable[[], None] | None = None,
 ) -> Candidate:
     """Build a version of `facts` from `start` (the previous version) under `policy`: trained
-    on `training` (the backbone's float32 copy, `load_training_backbone`; default the backbone
+    on `training` (the copy training runs on, `load_training_backbone`; default the backbone
     itself), checked on `backbone`, as it will serve. `progress` receives the training steps;
     `checkpoint` runs after each attempt's training, before its check (the worker's lease stops
     a cancelled job there)."""

@@ -61,16 +61,25 @@ class HeadLoss:
         reads the states' rows only."""
         return _HeadLoss.apply(states, references, self, terms)  # type: ignore[no-any-return]
 
-    def buffer(self, name: str, rows: int, columns: int, device: torch.device) -> torch.Tensor:
-        """A float32 [rows, columns] view of the buffer `name`, its contents undefined."""
+    def buffer(
+        self,
+        name: str,
+        rows: int,
+        columns: int,
+        device: torch.device,
+        dtype: torch.dtype = torch.float32,
+    ) -> torch.Tensor:
+        """A [rows, columns] view of the buffer `name` (float32 unless `dtype`), its contents
+        undefined."""
         kept = self._buffers.get(name)
         if (
             kept is None
             or kept.shape[0] < rows
             or kept.shape[1] != columns
             or kept.device != device
+            or kept.dtype != dtype
         ):
-            kept = torch.empty(max(rows, 1), columns, device=device)
+            kept = torch.empty(max(rows, 1), columns, device=device, dtype=dtype)
             self._buffers[name] = kept
         return kept[:rows]
 
@@ -83,8 +92,11 @@ class HeadLoss:
         out = self.buffer("logits", rows.shape[0], weight.shape[0], rows.device)
         if weight.dtype == torch.float32:
             torch.matmul(rows.float(), weight.T, out=out)
-        else:
-            out.copy_(rows.to(weight.dtype) @ weight.T)
+        else:  # the product in the weight's dtype, in a buffer of its own, then read as float32
+            product = self.buffer(
+                "product", rows.shape[0], weight.shape[0], rows.device, weight.dtype
+            )
+            out.copy_(torch.matmul(rows.to(weight.dtype), weight.T, out=product))
         bias = getattr(self.head, "bias", None)
         return out if bias is None else out.add_(bias)
 

@@ -13,8 +13,8 @@ no `torch.compile`, so only a backbone that is never trained on (training runs o
 copy) is packed, and its decode step runs eager.
 
 Training on such a CPU (`BFloat16Linear`): the float32 copy training runs on keeps its states
-in float32 but multiplies in bfloat16, its linears' weights kept in bfloat16 (autograd works,
-unlike a packed weight's).
+in float32 but multiplies in bfloat16, its linear maps' weights kept in bfloat16 (autograd
+works, unlike a packed weight's).
 
 On CUDA cuBLAS needs neither layout; these apply on the CPU only.
 """
@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 
 class ColumnMajorLinear(nn.Linear):
@@ -47,20 +48,25 @@ class ColumnMajorLinear(nn.Linear):
 
 
 class BFloat16Linear(nn.Module):
-    """A frozen linear layer that multiplies in bfloat16 inside a float32 model: its weight is
-    kept in bfloat16, the input is rounded to bfloat16 for the product alone, and the output
-    comes back in the input's dtype, so the states between layers, the norms and attention's
-    softmax stay float32. On a CPU with bfloat16 instructions oneDNN's products run about
-    three times as fast as float32's; training's copy of the backbone uses it there."""
+    """A frozen linear map that multiplies in bfloat16 inside a float32 model: its [out, in]
+    weight is kept in bfloat16, the input is rounded to bfloat16 for the product alone, and the
+    product comes back in the input's dtype (float32 here; a bias stays float32), so the states
+    between layers, the norms and attention's softmax stay float32. On a CPU with bfloat16
+    instructions oneDNN's products run about three times as fast as float32's; training's copy
+    of the backbone uses it there."""
 
     weight: nn.Parameter
 
-    def __init__(self, linear: nn.Linear) -> None:
+    def __init__(self, module: nn.Linear | Conv1D) -> None:
+        """From an `nn.Linear` (or `ColumnMajorLinear`), or from GPT-2's `Conv1D`, whose weight
+        is stored [in, out]."""
         super().__init__()
-        self.in_features, self.out_features = linear.in_features, linear.out_features
-        weight = linear.weight.detach().to(torch.bfloat16).contiguous()
-        self.weight = nn.Parameter(weight, requires_grad=False)
-        self.bias = linear.bias
+        weight = module.weight.detach()
+        if isinstance(module, Conv1D):
+            weight = weight.t()
+        self.out_features, self.in_features = weight.shape
+        self.weight = nn.Parameter(weight.to(torch.bfloat16).contiguous(), requires_grad=False)
+        self.bias = module.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = nn.functional.linear(x.to(self.weight.dtype), self.weight).to(x.dtype)
@@ -82,17 +88,17 @@ def linear_weight(module: nn.Module) -> torch.Tensor | None:
 
 
 def use_bfloat16_linears(model: nn.Module) -> int:
-    """Swap every linear layer of a frozen float32 `model` (`nn.Linear` or `ColumnMajorLinear`)
-    for a `BFloat16Linear` (in place); an output head tied to the input embedding gets a
-    bfloat16 copy, the embedding keeps its float32 weight. Returns how many."""
+    """Swap every linear map of a frozen float32 `model` (`nn.Linear`, `ColumnMajorLinear`,
+    GPT-2's `Conv1D`) for a `BFloat16Linear` (in place); an output head tied to the input
+    embedding gets a bfloat16 copy, the embedding keeps its float32 weight. Returns how many."""
     swaps = [
         (parent, name, child)
         for parent in model.modules()
         for name, child in parent.named_children()
-        if type(child) in (nn.Linear, ColumnMajorLinear)
+        if type(child) in (nn.Linear, ColumnMajorLinear, Conv1D)
     ]
     for parent, name, child in swaps:
-        if child.weight.requires_grad:
+        if any(p.requires_grad for p in child.parameters()):
             raise ValueError(f"{name} is trainable: only a frozen model multiplies in bfloat16")
         setattr(parent, name, BFloat16Linear(child))
     return len(swaps)

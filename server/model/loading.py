@@ -95,7 +95,7 @@ def resolve_device(choice: DeviceChoice) -> torch.device:
 def resolve_dtype(choice: DtypeChoice, device: torch.device) -> torch.dtype:
     """`auto`: bfloat16 on a GPU that has it (else float16); on a CPU, bfloat16 where it has
     bfloat16 instructions (AVX-512 BF16 or AMX: decoding is faster and the edits' quality equal
-    when training stays float32, docs/results/serving.md), else float32."""
+    when training keeps float32 states, docs/results/serving.md), else float32."""
     if choice != "auto":
         return getattr(torch, choice)
     if device.type == "cuda":
@@ -137,7 +137,7 @@ def training_precision(
 ) -> TrainPrecision:
     """What training runs in (LKS_TRAIN_DTYPE), for a backbone served on `device` in `dtype`.
     `auto`: on a CPU with bfloat16 instructions `mixed` (a float32 copy whose linear layers
-    multiply in bfloat16, whatever the backbone serves in: training takes about half float32's
+    multiply in bfloat16, whatever the backbone serves in: training takes about 0.6x float32's
     time, docs/results/natural_edits.md 2t), on other CPUs `float32`, on a GPU `serving` (a
     float32 copy of a large model would not fit beside it). A float32 backbone is its own
     float32 copy (`serving`)."""

@@ -1,13 +1,14 @@
+import logging
 from pathlib import Path
 
 import pytest
 import torch
 from tiny_models import FAMILIES, HIDDEN, LAYERS, build_tiny_model
 
-from server.model import Backbone, load_backbone, load_training_backbone
+from server.model import Backbone, load_backbone, load_training_backbone, loading
 from server.model.backbone import compute_fingerprint
 from server.model.cpu_layout import can_pack_linears, has_bfloat16_linears, has_packed_linears
-from server.model.loading import cpu_has_bfloat16, resolve_dtype
+from server.model.loading import cpu_has_bfloat16, resolve_dtype, training_precision
 from server.settings import Settings
 
 
@@ -73,6 +74,42 @@ def test_training_runs_on_a_float32_copy_of_a_backbone_served_in_another_dtype(
     # the copy is of the weights served, whatever model the settings name now
     elsewhere = settings.model_copy(update={"model": tiny_model_dirs["qwen2"]})
     assert load_training_backbone(elsewhere, served).fingerprint == served.fingerprint
+
+
+@pytest.mark.parametrize("has_bfloat16", [True, False])
+def test_what_training_runs_in_by_device_and_cpu(
+    has_bfloat16: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`auto`: bfloat16 products on a CPU that has the instructions, float32 on one without
+    (emulated bfloat16 is slower), the served weights on a GPU; a float32 backbone is its own
+    float32 copy, and `mixed` is a copy whatever the backbone serves in."""
+    monkeypatch.setattr(loading, "cpu_has_bfloat16", lambda: has_bfloat16)
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    auto, mixed = Settings(), Settings(train_dtype="mixed")
+    float32, serving = Settings(train_dtype="float32"), Settings(train_dtype="serving")
+    on_cpu = "mixed" if has_bfloat16 else "float32"
+    assert training_precision(auto, cpu, torch.bfloat16) == on_cpu
+    assert training_precision(auto, cpu, torch.float32) == ("mixed" if has_bfloat16 else "serving")
+    assert training_precision(auto, gpu, torch.bfloat16) == "serving"
+    assert training_precision(mixed, gpu, torch.bfloat16) == "mixed"
+    assert training_precision(mixed, cpu, torch.float32) == "mixed"
+    assert training_precision(float32, cpu, torch.float32) == "serving"
+    assert training_precision(float32, gpu, torch.float16) == "float32"
+    assert training_precision(serving, cpu, torch.bfloat16) == "serving"
+
+
+def test_mixed_training_on_a_cpu_without_bfloat16_says_it_is_slower(
+    tiny_model_dirs: dict[str, Path],
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    monkeypatch.setattr(loading, "cpu_has_bfloat16", lambda: False)
+    settings = Settings(model=tiny_model_dirs["llama"], device="cpu", train_dtype="mixed")
+    served = _load(tiny_model_dirs["llama"], dtype="float32")
+    with caplog.at_level(logging.WARNING, logger="server.model.loading"):
+        training = load_training_backbone(settings, served)
+    assert has_bfloat16_linears(training.model)
+    assert "emulated, slower than float32" in caplog.text
 
 
 def test_fingerprint_tells_models_apart(tiny_model_dirs: dict[str, Path], tmp_path: Path) -> None:

@@ -164,8 +164,9 @@ def test_a_version_of_another_backbone_or_layer_is_no_starting_point(
 def test_a_build_trains_on_the_training_backbone_and_checks_on_the_served_one(
     backbone: Backbone, encoder: SentenceEncoder, tiny_model_dirs: dict[str, Path]
 ) -> None:
-    """A bfloat16 server trains on its float32 copy: the blocks are those of a float32 build,
-    not of one trained in bfloat16, and the quality gate checks the bfloat16 model it serves."""
+    """A bfloat16 server trains on a copy (here float32): the blocks are those of a float32
+    build, not of one trained in bfloat16, and the quality gate checks the bfloat16 model it
+    serves."""
     settings = Settings(model=tiny_model_dirs["llama"], device="cpu", dtype="bfloat16")
     served = load_backbone(settings)  # packed where this CPU can: not trainable
     policy = replace(LENIENT, growth_check_sample=0)

@@ -10,6 +10,7 @@ import torch
 from tiny_models import FAMILIES
 from torch import nn
 from transformers import AutoModelForCausalLM
+from transformers.pytorch_utils import Conv1D
 
 from server.model.cpu_layout import (
     BFloat16Linear,
@@ -102,10 +103,11 @@ def test_bfloat16_linears_multiply_in_bfloat16_between_float32_states(
     stock = load(tiny_model_dirs[family]).eval().requires_grad_(False)
     mixed = load(tiny_model_dirs[family]).eval().requires_grad_(False)
     use_column_major_linears(mixed)  # as a CPU loads it first
-    linears = sum(type(m) is ColumnMajorLinear for m in mixed.modules())
+    maps = (nn.Linear, ColumnMajorLinear, Conv1D)  # GPT-2's attention and MLP are Conv1D
+    linears = sum(type(m) in maps for m in mixed.modules())
     assert use_bfloat16_linears(mixed) == linears > 0 and has_bfloat16_linears(mixed)
     assert not has_bfloat16_linears(stock)
-    assert not any(type(m) in (nn.Linear, ColumnMajorLinear) for m in mixed.modules())
+    assert not any(type(m) in maps for m in mixed.modules())
     embedding = mixed.get_input_embeddings().weight
     assert embedding.dtype == torch.float32
     assert torch.equal(embedding, stock.get_input_embeddings().weight)
@@ -124,3 +126,7 @@ def test_bfloat16_linears_multiply_in_bfloat16_between_float32_states(
 
     with pytest.raises(ValueError, match="trainable"):
         use_bfloat16_linears(nn.Sequential(nn.Linear(4, 4)))
+    conv = Conv1D(6, 4).requires_grad_(False)  # [in, out] weight: the same map as nn.Linear's
+    x = torch.randn(3, 4)
+    expected = (x.bfloat16() @ conv.weight.bfloat16()).float() + conv.bias
+    torch.testing.assert_close(BFloat16Linear(conv)(x), expected)

@@ -98,6 +98,30 @@ def test_the_fused_loss_and_gradient_are_the_terms_autograd_computes(
     torch.testing.assert_close(gradient, expected_gradient, **tolerance)  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize("head_type", [_bfloat16, torch.nn.Linear])
+def test_bfloat16_states_through_a_bfloat16_head(
+    head_type: Callable[[int, int], torch.nn.Module],
+) -> None:
+    """Training on served bfloat16 weights (`LKS_TRAIN_DTYPE=serving`, a GPU's default): the
+    states and the head's weight are bfloat16; the loss is float32 and the states' gradient
+    bfloat16, as autograd's."""
+    torch.manual_seed(0)
+    head = head_type(HIDDEN, VOCAB).to(torch.bfloat16).requires_grad_(False)
+    floats, references, terms = _case(3, 5, True)
+    states = floats.detach().bfloat16().requires_grad_()
+    loss = HeadLoss(head)(states, references, terms)
+    expected = _autograd_loss(head, states, references.bfloat16(), terms)
+    assert loss.dtype == torch.float32
+    # one product for the states and the references, where autograd's spec makes two: bfloat16
+    # logits whose sums ran in another order round differently in their last bit
+    torch.testing.assert_close(loss, expected, rtol=1e-3, atol=0)
+    (gradient,) = torch.autograd.grad(loss, states)
+    (expected_gradient,) = torch.autograd.grad(expected, states)
+    assert gradient.dtype == torch.bfloat16
+    scale = float(expected_gradient.abs().max())
+    torch.testing.assert_close(gradient, expected_gradient, rtol=2e-2, atol=2e-2 * scale)
+
+
 def test_an_avoided_token_the_model_is_sure_of_costs_a_finite_term_and_no_gradient() -> None:
     """p(token) over 1 - 1e-6 is clamped there: a finite loss, and the clamped term pulls on
     nothing (as autograd through the clamp)."""

@@ -33,6 +33,7 @@ from server.evaluation.evaluate import top1_predictions
 from server.model import Backbone, load_backbone, load_training_backbone
 from server.model.cpu_layout import has_bfloat16_linears, has_packed_linears
 from server.model.hook import EditPlan
+from server.model.loading import cpu_has_bfloat16
 from server.packs.edit_set import EditSet
 from server.settings import DtypeChoice, Settings
 
@@ -63,7 +64,9 @@ def test_a_backbone_packed_for_inference_is_refused_for_training(
         pytest.skip("this CPU does not pack bfloat16 linears")
     with pytest.raises(ValueError, match="load_training_backbone"):
         Trainer(served)
-    assert Trainer(load_training_backbone(settings, served)).backbone.dtype == torch.float32
+    trained_on = Trainer(load_training_backbone(settings, served)).backbone
+    assert trained_on.dtype == torch.float32
+    assert has_bfloat16_linears(trained_on.model) == cpu_has_bfloat16()
 
 
 @pytest.mark.parametrize("kind", ["linear", "mlp", "residual"])
@@ -112,13 +115,14 @@ def test_head_gives_the_edit_layer_states(family: str, tiny_model_dirs: dict[str
 
 @pytest.mark.parametrize(
     ("family", "precision"),
-    [("llama", "serving"), ("gpt2", "serving"), ("llama", "mixed")],  # direct tail, the hook
+    [("llama", "serving"), ("gpt2", "serving"), ("llama", "mixed"), ("gpt2", "mixed")],
 )
 def test_training_teaches_the_targets(
     family: str, precision: str, tiny_model_dirs: dict[str, Path]
 ) -> None:
-    """Trained on the served weights (direct tail; gpt2: the hook fallback) or on a float32
-    copy that multiplies in bfloat16 (`mixed`), the edits say their targets as served."""
+    """Trained on the served weights (direct tail; gpt2: the hook fallback, Conv1D layers and a
+    tied head) or on a float32 copy that multiplies in bfloat16 (`mixed`), the edits say their
+    targets as served."""
     backbone = trained_on = _backbone(tiny_model_dirs, family)
     if precision == "mixed":
         settings = Settings(model=tiny_model_dirs[family], device="cpu", train_dtype="mixed")
