@@ -103,8 +103,13 @@ class HeadLoss:
     def input_gradient(self, states: torch.Tensor, logits_gradient: torch.Tensor) -> torch.Tensor:
         """d(loss)/d(states) from d(loss)/d(logits): one product with a linear head's weight
         (in any layout); any other head is run again under autograd."""
-        if self.weight is not None:
-            return (logits_gradient.to(self.weight.dtype) @ self.weight).to(states.dtype)
+        weight = self.weight
+        if weight is not None:
+            if weight.dtype != logits_gradient.dtype:  # rounded into the product's buffer
+                rows, vocab = logits_gradient.shape
+                product = self.buffer("product", rows, vocab, logits_gradient.device, weight.dtype)
+                logits_gradient = product.copy_(logits_gradient)
+            return (logits_gradient @ weight).to(states.dtype)
         with torch.enable_grad():
             leaf = states.detach().requires_grad_()
             logits = self.head(leaf).float()

@@ -387,8 +387,9 @@ class Trainer:
         backbone = self.backbone
         chunk = [sequences[i] for i in batch]
         rows, positions, subject_rows = [], [], []
-        predict_rows, predict_at, targets = [], [], []
-        is_edit: list[bool] = []
+        # the head reads the cross-entropy positions first, then the KL positions (HeadTerms)
+        ce_rows, ce_at, targets = [], [], []
+        kl_rows, kl_at = [], []
         kept: list[torch.Tensor] = []  # unedited final states of the KL positions
         kept_weights: list[float] = []  # one per KL position
         avoid_at: list[int] = []  # KL positions where `avoid_token` is penalised
@@ -400,18 +401,20 @@ class Trainer:
                 rows.append(row)
                 positions.append(position)
                 subject_rows.append(subject_row)
-            predict_rows += [row] * len(seq.predict_at)
-            predict_at += seq.predict_at
-            targets += seq.target_ids
-            reference = sequence.reference
             held = sequence.kl_positions
-            is_edit += [True] * (len(seq.predict_at) - held) + [False] * held
+            cross = len(seq.predict_at) - held  # the positions before the KL ones
+            ce_rows += [row] * cross
+            ce_at += seq.predict_at[:cross]
+            targets += seq.target_ids[:cross]
+            kl_rows += [row] * held
+            kl_at += seq.predict_at[cross:]
+            reference = sequence.reference
             if reference is not None:
                 kept.append(reference)
                 token = sequence.avoid
                 if token is not None and sequence.avoid_weight > 0:
                     offset = len(kept_weights)
-                    for j, said in enumerate(seq.target_ids[len(seq.target_ids) - held :]):
+                    for j, said in enumerate(seq.target_ids[cross:]):
                         if said != token:  # the unedited model says it here: leave it
                             avoid_at.append(offset + j)
                             avoid_token.append(token)
@@ -426,7 +429,8 @@ class Trainer:
             torch.tensor(positions, device=device),
             hypernet(features[used])[used_index],
         )
-        rows_t = torch.tensor(predict_rows, device=device)
+        rows_t = torch.tensor(ce_rows + kl_rows, device=device)
+        at_t = torch.tensor(ce_at + kl_at, device=device)
         if cached is not None:
             parts = [cached.get(i, device) for i in batch]
             cuts = torch.tensor([p.cut for p in parts], device=device)
@@ -438,24 +442,17 @@ class Trainer:
                 (plan.rows, plan.positions - cuts[plan.rows]), plan.deltas, accumulate=True
             )
             final = self.split.suffix_final_states(parts, states)
-            selected = final[rows_t, torch.tensor(predict_at, device=device) - cuts[rows_t]]
+            selected = final[rows_t, at_t - cuts[rows_t]]
         else:
             texts = [s.text for s in chunk]
             ids, mask = pad_batch(texts, int(backbone.tokenizer.pad_token_id), device)
             with backbone.edit_hooks.at(self.layer).plan(plan):
                 base = backbone.model.base_model
                 final = base(input_ids=ids, attention_mask=mask).last_hidden_state
-            selected = final[rows_t, torch.tensor(predict_at, device=device)]
-        # the head reads the cross-entropy positions first, then the KL positions in order
-        order = sorted(range(len(is_edit)), key=lambda i: not is_edit[i])  # a stable sort
-        selected = selected[torch.tensor(order, device=device)]
+            selected = final[rows_t, at_t]
         kl_weights = torch.tensor(kept_weights, device=device)
         terms = HeadTerms(
-            targets=torch.tensor(
-                [t for t, e in zip(targets, is_edit, strict=True) if e],
-                device=device,
-                dtype=torch.long,
-            ),
+            targets=torch.tensor(targets, device=device, dtype=torch.long),
             # averaged over the positions whose term is on: the after-target sequences that
             # only the repetition term uses (weight 0) must not dilute the locality KL
             kl_weights=kl_weights / (kl_weights > 0).sum().clamp(min=1),

@@ -87,16 +87,24 @@ def linear_weight(module: nn.Module) -> torch.Tensor | None:
     return None
 
 
+def _children_of_types(
+    model: nn.Module, *types: type[nn.Module]
+) -> list[tuple[nn.Module, str, nn.Module]]:
+    """(parent, name, child) for every submodule of `model` whose exact type is one of `types`
+    (a subclass with a forward of its own is left alone), listed before any is swapped."""
+    return [
+        (parent, name, child)
+        for parent in model.modules()
+        for name, child in parent.named_children()
+        if type(child) in types
+    ]
+
+
 def use_bfloat16_linears(model: nn.Module) -> int:
     """Swap every linear map of a frozen float32 `model` (`nn.Linear`, `ColumnMajorLinear`,
     GPT-2's `Conv1D`) for a `BFloat16Linear` (in place); an output head tied to the input
     embedding gets a bfloat16 copy, the embedding keeps its float32 weight. Returns how many."""
-    swaps = [
-        (parent, name, child)
-        for parent in model.modules()
-        for name, child in parent.named_children()
-        if type(child) in (nn.Linear, ColumnMajorLinear, Conv1D)
-    ]
+    swaps = _children_of_types(model, nn.Linear, ColumnMajorLinear, Conv1D)
     for parent, name, child in swaps:
         if any(p.requires_grad for p in child.parameters()):
             raise ValueError(f"{name} is trainable: only a frozen model multiplies in bfloat16")
@@ -112,11 +120,7 @@ def use_column_major_linears(model: nn.Module) -> int:
     """Swap every `nn.Linear` of `model` for a `ColumnMajorLinear` (in place, no extra memory);
     modules that shared a weight (tied embeddings) share the new one. Returns how many."""
     replaced: dict[int, nn.Parameter] = {}
-    swaps = []
-    for parent in model.modules():
-        for name, child in parent.named_children():
-            if type(child) is nn.Linear:
-                swaps.append((parent, name, child))
+    swaps = _children_of_types(model, nn.Linear)
     for parent, name, child in swaps:
         new = ColumnMajorLinear.from_linear(child)
         replaced[id(child.weight)] = new.weight
@@ -158,12 +162,7 @@ def can_pack_linears(dtype: torch.dtype) -> bool:
 def use_packed_linears(model: nn.Module) -> int:
     """Swap every `nn.Linear` of `model` for a `PackedLinear` (in place); an output head tied to
     the input embedding gets a packed copy, the embedding keeps its weight. Returns how many."""
-    swaps = [
-        (parent, name, child)
-        for parent in model.modules()
-        for name, child in parent.named_children()
-        if type(child) is nn.Linear
-    ]
+    swaps = _children_of_types(model, nn.Linear)
     for parent, name, child in swaps:
         setattr(parent, name, PackedLinear(child))
     return len(swaps)

@@ -123,7 +123,7 @@ def load_backbone(settings: Settings) -> Backbone:
     # Packed weights cannot be trained on: only a backbone whose training runs on a copy.
     pack = (
         device.type == "cpu"
-        and not trains_on_served_weights(settings, device, dtype)
+        and training_precision(settings, device, dtype) != "serving"
         and can_pack_linears(dtype)
     )
     return _load(model_dir, settings.model_name, device, dtype, pack_linears=pack)
@@ -149,11 +149,6 @@ def training_precision(
     if choice == "float32" and dtype == torch.float32:
         return "serving"
     return choice
-
-
-def trains_on_served_weights(settings: Settings, device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether training needs no copy (the served weights may then not be packed)."""
-    return training_precision(settings, device, dtype) == "serving"
 
 
 def load_training_backbone(settings: Settings, serving: Backbone) -> Backbone:

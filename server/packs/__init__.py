@@ -9,18 +9,21 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-if TYPE_CHECKING:
-    from server.packs.errors import (
-        InvalidPackRefError,
-        PackCorruptError,
-        PackError,
-        PackIncompatibleError,
-        PackNotFoundError,
-    )
-    from server.packs.format import FORMAT_VERSION, Manifest, Pack, PackContent, SubjectEntry
-    from server.packs.names import PackRef
-    from server.packs.store import PackStore
+if TYPE_CHECKING:  # the same names, for type checkers
+    from server.packs.errors import InvalidPackRefError as InvalidPackRefError
+    from server.packs.errors import PackCorruptError as PackCorruptError
+    from server.packs.errors import PackError as PackError
+    from server.packs.errors import PackIncompatibleError as PackIncompatibleError
+    from server.packs.errors import PackNotFoundError as PackNotFoundError
+    from server.packs.format import FORMAT_VERSION as FORMAT_VERSION
+    from server.packs.format import Manifest as Manifest
+    from server.packs.format import Pack as Pack
+    from server.packs.format import PackContent as PackContent
+    from server.packs.format import SubjectEntry as SubjectEntry
+    from server.packs.names import PackRef as PackRef
+    from server.packs.store import PackStore as PackStore
 
+# each exported name -> the submodule that defines it
 _EXPORTS = {
     "FORMAT_VERSION": "format",
     "InvalidPackRefError": "errors",
@@ -35,20 +38,7 @@ _EXPORTS = {
     "PackStore": "store",
     "SubjectEntry": "format",
 }
-__all__ = [
-    "FORMAT_VERSION",
-    "InvalidPackRefError",
-    "Manifest",
-    "Pack",
-    "PackContent",
-    "PackCorruptError",
-    "PackError",
-    "PackIncompatibleError",
-    "PackNotFoundError",
-    "PackRef",
-    "PackStore",
-    "SubjectEntry",
-]
+__all__ = sorted(_EXPORTS)
 
 
 def __getattr__(name: str) -> Any:

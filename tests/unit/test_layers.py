@@ -5,6 +5,7 @@ under `if TYPE_CHECKING:` and inside functions (a lazy import is still a depende
 from __future__ import annotations
 
 import ast
+import importlib
 from pathlib import Path
 
 import pytest
@@ -147,3 +148,18 @@ def test_the_checker_sees_lazy_and_type_checking_imports(tmp_path: Path) -> None
     # read as if it lived in server/model/
     found = _imported_packages(SERVER / "model" / "mod.py", source.read_text())
     assert {package for package, _ in found} == {"settings", "packs", "api", "jobs"}
+
+
+def test_lazy_package_exports_are_their_submodules_objects() -> None:
+    """`server.packs` and `server.api` export on first use (PEP 562): every name listed
+    resolves to the object its submodule defines, and an unknown name is an error."""
+    packs = importlib.import_module("server.packs")
+    for name in packs.__all__:
+        submodule = importlib.import_module(f"server.packs.{packs._EXPORTS[name]}")
+        assert getattr(packs, name) is getattr(submodule, name)
+    api = importlib.import_module("server.api")
+    assert api.__all__ == ["create_app"]
+    assert api.create_app is importlib.import_module("server.api.app").create_app
+    for lazy in (packs, api):
+        with pytest.raises(AttributeError, match="no attribute 'Nonexistent'"):
+            lazy.Nonexistent  # noqa: B018
